@@ -1,0 +1,1 @@
+"""Preprocessing CLIs (`ts-data`): image/caption WebDataset shards to token shards."""

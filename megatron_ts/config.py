@@ -1,0 +1,662 @@
+"""Run configuration: one dataclass per section, loaded from TOML and overridden from the CLI.
+
+Precedence is CLI > TOML > dataclass defaults. A TOML file may `include = ["base.toml"]`
+(paths relative to the including file); the including file wins over what it includes.
+Every component receives only its own section; the cross-section rules live in `validate()`.
+
+CLI overrides use `--section.key value` (or `--section.key=value`). Lists of stages are
+addressed by index: `--curriculum.stages.1.steps 200`. Values are parsed with the field's type;
+lists and tables accept TOML/JSON literals (`--data.sources '[{url="a/", weight=1.0}]'`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A malformed or inconsistent configuration; the message names the field and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class JobConfig:
+    run_dir: str = "runs/default"
+    """Directory holding checkpoints, TensorBoard events, the resolved config and previews."""
+    seed: int = 1234
+    """Seed for weight init, data order and sampling; every rank derives its streams from it."""
+    name: str = "megatron_ts"
+    """Human-readable run name, shown in logs and TensorBoard."""
+
+
+@dataclass
+class ModelConfig:
+    flavor: str = "debug"
+    """Named size from `megatron_ts.models.flavors.FLAVORS` (debug, demo, 2.7B, 7B)."""
+    shuffle_window: int = 1
+    """Token-shuffle window s: s x s image tokens share one position. 1 disables shuffling.
+    Curriculum stages may override it."""
+    shuffle_mlp_blocks: int = 2
+    """Residual MLP blocks on each side of token-shuffle / token-unshuffle."""
+    hidden_size: int | None = None
+    """Overrides the flavor's hidden size."""
+    num_layers: int | None = None
+    """Overrides the flavor's number of transformer blocks."""
+    num_heads: int | None = None
+    """Overrides the flavor's attention heads."""
+    num_kv_heads: int | None = None
+    """Overrides the flavor's key/value heads (grouped-query attention when < num_heads)."""
+    ffn_hidden_size: int | None = None
+    """Overrides the flavor's SwiGLU inner width."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight init."""
+    vocab_multiple: int = 128
+    """The vocabulary is padded to a multiple of this times the tensor-parallel size."""
+    attention_backend: str = "auto"
+    """Core attention: auto (flash-attn when importable on CUDA, else SDPA), sdpa, flash_attn."""
+
+
+@dataclass
+class TokenizerConfig:
+    text: str = "byte"
+    """Text tokenizer: `byte` (built-in byte level, 256 ids) or a path to a `tokenizers` JSON."""
+    vq_format: str = "native"
+    """Visual tokenizer checkpoint layout: native, llamagen or chameleon."""
+    vq_checkpoint: str | None = None
+    """Path to the VQ checkpoint; required to tokenize or decode images."""
+    codebook_size: int = 16384
+    """Number of VQ codes appended to the vocabulary (LlamaGen VQ-16: 16384, Chameleon: 8192)."""
+    downsample: int = 16
+    """Pixels per code along each side (16 for LlamaGen VQ-16 and Chameleon)."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    """Tensor-parallel size (megatron-core layers). Must divide heads, kv heads and ffn width."""
+    pipeline: int = 1
+    """Pipeline stages (DeepSpeed pipeline engine). Must divide the number of layers."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage 0-3. With pipeline > 1 only 0 or 1 are possible."""
+    activation_checkpointing: str = "none"
+    """none, selective (core attention only) or full (every transformer block)."""
+    sequence_parallel: bool = False
+    """megatron-core sequence parallelism; GPU only (its mappings allocate on CUDA)."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl on CUDA, else gloo), nccl or gloo."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Floor of the decay."""
+    schedule: str = "cosine"
+    """cosine, linear, constant or wsd (warmup-stable-decay)."""
+    warmup_steps: int = 100
+    """Linear warmup steps from 0 to lr."""
+    decay_fraction: float = 0.2
+    """wsd only: final fraction of the steps spent decaying to min_lr."""
+    weight_decay: float = 0.1
+    """AdamW weight decay; never applied to norms, biases or embeddings."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables clipping."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps when no curriculum is given."""
+    micro_batch: int = 1
+    """Samples per rank per forward/backward."""
+    global_batch: int = 8
+    """Samples per optimizer step = micro_batch x grad-accumulation x data-parallel size."""
+    precision: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32."""
+    z_loss: float = 0.0
+    """z-loss coefficient on log(Z)^2 of every prediction (the paper adds it at 2048 px)."""
+    text_loss_weight: float = 1.0
+    """Weight of the caption next-token loss beside the image-code loss."""
+    max_nonfinite_in_row: int = 5
+    """Stop after this many consecutive steps with non-finite loss or gradients."""
+
+
+@dataclass
+class SourceConfig:
+    url: str = ""
+    """Token-shard directory or manifest: a local path or an s3:// URL."""
+    weight: float = 1.0
+    """Mixing weight among the stage's sources."""
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Token-shard sources when no curriculum is given."""
+    resolution: int = 256
+    """Image side in pixels when no curriculum is given."""
+    caption_len: int = 64
+    """Caption tokens per sample (padded or truncated) when no curriculum is given."""
+    caption_dropout: float = 0.1
+    """Probability of replacing the caption by an empty one (classifier-free guidance)."""
+    num_workers: int = 2
+    """Loader worker processes per rank."""
+    shuffle_buffer: int = 1000
+    """Sample-level shuffle buffer per worker."""
+    max_error_rate: float = 0.01
+    """Fraction of corrupt samples tolerated before the run stops, naming shard and key."""
+    resample_shards: bool = False
+    """Allow fewer shards than DP ranks x workers by resampling shards (no exact epochs)."""
+    s3_endpoint: str | None = None
+    """Endpoint URL for S3-compatible stores; None uses AWS."""
+    synthetic: bool = False
+    """Train on random codes and captions (throughput runs without data)."""
+
+
+@dataclass
+class StageConfig:
+    name: str = "stage"
+    """Stage name, used in logs and checkpoints."""
+    resolution: int = 256
+    """Image side in pixels."""
+    shuffle_window: int = 1
+    """Token-shuffle window for this stage."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Token-shard sources read by this stage only."""
+    global_batch: int = 8
+    """Samples per optimizer step."""
+    micro_batch: int = 1
+    """Samples per rank per forward/backward."""
+    caption_len: int = 64
+    """Caption tokens per sample."""
+    steps: int = 0
+    """Stage length in optimizer steps (0: derive from `tokens`)."""
+    tokens: int = 0
+    """Stage length in training tokens (sequence positions x samples); used when steps == 0."""
+    lr: float | None = None
+    """Peak learning rate of this stage (None: optim.lr)."""
+    min_lr: float | None = None
+    """Decay floor of this stage (None: optim.min_lr)."""
+    warmup_steps: int | None = None
+    """Warmup of this stage (None: optim.warmup_steps)."""
+    schedule: str | None = None
+    """Schedule of this stage (None: optim.schedule)."""
+    z_loss: float | None = None
+    """z-loss coefficient of this stage (None: train.z_loss)."""
+    carry_over: str = "weights+optimizer"
+    """What the stage takes from the one before: weights or weights+optimizer."""
+    tensor: int | None = None
+    """Tensor-parallel size for this stage (None: parallel.tensor)."""
+    pipeline: int | None = None
+    """Pipeline stages for this stage (None: parallel.pipeline)."""
+
+
+@dataclass
+class CurriculumConfig:
+    stages: list[StageConfig] = field(default_factory=list)
+    """Ordered stages; empty means one stage built from train, data and model sections."""
+
+
+@dataclass
+class CheckpointConfig:
+    interval_steps: int = 1000
+    """Save every N optimizer steps (0 disables step-based saves)."""
+    interval_minutes: float = 0.0
+    """Also save when this many minutes passed since the last save (0 disables)."""
+    keep_last: int = 3
+    """Checkpoints kept in the run directory; older ones are deleted after a good save."""
+    load: str | None = None
+    """Initialise from this checkpoint or HF directory when the run directory has none."""
+    resume: bool = True
+    """Resume from the run directory's latest checkpoint when one exists."""
+    save_on_exit: bool = True
+    """Save a final checkpoint at the end and on SIGTERM / SIGUSR1."""
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10
+    """Log metrics every N steps."""
+    tensorboard: bool = True
+    """Write TensorBoard events under run_dir/tensorboard."""
+    level: str = "INFO"
+    """Console log level."""
+    preview_interval: int = 0
+    """Sample preview images every N steps (0 disables)."""
+    preview_prompts: list[str] = field(default_factory=list)
+    """Prompts for preview images."""
+
+
+@dataclass
+class Config:
+    job: JobConfig = field(default_factory=JobConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with typo detection
+# ----------------------------------------------------------------------------------------------
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Converts plain TOML/JSON data to the annotated type, naming `where` on failure."""
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: null is not allowed here; give a {getattr(tp, '__name__', tp)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return _build(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+            if not as_float.is_integer():
+                raise ValueError
+            return int(as_float) if not isinstance(value, int) else value
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {unknown}; valid keys are {sorted(known)} "
+            "(a typo would otherwise be silently ignored)"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_toml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Reads a TOML config, resolving `include = [...]` relative to the file."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: include cycle through {[str(p) for p in _seen]}")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing --config path")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    includes = data.pop("include", [])
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict[str, Any] = {}
+    for inc in includes:
+        merged = _merge(merged, load_toml(path.parent / inc, _seen + (path,)))
+    return _merge(merged, data)
+
+
+def _parse_cli_value(raw: str) -> Any:
+    """Parses a CLI value as a TOML literal when possible, else keeps the string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        pass
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[list[str], Any]]:
+    """Turns `--a.b value` / `--a.b=value` pairs into (path, value) overrides."""
+    out = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(
+                f"unexpected argument {arg!r}; overrides look like --section.key value"
+            )
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"override {arg} has no value")
+            key, raw = arg[2:], argv[i + 1]
+            i += 2
+        out.append((key.split("."), _parse_cli_value(raw)))
+    return out
+
+
+def _apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node: Any = data
+    for depth, part in enumerate(path[:-1]):
+        where = ".".join(path[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--{'.'.join(path)}: {where} is not a valid list index")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"--{'.'.join(path)}: {where} is not a section")
+    last = path[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--{'.'.join(path)}: {last} is not a valid list index")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def build_config(data: dict[str, Any]) -> Config:
+    """Builds a Config from nested plain data (TOML/JSON), rejecting unknown keys."""
+    return _build(Config, data, "")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Loads defaults <- TOML file <- CLI overrides and returns the typed config.
+
+    Args:
+        path: TOML file, or None for defaults only.
+        overrides: CLI tokens such as ["--train.steps", "10", "--job.seed=3"].
+
+    Returns:
+        The merged, typed configuration (not yet validated; call `validate`).
+    """
+    data = load_toml(path) if path is not None else {}
+    # Materialise the stage list before index overrides so `--curriculum.stages.0.x` works.
+    for keys, value in parse_overrides(overrides or []):
+        _apply_override(data, keys, value)
+    return build_config(data)
+
+
+def save_resolved(cfg: Config, run_dir: str | Path) -> Path:
+    """Writes the resolved config as JSON into the run directory."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "config.json"
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(cfg.to_json())
+    tmp.replace(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages and validation
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResolvedStage:
+    """A curriculum stage with every inherited value filled in."""
+
+    index: int
+    name: str
+    resolution: int
+    shuffle_window: int
+    sources: tuple[SourceConfig, ...]
+    global_batch: int
+    micro_batch: int
+    caption_len: int
+    steps: int
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    schedule: str
+    z_loss: float
+    carry_over: str
+    tensor: int
+    pipeline: int
+
+    def grid(self, downsample: int) -> int:
+        """Codes per image side."""
+        return self.resolution // downsample
+
+    def image_codes(self, downsample: int) -> int:
+        return self.grid(downsample) ** 2
+
+    def image_positions(self, downsample: int) -> int:
+        return self.image_codes(downsample) // self.shuffle_window**2
+
+    def seq_len(self, downsample: int) -> int:
+        """Transformer positions per sample: BOS + caption + BOI + image windows."""
+        return self.caption_len + 2 + self.image_positions(downsample)
+
+
+def resolve_stages(cfg: Config) -> list[ResolvedStage]:
+    """Returns the curriculum stages with defaults from optim/train/model/parallel filled in.
+
+    With no `[[curriculum.stages]]`, one stage is made from the train, data and model sections.
+    Stage lengths given in tokens are converted to steps (rounded up).
+    """
+    ds = cfg.tokenizer.downsample
+    stages = cfg.curriculum.stages or [
+        StageConfig(
+            name="main",
+            resolution=cfg.data.resolution,
+            shuffle_window=cfg.model.shuffle_window,
+            sources=list(cfg.data.sources),
+            global_batch=cfg.train.global_batch,
+            micro_batch=cfg.train.micro_batch,
+            caption_len=cfg.data.caption_len,
+            steps=cfg.train.steps,
+        )
+    ]
+    out = []
+    for i, st in enumerate(stages):
+        steps = st.steps
+        if steps <= 0 and st.tokens > 0:
+            per_step = st.global_batch * (st.caption_len + 2 + (st.resolution // ds) ** 2 // max(st.shuffle_window, 1) ** 2)
+            steps = -(-st.tokens // per_step)
+        out.append(
+            ResolvedStage(
+                index=i,
+                name=st.name,
+                resolution=st.resolution,
+                shuffle_window=st.shuffle_window,
+                sources=tuple(st.sources),
+                global_batch=st.global_batch,
+                micro_batch=st.micro_batch,
+                caption_len=st.caption_len,
+                steps=steps,
+                lr=cfg.optim.lr if st.lr is None else st.lr,
+                min_lr=cfg.optim.min_lr if st.min_lr is None else st.min_lr,
+                warmup_steps=cfg.optim.warmup_steps if st.warmup_steps is None else st.warmup_steps,
+                schedule=cfg.optim.schedule if st.schedule is None else st.schedule,
+                z_loss=cfg.train.z_loss if st.z_loss is None else st.z_loss,
+                carry_over=st.carry_over,
+                tensor=cfg.parallel.tensor if st.tensor is None else st.tensor,
+                pipeline=cfg.parallel.pipeline if st.pipeline is None else st.pipeline,
+            )
+        )
+    return out
+
+
+_CHOICES = {
+    "model.attention_backend": ("auto", "sdpa", "flash_attn"),
+    "tokenizer.vq_format": ("native", "llamagen", "chameleon"),
+    "parallel.activation_checkpointing": ("none", "selective", "full"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
+    "optim.schedule": ("cosine", "linear", "constant", "wsd"),
+    "train.precision": ("auto", "bf16", "fp32"),
+}
+
+
+def validate(cfg: Config, world_size: int | None = 1) -> list[ResolvedStage]:
+    """Checks cross-section consistency and returns the resolved stages.
+
+    Args:
+        cfg: the merged configuration.
+        world_size: number of ranks the run will use; None skips the layout checks that need it
+            (the dry run plans for any cluster size).
+
+    Raises:
+        ConfigError: naming the first offending field, its value and how to fix it.
+    """
+    from megatron_ts.models.flavors import resolve_model_shape  # avoids an import cycle
+
+    def choice(name: str, value: str) -> None:
+        if value not in _CHOICES[name]:
+            raise ConfigError(f"{name} = {value!r}; choose one of {list(_CHOICES[name])}")
+
+    choice("model.attention_backend", cfg.model.attention_backend)
+    choice("tokenizer.vq_format", cfg.tokenizer.vq_format)
+    choice("parallel.activation_checkpointing", cfg.parallel.activation_checkpointing)
+    choice("parallel.backend", cfg.parallel.backend)
+    choice("optim.schedule", cfg.optim.schedule)
+    choice("train.precision", cfg.train.precision)
+
+    shape = resolve_model_shape(cfg.model)
+    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage = {cfg.parallel.zero_stage}; use 0, 1, 2 or 3")
+    if cfg.parallel.sequence_parallel and cfg.parallel.tensor == 1:
+        raise ConfigError("parallel.sequence_parallel = true needs parallel.tensor > 1")
+    if cfg.tokenizer.downsample <= 0 or cfg.tokenizer.codebook_size <= 0:
+        raise ConfigError("tokenizer.downsample and tokenizer.codebook_size must be positive")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last = {cfg.checkpoint.keep_last}; keep at least 1")
+    if not 0.0 <= cfg.data.caption_dropout < 1.0:
+        raise ConfigError(f"data.caption_dropout = {cfg.data.caption_dropout}; use 0 <= p < 1")
+
+    stages = resolve_stages(cfg)
+    if not stages:
+        raise ConfigError("curriculum.stages is empty; give at least one stage")
+    for st in stages:
+        where = f"curriculum.stages[{st.index}] ({st.name})" if cfg.curriculum.stages else "data/train"
+        if st.schedule not in _CHOICES["optim.schedule"]:
+            raise ConfigError(f"{where}.schedule = {st.schedule!r}; choose one of {list(_CHOICES['optim.schedule'])}")
+        if st.carry_over not in ("weights", "weights+optimizer"):
+            raise ConfigError(f"{where}.carry_over = {st.carry_over!r}; use weights or weights+optimizer")
+        if st.steps <= 0:
+            raise ConfigError(f"{where}: length is 0; set steps or tokens to a positive number")
+        if st.shuffle_window < 1:
+            raise ConfigError(f"{where}.shuffle_window = {st.shuffle_window}; use 1 or more")
+        ds = cfg.tokenizer.downsample
+        if st.resolution % ds:
+            raise ConfigError(
+                f"{where}.resolution = {st.resolution} is not a multiple of tokenizer.downsample = {ds}"
+            )
+        grid = st.resolution // ds
+        if grid % st.shuffle_window:
+            raise ConfigError(
+                f"{where}: image grid {grid}x{grid} (resolution {st.resolution} / downsample {ds}) "
+                f"is not divisible by shuffle_window = {st.shuffle_window}; pick a window dividing {grid}"
+            )
+        if shape.hidden_size % (st.shuffle_window**2):
+            raise ConfigError(
+                f"{where}.shuffle_window = {st.shuffle_window}: hidden size {shape.hidden_size} is not "
+                f"divisible by s^2 = {st.shuffle_window**2}"
+            )
+        tp, pp = st.tensor, st.pipeline
+        if tp < 1 or pp < 1:
+            raise ConfigError(f"{where}: tensor = {tp}, pipeline = {pp}; both must be >= 1")
+        for label, value in (
+            ("model heads", shape.num_heads),
+            ("model kv heads", shape.num_kv_heads),
+            ("model ffn_hidden_size", shape.ffn_hidden_size),
+        ):
+            if value % tp:
+                raise ConfigError(f"{where}: {label} = {value} is not divisible by parallel.tensor = {tp}")
+        if shape.num_layers % pp:
+            raise ConfigError(
+                f"{where}: model layers = {shape.num_layers} not divisible by parallel.pipeline = {pp}"
+            )
+        if pp > 1 and cfg.parallel.zero_stage > 1:
+            raise ConfigError(
+                f"parallel.zero_stage = {cfg.parallel.zero_stage} with pipeline = {pp}: DeepSpeed's "
+                "pipeline engine supports ZeRO 0 or 1 only; set parallel.zero_stage = 1"
+            )
+        if st.micro_batch < 1 or st.global_batch < 1:
+            raise ConfigError(f"{where}: micro_batch and global_batch must be >= 1")
+        if world_size is not None:
+            if world_size % (tp * pp):
+                raise ConfigError(
+                    f"{where}: world size {world_size} is not divisible by tensor x pipeline = {tp * pp}"
+                )
+            dp = world_size // (tp * pp)
+            if st.global_batch % (st.micro_batch * dp):
+                raise ConfigError(
+                    f"{where}: global_batch = {st.global_batch} is not divisible by micro_batch "
+                    f"{st.micro_batch} x data-parallel size {dp}; use a multiple of {st.micro_batch * dp}"
+                )
+    return stages

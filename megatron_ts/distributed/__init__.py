@@ -1,0 +1,1 @@
+"""Process groups and the glue between megatron-core parallel state and DeepSpeed."""

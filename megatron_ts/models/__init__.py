@@ -1,0 +1,1 @@
+"""The Token-Shuffle decoder: flavors, layer specs, token-shuffle layers and the loss."""

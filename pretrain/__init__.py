@@ -1,0 +1,1 @@
+"""Training entry points (`ts-train`) and the bundled TOML configs."""

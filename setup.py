@@ -1,0 +1,46 @@
+"""Installs megatron_ts: the library, the training entry point and the data tools."""
+
+from setuptools import find_packages, setup
+
+# One minor series of megatron-core that works on Python 3.11 and 3.12 (0.17+ needs 3.12).
+# torch is pinned to a range the 2.13 CPU wheel satisfies, so pip never swaps in a CUDA build
+# on a machine that already has a working torch.
+INSTALL_REQUIRES = [
+    "torch>=2.4,<2.15",
+    "megatron-core>=0.16.1,<0.17",
+    "deepspeed>=0.16,<0.20",
+    "webdataset>=0.2.100,<2",
+    "tensorboard>=2.16",
+    "boto3>=1.34",
+    "safetensors>=0.4",
+    "transformers>=4.45",
+    "tokenizers>=0.19",
+    "pillow>=10",
+    "numpy>=1.26",
+]
+
+EXTRAS = {
+    # flash-attn compiles CUDA for hours from source; it is optional and SDPA is the default.
+    "gpu": ["flash-attn>=2.5"],
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "moto[server]>=5.0"],
+}
+
+setup(
+    name="megatron_ts",
+    version="0.1.0",
+    description="Token-Shuffle autoregressive text-to-image training at cluster scale",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megatron_ts*", "pretrain*", "data_tools*"]),
+    package_data={"pretrain": ["configs/*.toml"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "ts-train=pretrain.train:main",
+            "ts-data=data_tools.cli:main",
+            "ts-convert=megatron_ts.convert.cli:main",
+            "ts-generate=megatron_ts.sampling.cli:main",
+            "ts-eval=megatron_ts.evaluation.cli:main",
+        ]
+    },
+)
