@@ -66,7 +66,7 @@ class ModelConfig:
     init_std: float = 0.02
     """Standard deviation of the normal weight init."""
     vocab_multiple: int = 128
-    """The vocabulary is padded to a multiple of this times the tensor-parallel size."""
+    """The vocabulary is padded to a multiple of this; every tensor-parallel size must divide it."""
     attention_backend: str = "auto"
     """Core attention: auto (flash-attn when importable on CUDA, else SDPA), sdpa, flash_attn."""
 
@@ -75,6 +75,9 @@ class ModelConfig:
 class TokenizerConfig:
     text: str = "byte"
     """Text tokenizer: `byte` (built-in byte level, 256 ids) or a path to a `tokenizers` JSON."""
+    text_size: int | None = None
+    """Text ids of the tokenizer; None reads it from the tokenizer (byte = 256). Setting it lets
+    `--dry-run` plan a recipe without the tokenizer file at hand."""
     vq_format: str = "native"
     """Visual tokenizer checkpoint layout: native, llamagen or chameleon."""
     vq_checkpoint: str | None = None
@@ -637,6 +640,12 @@ def validate(cfg: Config, world_size: int | None = 1) -> list[ResolvedStage]:
         ):
             if value % tp:
                 raise ConfigError(f"{where}: {label} = {value} is not divisible by parallel.tensor = {tp}")
+        if cfg.model.vocab_multiple % tp:
+            raise ConfigError(
+                f"{where}: the padded vocabulary (a multiple of model.vocab_multiple = "
+                f"{cfg.model.vocab_multiple}) is not divisible by parallel.tensor = {tp}; set "
+                f"model.vocab_multiple to a multiple of {tp}"
+            )
         if shape.num_layers % pp:
             raise ConfigError(
                 f"{where}: model layers = {shape.num_layers} not divisible by parallel.pipeline = {pp}"

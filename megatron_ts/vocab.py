@@ -5,7 +5,7 @@ Layout (ids ascending):
     [0, text_size)                      text tokenizer ids
     [text_size, text_size + 5)          <pad> <bos> <eos> <boi> <eoi>
     [code_offset, code_offset + codes)  VQ codes 0..codebook_size-1
-    [.., padded_size)                   padding rows so tensor parallelism divides the vocabulary
+    [.., padded_size)                   padding rows (model.vocab_multiple) so TP divides them
 
 The layout is recorded in every token-shard manifest and every checkpoint; `check_compatible`
 turns a mismatch between data and model into an error before the first step.
@@ -32,8 +32,6 @@ class VocabLayout:
     """Identity of the text tokenizer (`byte` or `name:sha256-prefix` of its JSON)."""
     vq_tokenizer: str = "native"
     """Identity of the VQ tokenizer (format and checkpoint hash prefix)."""
-    multiple: int = 128
-    """The padded size is a multiple of this (times the tensor-parallel size at build time)."""
     specials: tuple[str, ...] = field(default=SPECIAL_TOKENS)
 
     @property
@@ -65,10 +63,14 @@ class VocabLayout:
         """Ids in use (text + specials + codes), before padding."""
         return self.code_offset + self.codebook_size
 
-    def padded_size(self, tensor_parallel: int = 1) -> int:
-        """Vocabulary rows in the embedding and head, divisible by multiple x tensor_parallel."""
-        step = self.multiple * tensor_parallel
-        return -(-self.size // step) * step
+    def padded_size(self, multiple: int) -> int:
+        """Vocabulary rows in the embedding and head: `size` rounded up to `multiple`.
+
+        The padding does not depend on the tensor-parallel size, so every layout of one model
+        has the same rows (and the same initial weights for one seed); `validate()` checks that
+        the tensor-parallel size divides it.
+        """
+        return -(-self.size // multiple) * multiple
 
     def code_to_id(self, code):
         """Maps codebook-local codes (int or array) to vocabulary ids."""
@@ -87,7 +89,7 @@ class VocabLayout:
 
     @classmethod
     def from_dict(cls, data: dict) -> "VocabLayout":
-        fields = {k: data[k] for k in ("text_size", "codebook_size", "text_tokenizer", "vq_tokenizer", "multiple") if k in data}
+        fields = {k: data[k] for k in ("text_size", "codebook_size", "text_tokenizer", "vq_tokenizer") if k in data}
         return cls(**fields, specials=tuple(data.get("specials", SPECIAL_TOKENS)))
 
     def check_compatible(self, other: "VocabLayout", what: str = "data") -> None:

@@ -1,0 +1,52 @@
+"""Layer structure as data: the megatron-core ModuleSpec of one Llama-style block.
+
+RMSNorm -> SelfAttention (fused QKV column-parallel, our core attention, row-parallel proj)
+-> residual -> RMSNorm -> SwiGLU MLP (column-parallel fc1 holding [gate; up], row-parallel fc2)
+-> residual. Backend choices (SDPA vs flash-attn) live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from megatron_ts.models.attention import make_core_attention
+
+
+def llama_layer_spec(attention_backend: str = "sdpa") -> ModuleSpec:
+    """ModuleSpec of one decoder block on megatron-core's local (non-TE) TP layers.
+
+    Args:
+        attention_backend: "sdpa" or "flash_attn" (already resolved, see attention.resolve_backend).
+    """
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=WrappedTorchNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=make_core_attention(attention_backend),
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=WrappedTorchNorm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )

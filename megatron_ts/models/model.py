@@ -1,0 +1,276 @@
+"""The Token-Shuffle decoder as a list of pipeline-ready stage modules.
+
+Sequence format of one sample (T = caption_len + 2 text positions, N image positions):
+
+    position  0        1 .. C        C+1      C+2 .. C+1+N
+    token     <bos>    caption/pad   <boi>    image windows (s x s codes each, raster order)
+
+Position t predicts the token at t+1: text positions 0..T-2 predict the caption (masked by
+text_mask), and positions T-1..T+N-2 (<boi> and the first N-1 windows) each predict the s^2
+codes of the next window through token-unshuffle and the shared output head. Inside the image
+span only codebook logits compete.
+
+The model is the list [InputStage, BlockStage x L, OutputStage]. Each element takes and returns
+the tuple (hidden (S, B, d), text_len (1,) int64), the shape DeepSpeed's pipeline engine passes
+between stages; only the first stage builds the embedding and token-shuffle, only the last the
+final norm, token-unshuffle and head. `TokenShuffleLM` chains them in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import nn
+
+from megatron_ts.config import ModelConfig
+from megatron_ts.models.attention import resolve_backend
+from megatron_ts.models.flavors import ModelShape, resolve_model_shape
+from megatron_ts.models.layer_specs import llama_layer_spec
+from megatron_ts.models.token_shuffle import TokenShuffle, TokenUnshuffle, grid_to_windows
+from megatron_ts.vocab import VocabLayout
+from megatron.core.transformer.spec_utils import build_module
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build the model; stored in checkpoints and HF exports."""
+
+    shape: ModelShape
+    vocab: VocabLayout
+    shuffle_window: int
+    shuffle_mlp_blocks: int
+    rope_theta: float
+    norm_eps: float
+    init_std: float
+    vocab_multiple: int = 128
+    tensor_parallel: int = 1
+    attention_backend: str = "auto"
+    activation_checkpointing: str = "none"
+
+    @property
+    def padded_vocab(self) -> int:
+        return self.vocab.padded_size(self.vocab_multiple)
+
+    @classmethod
+    def from_config(
+        cls,
+        model: ModelConfig,
+        vocab: VocabLayout,
+        shuffle_window: int,
+        tensor_parallel: int = 1,
+        activation_checkpointing: str = "none",
+    ) -> "ModelSpec":
+        return cls(
+            shape=resolve_model_shape(model),
+            vocab=vocab,
+            shuffle_window=shuffle_window,
+            shuffle_mlp_blocks=model.shuffle_mlp_blocks,
+            rope_theta=model.rope_theta,
+            norm_eps=model.norm_eps,
+            init_std=model.init_std,
+            vocab_multiple=model.vocab_multiple,
+            tensor_parallel=tensor_parallel,
+            attention_backend=model.attention_backend,
+            activation_checkpointing=activation_checkpointing,
+        )
+
+
+def transformer_config(spec: ModelSpec, sequence_parallel: bool = False) -> TransformerConfig:
+    """megatron-core TransformerConfig for a Llama block: RMSNorm, SwiGLU, no biases, no dropout.
+
+    Dropout is 0 as in LLM pretraining (megatron's default 0.1 also needs its CUDA RNG tracker
+    to keep TP ranks in step). Pipeline parallelism is DeepSpeed's, so megatron sees PP = 1.
+    Weights are initialised on CPU from the full master matrix, so every TP/PP layout with the
+    same seed starts from the same weights.
+    """
+    shape = spec.shape
+    return TransformerConfig(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        num_attention_heads=shape.num_heads,
+        num_query_groups=shape.num_kv_heads,
+        ffn_hidden_size=shape.ffn_hidden_size,
+        kv_channels=shape.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=spec.init_std,
+        tensor_model_parallel_size=spec.tensor_parallel,
+        sequence_parallel=sequence_parallel,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        params_dtype=torch.float32,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Runs a block under a fixed torch seed, restoring the global RNG after."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_freqs(seq_len: int, dim: int, theta: float, device: str) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (S, dim/2)
+    # megatron's non-interleaved layout (rotate-half, as HF Llama): [f, f]
+    return torch.cat([freqs, freqs], dim=-1)[:, None, None, :].to(device)  # (S, 1, 1, dim)
+
+
+def rope_freqs(seq_len: int, dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """RoPE angles for positions 0..seq_len-1 in megatron's layout, cached per shape."""
+    return _rope_freqs(seq_len, dim, theta, str(device))
+
+
+class InputStage(nn.Module):
+    """First pipeline stage: token embedding, token-shuffle of the image span."""
+
+    def __init__(self, spec: ModelSpec, config: TransformerConfig, seed: int):
+        super().__init__()
+        self.spec = spec
+        with _seeded(seed):
+            self.embedding = VocabParallelEmbedding(
+                spec.padded_vocab, spec.shape.hidden_size, init_method=config.init_method, config=config
+            )
+        self.shuffle = None
+        if spec.shuffle_window > 1:
+            with _seeded(seed + 1):
+                self.shuffle = TokenShuffle(
+                    spec.shape.hidden_size, spec.shuffle_window, spec.shuffle_mlp_blocks, config
+                )
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        text, codes = inputs  # (B, T) vocabulary ids, (B, G, G) codebook-local codes
+        b, t = text.shape
+        g = codes.shape[1]
+        ids = torch.cat([text, codes.reshape(b, g * g) + self.spec.vocab.code_offset], dim=1)
+        emb = self.embedding(ids)  # (B, T + G^2, d)
+        text_emb, img_emb = emb[:, :t], emb[:, t:]
+        if self.shuffle is not None:
+            img_emb = self.shuffle(img_emb.reshape(b, g, g, -1))  # (B, N, d), N = G^2 / s^2
+        hidden = torch.cat([text_emb, img_emb], dim=1).transpose(0, 1).contiguous()  # (S, B, d)
+        text_len = torch.tensor([t], dtype=torch.int64, device=hidden.device)
+        return hidden, text_len
+
+
+class BlockStage(nn.Module):
+    """One megatron-core transformer block; computes RoPE angles for the incoming length."""
+
+    def __init__(self, spec: ModelSpec, config: TransformerConfig, layer_index: int, seed: int):
+        super().__init__()
+        self.spec = spec
+        self.full_checkpoint = spec.activation_checkpointing == "full"
+        backend = resolve_backend(spec.attention_backend)
+        with _seeded(seed):
+            self.layer = build_module(llama_layer_spec(backend), config=config, layer_number=layer_index + 1)
+        if spec.activation_checkpointing == "selective":
+            self.layer.self_attention.core_attention.checkpoint = True
+
+    def _run(self, hidden: torch.Tensor) -> torch.Tensor:
+        freqs = rope_freqs(hidden.shape[0], self.spec.shape.head_dim, self.spec.rope_theta, hidden.device)
+        out, _ = self.layer(hidden, attention_mask=None, rotary_pos_emb=freqs)
+        return out
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, text_len = inputs
+        if self.full_checkpoint and self.training and torch.is_grad_enabled():
+            hidden = torch.utils.checkpoint.checkpoint(self._run, hidden, use_reentrant=False)
+        else:
+            hidden = self._run(hidden)
+        return hidden, text_len
+
+
+class OutputStage(nn.Module):
+    """Last pipeline stage: final RMSNorm, token-unshuffle of the image span, output head.
+
+    Returns local (TP-partitioned) logits: text (T-1, B, V/tp) and image (N, B, s^2, V/tp).
+    """
+
+    def __init__(self, spec: ModelSpec, config: TransformerConfig, seed: int):
+        super().__init__()
+        self.spec = spec
+        d = spec.shape.hidden_size
+        self.final_norm = nn.RMSNorm(d, eps=spec.norm_eps)
+        self.unshuffle = None
+        if spec.shuffle_window > 1:
+            with _seeded(seed + 1):
+                self.unshuffle = TokenUnshuffle(d, spec.shuffle_window, spec.shuffle_mlp_blocks, config)
+        with _seeded(seed):
+            self.head = ColumnParallelLinear(
+                d, spec.padded_vocab, config=config, init_method=config.init_method, bias=False, gather_output=False
+            )
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, text_len = inputs
+        t = int(text_len[0])
+        hidden = self.final_norm(hidden)  # (S, B, d)
+        text_logits, _ = self.head(hidden[: t - 1])  # (T-1, B, V/tp)
+        img = hidden[t - 1 : -1]  # (N, B, d): <boi> and windows 0..N-2
+        if self.unshuffle is not None:
+            img = self.unshuffle(img)  # (N, B, s^2, d)
+        else:
+            img = img.unsqueeze(2)  # (N, B, 1, d)
+        n, b, s2, d = img.shape
+        # megatron's linear backward wants 3-D input: fold the s^2 codes into the batch dim.
+        image_logits, _ = self.head(img.reshape(n, b * s2, d))  # (N, B*s^2, V/tp)
+        return text_logits, image_logits.reshape(n, b, s2, -1)  # (N, B, s^2, V/tp)
+
+
+def layer_seed(seed: int, index: int) -> int:
+    """Seed of layer `index` in [Input, Block x L, Output]; independent of the parallel layout."""
+    return seed * 1000 + index * 7
+
+
+def build_stage_modules(spec: ModelSpec, seed: int, sequence_parallel: bool = False) -> list[nn.Module]:
+    """Builds every stage module (single process, or for tests). Pipelines build slices lazily."""
+    config = transformer_config(spec, sequence_parallel)
+    layers: list[nn.Module] = [InputStage(spec, config, layer_seed(seed, 0))]
+    for i in range(spec.shape.num_layers):
+        layers.append(BlockStage(spec, config, i, layer_seed(seed, i + 1)))
+    layers.append(OutputStage(spec, config, layer_seed(seed, spec.shape.num_layers + 1)))
+    return layers
+
+
+class TokenShuffleLM(nn.Module):
+    """The whole decoder in one process (any TP size, no pipeline)."""
+
+    def __init__(self, spec: ModelSpec, seed: int = 1234, sequence_parallel: bool = False):
+        super().__init__()
+        self.spec = spec
+        stages = build_stage_modules(spec, seed, sequence_parallel)
+        self.input_stage = stages[0]
+        self.blocks = nn.ModuleList(stages[1:-1])
+        self.output_stage = stages[-1]
+
+    def forward(self, text: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.input_stage((text, codes))
+        for block in self.blocks:
+            x = block(x)
+        return self.output_stage(x)
+
+
+def image_targets(codes: torch.Tensor, window: int, vocab: VocabLayout) -> torch.Tensor:
+    """Vocabulary ids of the codes each image position predicts: (B, G, G) -> (N, B, s^2)."""
+    windows = grid_to_windows(codes, window)  # (B, N, s^2)
+    return (windows + vocab.code_offset).transpose(0, 1)  # (N, B, s^2)

@@ -1,0 +1,117 @@
+"""Token-shuffle and token-unshuffle (Ma et al., 2025).
+
+Input side: each image-code embedding is compressed d -> d/s^2, the s x s window is concatenated
+along channels into one position of width d, and residual MLP blocks refine it. Output side
+mirrors it: residual MLP blocks, a split of width d into s^2 parts of d/s^2, and a linear
+expansion of each part back to d, so every image position yields s^2 code predictions.
+
+Windows are taken in raster order over the code grid and codes in raster order inside a window.
+`grid_to_windows` / `windows_to_grid` are the only place that order is defined; the data
+pipeline, the loss targets and the sampler all go through them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import nn
+
+
+def grid_to_windows(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Regroups a code grid into s x s windows.
+
+    Args:
+        x: (B, G, G, *rest) grid (codes or embeddings), raster order.
+        s: window side.
+
+    Returns:
+        (B, (G/s)^2, s^2, *rest): windows in raster order, codes in raster order inside.
+    """
+    b, gh, gw = x.shape[:3]
+    rest = x.shape[3:]
+    if gh % s or gw % s:
+        raise ValueError(f"code grid {gh}x{gw} is not divisible by shuffle window {s}")
+    x = x.reshape(b, gh // s, s, gw // s, s, *rest)  # (B, G/s, s, G/s, s, ...)
+    x = x.transpose(2, 3)  # (B, G/s, G/s, s, s, ...)
+    return x.reshape(b, (gh // s) * (gw // s), s * s, *rest)
+
+
+def windows_to_grid(x: torch.Tensor, s: int, grid: int) -> torch.Tensor:
+    """Inverse of `grid_to_windows`: (B, N, s^2, *rest) -> (B, G, G, *rest)."""
+    b = x.shape[0]
+    rest = x.shape[3:]
+    g = grid // s
+    x = x.reshape(b, g, g, s, s, *rest)  # (B, G/s, G/s, s, s, ...)
+    x = x.transpose(2, 3)  # (B, G/s, s, G/s, s, ...)
+    return x.reshape(b, grid, grid, *rest)
+
+
+class ResidualMLP(nn.Module):
+    """x + W2 silu(W1 x), tensor-parallel (W1 column-, W2 row-parallel), width d -> d -> d."""
+
+    def __init__(self, width: int, config: TransformerConfig):
+        super().__init__()
+        self.fc1 = ColumnParallelLinear(
+            width,
+            width,
+            config=config,
+            init_method=config.init_method,
+            bias=False,
+            gather_output=False,
+        )
+        self.fc2 = RowParallelLinear(
+            width,
+            width,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=True,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.fc1(x)
+        h, _ = self.fc2(F.silu(h))
+        return x + h
+
+
+class TokenShuffle(nn.Module):
+    """Merges each s x s window of image-token embeddings into one position of width d."""
+
+    def __init__(self, hidden: int, window: int, blocks: int, config: TransformerConfig):
+        super().__init__()
+        self.window = window
+        # Replicated on every TP rank: it is small (d x d/s^2) and its input is replicated.
+        self.compress = nn.Linear(hidden, hidden // window**2, bias=False)
+        config.init_method(self.compress.weight)
+        self.blocks = nn.ModuleList(ResidualMLP(hidden, config) for _ in range(blocks))
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        """(B, G, G, d) code embeddings -> (B, N, d) window positions, N = (G/s)^2."""
+        x = self.compress(emb)  # (B, G, G, d/s^2)
+        x = grid_to_windows(x, self.window)  # (B, N, s^2, d/s^2)
+        x = x.flatten(2)  # (B, N, d): window concatenated along channels, raster order
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class TokenUnshuffle(nn.Module):
+    """Expands each output position back into s^2 positions of width d for the head."""
+
+    def __init__(self, hidden: int, window: int, blocks: int, config: TransformerConfig):
+        super().__init__()
+        self.window = window
+        self.blocks = nn.ModuleList(ResidualMLP(hidden, config) for _ in range(blocks))
+        self.expand = nn.Linear(hidden // window**2, hidden, bias=False)
+        config.init_method(self.expand.weight)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """(N, B, d) -> (N, B, s^2, d)."""
+        for block in self.blocks:
+            h = block(h)
+        n, b, d = h.shape
+        h = h.reshape(n, b, self.window**2, d // self.window**2)  # (N, B, s^2, d/s^2)
+        return self.expand(h)  # (N, B, s^2, d)

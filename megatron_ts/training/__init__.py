@@ -1,0 +1,1 @@
+"""The training engine: DeepSpeed engines around the megatron-core model, checkpoints, metrics."""

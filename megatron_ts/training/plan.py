@@ -1,0 +1,94 @@
+"""Start-up planning shared by `--dry-run` and the trainer: vocabulary, model spec, FLOPs."""
+
+from __future__ import annotations
+
+from megatron_ts.config import Config, ResolvedStage, TokenizerConfig
+from megatron_ts.models.flavors import resolve_model_shape
+from megatron_ts.models.flops import param_counts, sample_flops
+from megatron_ts.vocab import VocabLayout
+
+
+def text_size(tok: TokenizerConfig) -> int:
+    """Text ids of the configured tokenizer (explicit size, byte = 256, or the JSON file)."""
+    if tok.text_size is not None:
+        return tok.text_size
+    if tok.text == "byte":
+        return 256
+    from megatron_ts.tokenizers.text import load_text_tokenizer
+
+    return load_text_tokenizer(tok.text).vocab_size
+
+
+def vocab_from_config(tok: TokenizerConfig) -> VocabLayout:
+    """The vocabulary layout the model is built with.
+
+    Tokenizer identities are filled in from the files when they are readable, so they can be
+    compared with the token shards' manifests; a dry run without the files still plans sizes.
+    """
+    text_identity = "byte"
+    if tok.text != "byte":
+        try:
+            from megatron_ts.tokenizers.text import load_text_tokenizer
+
+            text_identity = load_text_tokenizer(tok.text).identity
+        except (ImportError, OSError):
+            text_identity = tok.text
+    vq_identity = tok.vq_format
+    if tok.vq_checkpoint:
+        try:
+            from megatron_ts.tokenizers.vq import vq_identity as _vq_identity
+
+            vq_identity = _vq_identity(tok.vq_format, tok.vq_checkpoint)
+        except (ImportError, OSError):
+            vq_identity = f"{tok.vq_format}:{tok.vq_checkpoint}"
+    return VocabLayout(
+        text_size=text_size(tok),
+        codebook_size=tok.codebook_size,
+        text_tokenizer=text_identity,
+        vq_tokenizer=vq_identity,
+    )
+
+
+def dry_run_report(cfg: Config, stages: list[ResolvedStage]) -> dict:
+    """Parameter counts and per-stage sequence/FLOPs numbers, without building anything."""
+    shape = resolve_model_shape(cfg.model)
+    vocab = VocabLayout(text_size=text_size(cfg.tokenizer), codebook_size=cfg.tokenizer.codebook_size)
+    padded = vocab.padded_size(cfg.model.vocab_multiple)
+    ds = cfg.tokenizer.downsample
+    max_window = max(st.shuffle_window for st in stages)
+    report = {
+        "flavor": cfg.model.flavor,
+        "shape": {
+            "hidden_size": shape.hidden_size,
+            "num_layers": shape.num_layers,
+            "num_heads": shape.num_heads,
+            "num_kv_heads": shape.num_kv_heads,
+            "ffn_hidden_size": shape.ffn_hidden_size,
+        },
+        "vocab": {"text": vocab.text_size, "specials": len(vocab.specials), "codes": vocab.codebook_size, "padded": padded},
+        "parameters": param_counts(shape, padded, max_window, cfg.model.shuffle_mlp_blocks),
+        "stages": [],
+    }
+    for st in stages:
+        flops = sample_flops(shape, padded, st.caption_len, st.grid(ds), st.shuffle_window, cfg.model.shuffle_mlp_blocks)
+        seq = st.seq_len(ds)
+        report["stages"].append(
+            {
+                "name": st.name,
+                "resolution": st.resolution,
+                "shuffle_window": st.shuffle_window,
+                "image_codes_per_sample": st.image_codes(ds),
+                "image_positions_per_sample": st.image_positions(ds),
+                "sequence_length": seq,
+                "parameters": param_counts(shape, padded, st.shuffle_window, cfg.model.shuffle_mlp_blocks)["total"],
+                "training_flops_per_sample": flops.training,
+                "training_flops_per_step": flops.training * st.global_batch,
+                "flops_breakdown_per_sample": flops.to_dict(),
+                "global_batch": st.global_batch,
+                "steps": st.steps,
+                "tokens": seq * st.global_batch * st.steps,
+                "tensor": st.tensor,
+                "pipeline": st.pipeline,
+            }
+        )
+    return report
