@@ -19,6 +19,7 @@ final norm, token-unshuffle and head. `TokenShuffleLM` chains them in one proces
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -56,6 +57,19 @@ class ModelSpec:
     @property
     def padded_vocab(self) -> int:
         return self.vocab.padded_size(self.vocab_multiple)
+
+    def to_dict(self) -> dict:
+        """JSON-able form, stored in checkpoint meta.json and HF config.json."""
+        out = dataclasses.asdict(self)
+        out["vocab"] = self.vocab.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelSpec":
+        data = dict(data)
+        data["shape"] = ModelShape(**data["shape"])
+        data["vocab"] = VocabLayout.from_dict(data["vocab"])
+        return cls(**data)
 
     @classmethod
     def from_config(
