@@ -49,7 +49,12 @@ def windows_to_grid(x: torch.Tensor, s: int, grid: int) -> torch.Tensor:
 
 
 class ResidualMLP(nn.Module):
-    """x + W2 silu(W1 x), tensor-parallel (W1 column-, W2 row-parallel), width d -> d -> d."""
+    """x + W2 silu(W1 x), tensor-parallel (W1 column-, W2 row-parallel), width d -> d -> d.
+
+    W2 starts at zero, so a new block is the identity: a model gaining token-shuffle at a
+    curriculum transition (s = 1 -> 2) starts from the plain compress/concat path, and the first
+    steps of the new stage do not see a random residual on top of the carried transformer.
+    """
 
     def __init__(self, width: int, config: TransformerConfig):
         super().__init__()
@@ -65,7 +70,7 @@ class ResidualMLP(nn.Module):
             width,
             width,
             config=config,
-            init_method=config.output_layer_init_method,
+            init_method=torch.nn.init.zeros_,
             bias=False,
             input_is_parallel=True,
             skip_bias_add=True,
