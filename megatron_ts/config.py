@@ -12,6 +12,8 @@ lists and tables accept TOML/JSON literals (`--data.sources '[{url="a/", weight=
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
 import tomllib
 import types
@@ -335,8 +337,13 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
+        # Full dotted names, so a typo deep in a stage list is found at once.
+        names = [f"{where}.{k}" if where else k for k in unknown]
+        hint = difflib.get_close_matches(unknown[0], known, n=1)
         raise ConfigError(
-            f"{where}: unknown key(s) {unknown}; valid keys are {sorted(known)} "
+            f"unknown key(s) {names}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + f"; valid keys{' of ' + where if where else ''} are {sorted(known)} "
             "(a typo would otherwise be silently ignored)"
         )
     hints = typing.get_type_hints(cls)
@@ -565,6 +572,47 @@ _CHOICES = {
 }
 
 
+# The field each value of the implicit single stage (no [[curriculum.stages]]) comes from.
+_IMPLICIT_STAGE_FIELDS = {
+    "resolution": "data.resolution",
+    "caption_len": "data.caption_len",
+    "shuffle_window": "model.shuffle_window",
+    "global_batch": "train.global_batch",
+    "micro_batch": "train.micro_batch",
+    "steps": "train.steps",
+    "tokens": "train.steps",
+    "schedule": "optim.schedule",
+    "carry_over": "curriculum.stages",
+    "tensor": "parallel.tensor",
+    "pipeline": "parallel.pipeline",
+}
+# Stage keys that fall back to another section when a curriculum stage leaves them unset.
+_INHERITED_STAGE_FIELDS = {
+    "schedule": "optim.schedule",
+    "tensor": "parallel.tensor",
+    "pipeline": "parallel.pipeline",
+}
+
+
+def _stage_field(cfg: Config, index: int, key: str) -> str:
+    """The config field a resolved stage value came from, for error messages.
+
+    Args:
+        cfg: the merged configuration.
+        index: stage index.
+        key: StageConfig field name.
+
+    Returns:
+        `curriculum.stages[i].key` for an explicit stage value, else the section field the value
+        was inherited from (`parallel.tensor`, `train.global_batch`, ...).
+    """
+    if not cfg.curriculum.stages:
+        return _IMPLICIT_STAGE_FIELDS[key]
+    if key in _INHERITED_STAGE_FIELDS and getattr(cfg.curriculum.stages[index], key) is None:
+        return _INHERITED_STAGE_FIELDS[key]
+    return f"curriculum.stages[{index}].{key}"
+
+
 def validate(cfg: Config, world_size: int | None = 1) -> list[ResolvedStage]:
     """Checks cross-section consistency and returns the resolved stages.
 
@@ -605,67 +653,86 @@ def validate(cfg: Config, world_size: int | None = 1) -> list[ResolvedStage]:
     if not stages:
         raise ConfigError("curriculum.stages is empty; give at least one stage")
     for st in stages:
-        where = f"curriculum.stages[{st.index}] ({st.name})" if cfg.curriculum.stages else "data/train"
+        at = functools.partial(_stage_field, cfg, st.index)
+        # curriculum stages add their name; the implicit stage's fields need no context
+        of = f" (stage {st.name!r})" if cfg.curriculum.stages else ""
         if st.schedule not in _CHOICES["optim.schedule"]:
-            raise ConfigError(f"{where}.schedule = {st.schedule!r}; choose one of {list(_CHOICES['optim.schedule'])}")
+            raise ConfigError(
+                f"{at('schedule')} = {st.schedule!r}{of}; choose one of {list(_CHOICES['optim.schedule'])}"
+            )
         if st.carry_over not in ("weights", "weights+optimizer"):
-            raise ConfigError(f"{where}.carry_over = {st.carry_over!r}; use weights or weights+optimizer")
+            raise ConfigError(
+                f"{at('carry_over')} = {st.carry_over!r}{of}; use weights or weights+optimizer"
+            )
         if st.steps <= 0:
-            raise ConfigError(f"{where}: length is 0; set steps or tokens to a positive number")
+            fix = f"set {at('steps')} or {at('tokens')}" if cfg.curriculum.stages else "use 1 or more"
+            raise ConfigError(f"{at('steps')} = {st.steps}{of}: the stage has no length; {fix}")
         if st.shuffle_window < 1:
-            raise ConfigError(f"{where}.shuffle_window = {st.shuffle_window}; use 1 or more")
+            raise ConfigError(f"{at('shuffle_window')} = {st.shuffle_window}{of}; use 1 or more")
         ds = cfg.tokenizer.downsample
         if st.resolution % ds:
             raise ConfigError(
-                f"{where}.resolution = {st.resolution} is not a multiple of tokenizer.downsample = {ds}"
+                f"{at('resolution')} = {st.resolution}{of} is not a multiple of "
+                f"tokenizer.downsample = {ds}"
             )
         grid = st.resolution // ds
         if grid % st.shuffle_window:
             raise ConfigError(
-                f"{where}: image grid {grid}x{grid} (resolution {st.resolution} / downsample {ds}) "
-                f"is not divisible by shuffle_window = {st.shuffle_window}; pick a window dividing {grid}"
+                f"{at('shuffle_window')} = {st.shuffle_window}{of}: the image grid {grid}x{grid} "
+                f"({at('resolution')} {st.resolution} / tokenizer.downsample {ds}) is not divisible "
+                f"by it; pick a window dividing {grid} or change the resolution"
             )
         if shape.hidden_size % (st.shuffle_window**2):
             raise ConfigError(
-                f"{where}.shuffle_window = {st.shuffle_window}: hidden size {shape.hidden_size} is not "
-                f"divisible by s^2 = {st.shuffle_window**2}"
+                f"{at('shuffle_window')} = {st.shuffle_window}{of}: hidden size {shape.hidden_size} "
+                f"is not divisible by s^2 = {st.shuffle_window**2}"
             )
         tp, pp = st.tensor, st.pipeline
-        if tp < 1 or pp < 1:
-            raise ConfigError(f"{where}: tensor = {tp}, pipeline = {pp}; both must be >= 1")
+        if tp < 1:
+            raise ConfigError(f"{at('tensor')} = {tp}{of}; use 1 or more")
+        if pp < 1:
+            raise ConfigError(f"{at('pipeline')} = {pp}{of}; use 1 or more")
         for label, value in (
-            ("model heads", shape.num_heads),
-            ("model kv heads", shape.num_kv_heads),
-            ("model ffn_hidden_size", shape.ffn_hidden_size),
+            ("model.num_heads", shape.num_heads),
+            ("model.num_kv_heads", shape.num_kv_heads),
+            ("model.ffn_hidden_size", shape.ffn_hidden_size),
         ):
             if value % tp:
-                raise ConfigError(f"{where}: {label} = {value} is not divisible by parallel.tensor = {tp}")
+                raise ConfigError(
+                    f"{at('tensor')} = {tp}{of} does not divide {label} = {value} "
+                    f"(flavor {cfg.model.flavor!r}); pick a tensor-parallel size dividing it"
+                )
         if cfg.model.vocab_multiple % tp:
             raise ConfigError(
-                f"{where}: the padded vocabulary (a multiple of model.vocab_multiple = "
-                f"{cfg.model.vocab_multiple}) is not divisible by parallel.tensor = {tp}; set "
-                f"model.vocab_multiple to a multiple of {tp}"
+                f"{at('tensor')} = {tp}{of} does not divide model.vocab_multiple = "
+                f"{cfg.model.vocab_multiple}, so the padded vocabulary cannot be split evenly; "
+                f"set model.vocab_multiple to a multiple of {tp}"
             )
         if shape.num_layers % pp:
             raise ConfigError(
-                f"{where}: model layers = {shape.num_layers} not divisible by parallel.pipeline = {pp}"
+                f"{at('pipeline')} = {pp}{of} does not divide model.num_layers = "
+                f"{shape.num_layers}; pick a pipeline size dividing it"
             )
         if pp > 1 and cfg.parallel.zero_stage > 1:
             raise ConfigError(
-                f"parallel.zero_stage = {cfg.parallel.zero_stage} with pipeline = {pp}: DeepSpeed's "
-                "pipeline engine supports ZeRO 0 or 1 only; set parallel.zero_stage = 1"
+                f"parallel.zero_stage = {cfg.parallel.zero_stage} with {at('pipeline')} = {pp}{of}: "
+                "DeepSpeed's pipeline engine supports ZeRO 0 or 1 only; set parallel.zero_stage = 1"
             )
-        if st.micro_batch < 1 or st.global_batch < 1:
-            raise ConfigError(f"{where}: micro_batch and global_batch must be >= 1")
+        if st.micro_batch < 1:
+            raise ConfigError(f"{at('micro_batch')} = {st.micro_batch}{of}; use 1 or more")
+        if st.global_batch < 1:
+            raise ConfigError(f"{at('global_batch')} = {st.global_batch}{of}; use 1 or more")
         if world_size is not None:
             if world_size % (tp * pp):
                 raise ConfigError(
-                    f"{where}: world size {world_size} is not divisible by tensor x pipeline = {tp * pp}"
+                    f"world size {world_size} is not divisible by {at('tensor')} x "
+                    f"{at('pipeline')} = {tp * pp}{of}"
                 )
             dp = world_size // (tp * pp)
             if st.global_batch % (st.micro_batch * dp):
                 raise ConfigError(
-                    f"{where}: global_batch = {st.global_batch} is not divisible by micro_batch "
-                    f"{st.micro_batch} x data-parallel size {dp}; use a multiple of {st.micro_batch * dp}"
+                    f"{at('global_batch')} = {st.global_batch}{of} is not divisible by "
+                    f"{at('micro_batch')} = {st.micro_batch} x data-parallel size {dp}; "
+                    f"use a multiple of {st.micro_batch * dp}"
                 )
     return stages
