@@ -658,14 +658,17 @@ def validate(cfg: Config, world_size: int | None = 1) -> list[ResolvedStage]:
         of = f" (stage {st.name!r})" if cfg.curriculum.stages else ""
         if st.schedule not in _CHOICES["optim.schedule"]:
             raise ConfigError(
-                f"{at('schedule')} = {st.schedule!r}{of}; choose one of {list(_CHOICES['optim.schedule'])}"
+                f"{at('schedule')} = {st.schedule!r}{of}; "
+                f"choose one of {list(_CHOICES['optim.schedule'])}"
             )
         if st.carry_over not in ("weights", "weights+optimizer"):
             raise ConfigError(
                 f"{at('carry_over')} = {st.carry_over!r}{of}; use weights or weights+optimizer"
             )
         if st.steps <= 0:
-            fix = f"set {at('steps')} or {at('tokens')}" if cfg.curriculum.stages else "use 1 or more"
+            fix = "use 1 or more"
+            if cfg.curriculum.stages:
+                fix = f"set {at('steps')} or {at('tokens')}"
             raise ConfigError(f"{at('steps')} = {st.steps}{of}: the stage has no length; {fix}")
         if st.shuffle_window < 1:
             raise ConfigError(f"{at('shuffle_window')} = {st.shuffle_window}{of}; use 1 or more")
@@ -678,14 +681,14 @@ def validate(cfg: Config, world_size: int | None = 1) -> list[ResolvedStage]:
         grid = st.resolution // ds
         if grid % st.shuffle_window:
             raise ConfigError(
-                f"{at('shuffle_window')} = {st.shuffle_window}{of}: the image grid {grid}x{grid} "
-                f"({at('resolution')} {st.resolution} / tokenizer.downsample {ds}) is not divisible "
-                f"by it; pick a window dividing {grid} or change the resolution"
+                f"{at('shuffle_window')} = {st.shuffle_window}{of}: the image grid "
+                f"{grid}x{grid} ({at('resolution')} {st.resolution} / tokenizer.downsample {ds}) "
+                f"is not divisible by it; pick a window dividing {grid} or change the resolution"
             )
         if shape.hidden_size % (st.shuffle_window**2):
             raise ConfigError(
-                f"{at('shuffle_window')} = {st.shuffle_window}{of}: hidden size {shape.hidden_size} "
-                f"is not divisible by s^2 = {st.shuffle_window**2}"
+                f"{at('shuffle_window')} = {st.shuffle_window}{of}: hidden size "
+                f"{shape.hidden_size} is not divisible by s^2 = {st.shuffle_window**2}"
             )
         tp, pp = st.tensor, st.pipeline
         if tp < 1:
@@ -715,8 +718,9 @@ def validate(cfg: Config, world_size: int | None = 1) -> list[ResolvedStage]:
             )
         if pp > 1 and cfg.parallel.zero_stage > 1:
             raise ConfigError(
-                f"parallel.zero_stage = {cfg.parallel.zero_stage} with {at('pipeline')} = {pp}{of}: "
-                "DeepSpeed's pipeline engine supports ZeRO 0 or 1 only; set parallel.zero_stage = 1"
+                f"parallel.zero_stage = {cfg.parallel.zero_stage} with {at('pipeline')} = "
+                f"{pp}{of}: DeepSpeed's pipeline engine supports ZeRO 0 or 1 only; set "
+                "parallel.zero_stage = 1"
             )
         if st.micro_batch < 1:
             raise ConfigError(f"{at('micro_batch')} = {st.micro_batch}{of}; use 1 or more")
