@@ -1,0 +1,403 @@
+"""The per-worker sample pipeline: small generator stages, read top to bottom.
+
+One worker of one data-parallel rank reads, for each source of the stage:
+
+    epoch shard order -> this slot's shards -> windows of k shards
+      -> per shard: open (local / s3 with resume) -> tar members -> group by key -> decode+check
+      -> interleave the k shards in a seeded random order -> seeded shuffle buffer (drained at
+         the window's end) -> (epoch, window, offset) cursor after every sample
+
+and mixes its sources by weight with a seeded choice per sample, then cuts micro-batches.
+Every random choice comes from an RNG seeded by (seed, stage, source, epoch, window, rank,
+worker), so the stream is a pure function of those numbers and the data. A cursor
+(epoch, window, offset) therefore restarts a source exactly: re-open that window's shards, replay
+it and drop `offset` samples; earlier windows and epochs are skipped without reading them.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from megatron_ts.data.s3_stream import IOCounters, open_url
+from megatron_ts.data.sources import (
+    TAG_BUFFER,
+    TAG_MIX,
+    TAG_SYNTHETIC,
+    TAG_WINDOW,
+    DataSourceError,
+    SourceSpec,
+    epoch_order,
+    slot_shards,
+)
+from megatron_ts.logging import get_logger
+
+logger = get_logger(__name__)
+
+CODES_FIELD = "codes.npy"
+IDS_FIELD = "ids.npy"
+_MIN_ERROR_DENOMINATOR = 100
+_MIX_BLOCK = 4096
+
+
+class CorruptDataError(RuntimeError):
+    """Too many corrupt samples: names the last bad shard and key."""
+
+
+class Sample(NamedTuple):
+    key: str
+    """Sample key inside its shard."""
+    url: str
+    """Shard the sample came from."""
+    codes: np.ndarray
+    """(G, G) codebook-local codes."""
+    ids: np.ndarray
+    """(L,) caption text ids."""
+    source: int
+    """Index of the stage source."""
+    epoch: int
+    """Epoch of that source in which the sample was read."""
+
+
+@dataclass
+class ErrorTracker:
+    """Counts read and corrupt samples of one worker and stops past the tolerated rate.
+
+    The rate is skipped / max(read, 100), so a few bad samples at the very start do not stop a
+    run whose data is otherwise good, while a source that is mostly bad stops within 100 reads.
+    """
+
+    max_error_rate: float
+    seen: int = 0
+    skipped: int = 0
+    missing_shards: int = 0
+    counters: IOCounters = field(default_factory=IOCounters)
+
+    def ok(self) -> None:
+        self.seen += 1
+
+    def bad(self, url: str, key: str, reason: str, count: int = 1) -> None:
+        """Records `count` corrupt samples; raises CorruptDataError past the tolerated rate."""
+        self.seen += count
+        self.skipped += count
+        logger.warning("skipping corrupt data in shard %s key %s: %s", url, key, reason)
+        if self.skipped > self.max_error_rate * max(self.seen, _MIN_ERROR_DENOMINATOR):
+            raise CorruptDataError(
+                f"{self.skipped} of {self.seen} samples read by this worker were corrupt, above "
+                f"data.max_error_rate = {self.max_error_rate}; last: shard {url} key {key}: "
+                f"{reason}. Re-tokenize or remove that shard, or raise data.max_error_rate"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages (each a generator over an iterator; unit-tested on in-memory data)
+# ----------------------------------------------------------------------------------------------
+
+
+def tar_records(
+    url: str, stream: io.IOBase, tracker: ErrorTracker, expected: int
+) -> Iterator[dict]:
+    """Samples (dicts of raw member bytes keyed by suffix) of one opened tar shard.
+
+    A tar that breaks off (corrupt or truncated shard) ends the shard; the samples the manifest
+    promised but that could not be read are counted as corrupt.
+    """
+    failure: list[Exception] = []
+
+    def handler(exc: Exception) -> bool:
+        failure.append(exc)
+        return False  # stop this shard; the caller accounts for the lost samples
+
+    files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+    n = 0
+    try:
+        for record in group_by_keys(files, handler=handler):
+            n += 1
+            yield record
+    finally:
+        stream.close()
+    if failure:
+        exc = failure[0]
+        if not isinstance(exc, tarfile.TarError | ValueError | EOFError):
+            raise exc
+        lost = max(expected - n, 1)
+        tracker.bad(
+            url, f"<after {n} samples>", f"unreadable tar ({exc}); {lost} samples lost", lost
+        )
+
+
+def shard_records(
+    url: str, expected: int, tracker: ErrorTracker, endpoint_url: str | None
+) -> Iterator[dict]:
+    """Opens one shard lazily and yields its raw samples; a missing shard is skipped and counted."""
+    try:
+        stream = open_url(url, endpoint_url=endpoint_url, counters=tracker.counters)
+    except FileNotFoundError as exc:
+        tracker.missing_shards += 1
+        tracker.bad(url, "<shard>", f"missing shard ({exc})", max(expected, 1))
+        return
+    yield from tar_records(url, stream, tracker, expected)
+
+
+def decode_records(
+    records: Iterable[dict],
+    *,
+    grid: int,
+    text_size: int,
+    codebook_size: int,
+    source: int,
+    epoch: int,
+    tracker: ErrorTracker,
+) -> Iterator[Sample]:
+    """Decodes codes and caption ids and checks them; corrupt samples are counted and skipped.
+
+    Corrupt: a missing member, an unreadable .npy, codes of another shape than (grid, grid),
+    codes outside [0, codebook_size), caption ids outside [0, text_size) or not 1-D.
+    """
+    for rec in records:
+        key, url = rec.get("__key__", "?"), rec.get("__url__", "?")
+        try:
+            if CODES_FIELD not in rec or IDS_FIELD not in rec:
+                raise ValueError(
+                    f"missing member {CODES_FIELD if CODES_FIELD not in rec else IDS_FIELD}"
+                )
+            codes = np.load(io.BytesIO(rec[CODES_FIELD]), allow_pickle=False)
+            ids = np.load(io.BytesIO(rec[IDS_FIELD]), allow_pickle=False)
+            if codes.shape != (grid, grid):
+                raise ValueError(f"codes shape {codes.shape}, expected ({grid}, {grid})")
+            if not np.issubdtype(codes.dtype, np.integer):
+                raise ValueError(f"codes dtype {codes.dtype} is not an integer type")
+            if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= codebook_size):
+                raise ValueError(
+                    f"codes in [{int(codes.min())}, {int(codes.max())}] outside the codebook "
+                    f"[0, {codebook_size})"
+                )
+            if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+                raise ValueError(f"caption ids of shape {ids.shape} and dtype {ids.dtype}")
+            if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= text_size):
+                raise ValueError(
+                    f"caption ids in [{int(ids.min())}, {int(ids.max())}] outside the text "
+                    f"vocabulary [0, {text_size})"
+                )
+        except Exception as exc:  # noqa: BLE001 - every decode failure is a corrupt sample
+            tracker.bad(url, key, str(exc))
+            continue
+        tracker.ok()
+        yield Sample(key, url, codes, ids, source, epoch)
+
+
+def interleave(iterators: list[Iterator], counts: list[int], rng: np.random.Generator) -> Iterator:
+    """Draws from several iterators in a seeded random order.
+
+    The order is a permutation of `counts[i]` copies of i (the manifest's sample counts), so it
+    is fixed before any data is read; an iterator that runs out early is passed over, one with
+    more items than counted is drained at the end.
+    """
+    order = rng.permutation(np.repeat(np.arange(len(iterators)), counts))
+    live = list(iterators)
+    for i in order:
+        it = live[i]
+        if it is None:
+            continue
+        try:
+            yield next(it)
+        except StopIteration:
+            live[i] = None
+    for it in live:
+        if it is not None:
+            yield from it
+
+
+def shuffle_buffer(items: Iterable, size: int, rng: np.random.Generator) -> Iterator:
+    """A seeded shuffle buffer of `size` items that is drained (shuffled) when the input ends."""
+    if size <= 1:
+        yield from items
+        return
+    buf: list = []
+    draws = rng.random(1024)
+    d = 0
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        if d == len(draws):
+            draws, d = rng.random(1024), 0
+        j = int(draws[d] * size)
+        d += 1
+        yield buf[j]
+        buf[j] = item
+    for j in rng.permutation(len(buf)):
+        yield buf[j]
+
+
+def mix_choices(weights: list[float], start: int, seed_key: list[int]) -> Iterator[int]:
+    """Source index of every sample from number `start` on, drawn in seeded blocks.
+
+    Block b of `_MIX_BLOCK` choices uses an RNG seeded by `seed_key + [b]`, so the choice of sample
+    n does not depend on where the stream was started.
+    """
+    if len(weights) == 1:
+        yield from itertools.repeat(0)
+        return
+    p = np.asarray(weights, dtype=np.float64)
+    p = p / p.sum()
+    block, pos = divmod(start, _MIX_BLOCK)
+    while True:
+        rng = np.random.default_rng([*seed_key, block, TAG_MIX])
+        choices = rng.choice(len(p), size=_MIX_BLOCK, p=p)
+        for c in choices[pos:]:
+            yield int(c)
+        block, pos = block + 1, 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-source streams of one (rank, worker) slot
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamContext:
+    """Everything a worker needs to rebuild its streams (picklable; sent to worker processes)."""
+
+    seed: int
+    stage: int
+    dp_rank: int
+    dp_size: int
+    num_workers: int
+    grid: int
+    text_size: int
+    codebook_size: int
+    caption_len: int
+    shuffle_buffer: int
+    shards_per_window: int
+    max_error_rate: float
+    resample_shards: bool
+    endpoint_url: str | None
+
+
+Cursor = tuple[int, int, int]
+"""(epoch, window, offset): samples emitted so far in that window of that epoch."""
+
+
+class SourceStream:
+    """The samples of one source for one (rank, worker) slot, resumable from a cursor."""
+
+    def __init__(
+        self, ctx: StreamContext, spec: SourceSpec, index: int, worker: int, tracker: ErrorTracker
+    ):
+        self.ctx, self.spec, self.index, self.worker, self.tracker = (
+            ctx,
+            spec,
+            index,
+            worker,
+            tracker,
+        )
+
+    def windows(self, epoch: int) -> list[list[int]]:
+        """Shard indices of this slot in epoch `epoch`, grouped in windows of k shards."""
+        c = self.ctx
+        order = epoch_order(
+            len(self.spec.shards),
+            c.dp_size * c.num_workers,
+            seed=c.seed,
+            stage=c.stage,
+            source=self.index,
+            epoch=epoch,
+            resample=c.resample_shards,
+        )
+        mine = slot_shards(order, c.dp_rank, c.dp_size, self.worker, c.num_workers)
+        k = max(1, c.shards_per_window)
+        return [mine[i : i + k] for i in range(0, len(mine), k)]
+
+    def _window_samples(self, epoch: int, window: int, shards: list[int]) -> Iterator[Sample]:
+        c = self.ctx
+        key = [c.seed, c.stage, self.index, epoch, window, c.dp_rank, self.worker]
+        infos = [self.spec.shards[i] for i in shards]
+        per_shard = [
+            decode_records(
+                shard_records(s.url, s.samples, self.tracker, c.endpoint_url),
+                grid=c.grid,
+                text_size=c.text_size,
+                codebook_size=c.codebook_size,
+                source=self.index,
+                epoch=epoch,
+                tracker=self.tracker,
+            )
+            for s in infos
+        ]
+        mixed = interleave(
+            per_shard, [s.samples for s in infos], np.random.default_rng([*key, TAG_WINDOW])
+        )
+        return shuffle_buffer(mixed, c.shuffle_buffer, np.random.default_rng([*key, TAG_BUFFER]))
+
+    def samples(self, cursor: Cursor = (0, 0, 0)) -> Iterator[tuple[Sample, Cursor]]:
+        """Yields (sample, cursor after it) forever, starting at `cursor`."""
+        epoch, window, offset = cursor
+        while True:
+            windows = self.windows(epoch)
+            produced = 0
+            while window < len(windows):
+                emitted = 0
+                for sample in self._window_samples(epoch, window, windows[window]):
+                    emitted += 1
+                    if emitted <= offset:
+                        continue  # replaying the part of the window consumed before the resume
+                    produced += 1
+                    yield sample, (epoch, window, emitted)
+                window, offset = window + 1, 0
+            if produced == 0 and cursor[0] != epoch:
+                raise DataSourceError(
+                    f"source {self.spec.url}: epoch {epoch} gave no readable samples to rank "
+                    f"{self.ctx.dp_rank} worker {self.worker}; check its shards"
+                )
+            epoch, window, offset = epoch + 1, 0, 0
+
+
+class SyntheticStream:
+    """Random codes and captions, a pure function of (seed, stage, rank, worker, index)."""
+
+    def __init__(self, ctx: StreamContext, worker: int, tracker: ErrorTracker):
+        self.ctx, self.worker, self.tracker = ctx, worker, tracker
+
+    def samples(self, cursor: Cursor = (0, 0, 0)) -> Iterator[tuple[Sample, Cursor]]:
+        c = self.ctx
+        n = cursor[2]
+        url = f"synthetic://rank{c.dp_rank}/worker{self.worker}"
+        while True:
+            rng = np.random.default_rng([c.seed, c.stage, c.dp_rank, self.worker, n, TAG_SYNTHETIC])
+            codes = rng.integers(0, c.codebook_size, size=(c.grid, c.grid), dtype=np.uint16)
+            length = int(rng.integers(1, c.caption_len + 8))
+            ids = rng.integers(0, c.text_size, size=length, dtype=np.int32)
+            self.tracker.ok()
+            n += 1
+            yield (
+                Sample(f"synthetic-{c.dp_rank}-{self.worker}-{n - 1}", url, codes, ids, 0, 0),
+                (0, 0, n),
+            )
+
+
+def mixed_samples(
+    streams: list, weights: list[float], cursors: list[Cursor], start: int, seed_key: list[int]
+) -> Iterator[tuple[Sample, int, Cursor]]:
+    """Mixes per-source streams by weight; yields (sample, source index, that source's cursor)."""
+    gens = [s.samples(tuple(cur)) for s, cur in zip(streams, cursors)]
+    for src in mix_choices(weights, start, seed_key):
+        sample, cur = next(gens[src])
+        yield sample, src, cur
+
+
+def batched(items: Iterable, size: int, collate: Callable[[list], dict]) -> Iterator[dict]:
+    """Groups items into lists of `size` and collates them (a trailing partial group is dropped)."""
+    it = iter(items)
+    while True:
+        group = list(itertools.islice(it, size))
+        if len(group) < size:
+            return
+        yield collate(group)
