@@ -42,14 +42,16 @@ def vocab_parallel_ce(
     if tp_world > 1:
         dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group())
     sum_exp = torch.exp(logits - local_max.unsqueeze(-1)).sum(dim=-1)
-    sum_exp = reduce_from_tensor_model_parallel_region(sum_exp)
+    # megatron's all-reduce works on input.contiguous(): a non-contiguous view would be left
+    # unreduced, so hand it contiguous tensors.
+    sum_exp = reduce_from_tensor_model_parallel_region(sum_exp.contiguous())
     log_z = local_max + torch.log(sum_exp)
 
     local_target = targets - start
     in_shard = (local_target >= 0) & (local_target < part)
     picked = torch.gather(logits, -1, local_target.clamp(0, part - 1).unsqueeze(-1)).squeeze(-1)
     picked = torch.where(in_shard, picked, torch.zeros_like(picked))
-    target_logit = reduce_from_tensor_model_parallel_region(picked)
+    target_logit = reduce_from_tensor_model_parallel_region(picked.contiguous())
     return log_z - target_logit, log_z
 
 
