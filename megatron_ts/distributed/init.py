@@ -70,6 +70,10 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> tuple[
             world_size=1,
             timeout=timeout,
         )
+    import deepspeed
+
+    # DeepSpeed's comm layer (used by its pipeline engine) wraps the torch process group.
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     log.info("torch.distributed up: backend=%s world=%d", backend, dist.get_world_size())
     return dist.get_rank(), dist.get_world_size()
 

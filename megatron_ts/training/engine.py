@@ -1,0 +1,200 @@
+"""One DeepSpeed engine per curriculum stage, around the megatron-core model.
+
+Parallelism is applied here and nowhere else, in a fixed order: megatron-core's TP groups
+(already created by `init_model_parallel`), then either a plain DeepSpeed engine (PP = 1, ZeRO
+0-3) or DeepSpeed's pipeline engine over `PipelineModule` stages (PP > 1, ZeRO 0-1) with a
+topology whose rank order matches megatron's (tp fastest, then dp, then pp).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from megatron.core import parallel_state
+from torch import nn
+
+from megatron_ts.config import OptimConfig, ParallelConfig, ResolvedStage
+from megatron_ts.distributed.init import DeepSpeedMPU
+from megatron_ts.logging import get_logger
+from megatron_ts.models.loss import TokenShuffleLoss
+from megatron_ts.models.model import (
+    BlockStage,
+    InputStage,
+    ModelSpec,
+    OutputStage,
+    build_stage_modules,
+    layer_seed,
+    transformer_config,
+)
+from megatron_ts.training.ds_config import deepspeed_config
+from megatron_ts.training.optimizer import param_groups
+
+log = get_logger(__name__)
+
+
+class SingleStageModel(nn.Module):
+    """All stage modules in one process; forward returns the micro-batch loss."""
+
+    def __init__(self, spec: ModelSpec, seed: int, loss_fn: TokenShuffleLoss, sequence_parallel: bool):
+        super().__init__()
+        self.layers = nn.ModuleList(build_stage_modules(spec, seed, sequence_parallel))
+        self.loss_fn = loss_fn
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        x = (text, codes)
+        for layer in self.layers:
+            x = layer(x)
+        return self.loss_fn(x, (text, text_mask, codes))
+
+
+@dataclass
+class StepResult:
+    loss: float
+    image_loss: float
+    text_loss: float
+    z_loss: float
+    grad_norm: float
+    skipped: bool
+    keys: list[str]
+
+
+class StageEngine:
+    """A DeepSpeed engine for one stage plus what the trainer needs around it."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        stage: ResolvedStage,
+        parallel: ParallelConfig,
+        optim: OptimConfig,
+        text_loss_weight: float,
+        seed: int,
+        device: torch.device,
+        bf16: bool,
+    ):
+        self.spec = spec
+        self.stage = stage
+        self.device = device
+        tp, pp = stage.tensor, stage.pipeline
+        dp = parallel_state.get_data_parallel_world_size()
+        self.data_parallel = dp
+        self.pipeline = pp > 1
+        self.loss_fn = TokenShuffleLoss(spec.vocab, stage.shuffle_window, text_loss_weight, stage.z_loss)
+        ds_cfg = deepspeed_config(
+            parallel, optim, stage.micro_batch, stage.global_batch, dp, bf16, cpu=device.type == "cpu"
+        )
+        self.accumulation = ds_cfg["gradient_accumulation_steps"]
+        if not self.pipeline:
+            model = SingleStageModel(spec, seed, self.loss_fn, parallel.sequence_parallel)
+            self.engine, *_ = deepspeed.initialize(
+                model=model,
+                model_parameters=param_groups(model, optim.weight_decay),
+                config=ds_cfg,
+                mpu=DeepSpeedMPU(),
+            )
+            self.local_layers = dict(enumerate(model.layers))
+        else:
+            config = transformer_config(spec, parallel.sequence_parallel)
+            n = spec.shape.num_layers
+            specs = [LayerSpec(InputStage, spec, config, layer_seed(seed, 0))]
+            specs += [LayerSpec(BlockStage, spec, config, i, layer_seed(seed, i + 1)) for i in range(n)]
+            specs.append(LayerSpec(OutputStage, spec, config, layer_seed(seed, n + 1)))
+            topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+            pipe = PipelineModule(
+                layers=specs,
+                loss_fn=self.loss_fn,
+                topology=topology,
+                partition_method="type:BlockStage",
+            )
+            self._check_topology(topology)
+            self.engine, *_ = deepspeed.initialize(
+                model=pipe, model_parameters=param_groups(pipe, optim.weight_decay), config=ds_cfg
+            )
+            self.local_layers = {
+                idx: getattr(pipe, str(idx)) for idx in range(pipe._local_start, pipe._local_stop)
+            }
+        self.is_first_stage = 0 in self.local_layers
+        self.is_last_stage = (spec.shape.num_layers + 1) in self.local_layers
+
+    @staticmethod
+    def _check_topology(topology: PipeModelDataParallelTopology) -> None:
+        """DeepSpeed's and megatron's views of this rank must agree, or gradients mix wrongly."""
+        coord = topology.get_coord(dist.get_rank())
+        ours = (
+            parallel_state.get_pipeline_model_parallel_rank(),
+            parallel_state.get_data_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_rank(),
+        )
+        if (coord.pipe, coord.data, coord.model) != ours:
+            raise RuntimeError(f"rank layout mismatch: DeepSpeed {coord} vs megatron (pp, dp, tp) {ours}")
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (
+            batch["text"].to(self.device, non_blocking=True),
+            batch["text_mask"].to(self.device, non_blocking=True),
+            batch["codes"].to(self.device, non_blocking=True),
+        )
+
+    def train_step(self, batches: Iterator[dict]) -> StepResult:
+        """One optimizer step over `accumulation` micro-batches drawn from `batches`.
+
+        Only ranks that hold the first or last pipeline stage draw from the iterator.
+        """
+        keys: list[str] = []
+        skipped_before = self.engine.skipped_steps
+        needs_data = not self.pipeline or self.is_first_stage or self.is_last_stage
+        if not self.pipeline:
+            for _ in range(self.accumulation):
+                batch = next(batches)
+                keys.extend(batch.get("keys", []))
+                loss = self.engine(*self._to_device(batch))
+                self.engine.backward(loss)
+                self.engine.step()
+        else:
+
+            def micro_batches():
+                while True:
+                    batch = next(batches)
+                    keys.extend(batch.get("keys", []))
+                    text, mask, codes = self._to_device(batch)
+                    yield (text, codes), (text, mask, codes)
+
+            self.engine.train_batch(data_iter=micro_batches() if needs_data else None)
+        skipped = self.engine.skipped_steps > skipped_before
+        grad_norm = self.engine.get_global_grad_norm()
+        parts = self._reduce_loss_parts()
+        return StepResult(
+            loss=parts[0],
+            image_loss=parts[1],
+            text_loss=parts[2],
+            z_loss=parts[3],
+            grad_norm=float("nan") if grad_norm is None else float(grad_norm),
+            skipped=skipped,
+            keys=keys,
+        )
+
+    def _reduce_loss_parts(self) -> list[float]:
+        """Mean loss parts over micro-batches and data-parallel ranks, known on every rank."""
+        history = self.loss_fn.pop_history()
+        vec = torch.zeros(5, dtype=torch.float64)
+        if history:
+            for parts in history:
+                vec[:4] += torch.tensor([parts.total, parts.image, parts.text, parts.z_loss], dtype=torch.float64)
+            vec[:4] /= len(history)
+            vec[4] = 1.0
+        if dist.get_world_size() > 1:
+            if dist.get_backend() == "nccl":
+                vec = vec.to(self.device)
+            dist.all_reduce(vec)
+            vec = vec.cpu()
+        return (vec[:4] / vec[4].clamp(min=1.0)).tolist()
