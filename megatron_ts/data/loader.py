@@ -16,7 +16,9 @@ plain loop when `num_workers = 0` / `processes=False`), never in order of arriva
 
 from __future__ import annotations
 
+import atexit
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -41,6 +43,16 @@ from megatron_ts.vocab import VocabLayout
 logger = get_logger(__name__)
 
 ON_DP_CHANGE = ("error", "next_epoch")
+
+# Loaders with live worker processes, closed at interpreter exit before torch's own handlers run
+# (atexit is last-in first-out), so that exiting never waits on a worker.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_loaders() -> None:
+    for loader in list(_LIVE):
+        loader.close()
 
 
 @dataclass(frozen=True)
@@ -168,6 +180,7 @@ class TokenLoader:
                 in_order=True,  # batch i from worker i % W, whatever order they finish in
             )
             self._dl_iter = iter(loader)
+            _LIVE.add(self)
             self._it = self._dl_iter
         else:
             gens = [
@@ -192,7 +205,11 @@ class TokenLoader:
             self._t_busy += t0 - self._last_return
         if self._it is None:
             self._start()
-        batch = next(self._it)
+        try:
+            batch = next(self._it)
+        except BaseException:
+            self.close()  # stop worker processes now, not whenever the loader is collected
+            raise
         t1 = time.perf_counter()
         self._t_wait += t1 - t0
         self._last_return = t1

@@ -123,14 +123,13 @@ def tar_records(
             yield record
     finally:
         stream.close()
-    if failure:
-        exc = failure[0]
-        if not isinstance(exc, tarfile.TarError | ValueError | EOFError):
-            raise exc
+    if failure and not isinstance(failure[0], tarfile.TarError | ValueError | EOFError):
+        raise failure[0]  # e.g. S3 retries exhausted: not a data problem, stop the run
+    if failure or n < expected:
+        # A truncated tar can end without an error from tarfile; the manifest count tells.
         lost = max(expected - n, 1)
-        tracker.bad(
-            url, f"<after {n} samples>", f"unreadable tar ({exc}); {lost} samples lost", lost
-        )
+        why = f"unreadable tar ({failure[0]})" if failure else "tar ended early"
+        tracker.bad(url, f"<after {n} samples>", f"{why}: {lost} of {expected} samples lost", lost)
 
 
 def shard_records(
