@@ -252,6 +252,9 @@ class LoggingConfig:
     """Sample preview images every N steps (0 disables)."""
     preview_prompts: list[str] = field(default_factory=list)
     """Prompts for preview images."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device for MFU; None looks the GPU up in the built-in table
+    (docs/metrics.md). CPU runs report TFLOP/s but no MFU unless this is set."""
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from megatron_ts.config import ConfigError, load_config, validate
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"ts-train: config error: {err}", file=sys.stderr)
         return 2
+    import torch
+
+    # DeepSpeed picks its accelerator at import time.
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     from megatron_ts.training.trainer import run
 
     return run(cfg)

@@ -1,0 +1,274 @@
+"""Atomic, layout-independent checkpoints of a training run.
+
+A save is collective. Every rank writes into `checkpoints/.tmp-step_N/`: DeepSpeed's engine
+checkpoint (model + optimizer, for an exact resume on the same layout), per-(layer, TP rank)
+model files (megatron_ts.checkpoint.model_files, for any other layout, conversion and the next
+curriculum stage), the loader state of each DP rank and every rank's RNG state. Rank 0 then
+writes meta.json, renames the directory to `step_N`, writes COMPLETE and moves `latest`. A
+crash at any point leaves `latest` on the previous complete checkpoint; leftovers are removed
+at the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_ts.checkpoint.model_files import (
+    COMPLETE_FILE,
+    CheckpointError,
+    load_into_model,
+    mark_complete,
+    read_meta,
+    resolve_checkpoint,
+    write_layer_file,
+    write_meta,
+)
+from megatron_ts.logging import get_logger
+
+log = get_logger(__name__)
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in meta.json and restored on resume."""
+
+    global_step: int = 0
+    """Optimizer steps taken over all stages."""
+    stage_index: int = 0
+    """Curriculum stage the next step belongs to."""
+    stage_step: int = 0
+    """Steps taken inside the current stage."""
+    consumed_samples: int = 0
+    """Samples consumed over all stages."""
+    stage_samples: int = 0
+    """Samples consumed inside the current stage."""
+    skipped_steps: int = 0
+    """Steps whose update was skipped (non-finite loss or gradients)."""
+    nonfinite_in_row: int = 0
+    """Consecutive skipped steps at the time of the save."""
+    history: list = field(default_factory=list)
+    """(global_step, loss) of every step, for exact-resume checks and the curriculum report."""
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def clean_incomplete(run_dir: str | Path) -> None:
+    """Rank 0 removes partial saves left by a crash (never a complete checkpoint)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir() or dist.get_rank() != 0:
+        return
+    for path in root.iterdir():
+        if path.is_dir() and (path.name.startswith(".tmp-") or not (path / COMPLETE_FILE).exists()):
+            log.warning("removing incomplete checkpoint %s (interrupted save)", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of the run, or None for a fresh run."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir() or not any(p.name.startswith("step_") for p in root.iterdir()):
+        return None
+    return resolve_checkpoint(root)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    stage_engine,
+    state: TrainState,
+    loader_state: dict | None,
+    meta_extra: dict,
+    keep_last: int,
+) -> Path:
+    """Collective save of the current step; returns the final directory.
+
+    Args:
+        run_dir: the run directory.
+        stage_engine: the StageEngine being trained.
+        state: the train state after the last step.
+        loader_state: this rank's loader state (None on ranks without a loader).
+        meta_extra: config, stage and spec data for meta.json.
+        keep_last: complete checkpoints kept; older ones are deleted after this save.
+    """
+    root = checkpoint_root(run_dir)
+    name = f"step_{state.global_step:08d}"
+    tmp = root / f".tmp-{name}"
+    rank = dist.get_rank()
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "loader").mkdir(parents=True)
+        (tmp / "rng").mkdir()
+    dist.barrier()
+    start = time.perf_counter()
+    engine = stage_engine.engine
+    engine.save_checkpoint(str(tmp / "deepspeed"), tag="ds", client_state={"train_state": asdict(state)}, save_latest=False)
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    params = [p for m in stage_engine.local_layers.values() for p in m.parameters()]
+    with _gathered(params, engine):
+        if dp_rank == 0:
+            for idx, module in stage_engine.local_layers.items():
+                write_layer_file(module, idx, tp_rank, tmp / "model")
+    if loader_state is not None and tp_rank == 0 and parallel_state.get_pipeline_model_parallel_rank() == 0:
+        (tmp / "loader" / f"dp_{dp_rank:05d}.json").write_text(json.dumps(loader_state))
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    dist.barrier()
+    final = root / name
+    if rank == 0:
+        write_meta(
+            tmp,
+            {
+                "step": state.global_step,
+                "train_state": asdict(state),
+                "layout": layout_of(stage_engine),
+                "model_spec": stage_engine.spec.to_dict(),
+                **meta_extra,
+            },
+        )
+        if final.exists():  # a re-save of the same step (e.g. the end-of-stage save)
+            shutil.rmtree(final)
+        tmp.rename(final)
+        mark_complete(final, update_latest=True)
+        _prune(root, keep_last)
+        log.info("saved checkpoint %s in %.1fs", final, time.perf_counter() - start)
+    dist.barrier()
+    return final
+
+
+class _gathered:
+    """ZeRO-3 partitions parameters; gather them (collectively) to write full layer files."""
+
+    def __init__(self, params, engine):
+        self.ctx = None
+        if engine.zero_optimization_stage() == 3:
+            import deepspeed
+
+            self.ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            return self.ctx.__exit__(*exc)
+        return False
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    complete = sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / COMPLETE_FILE).exists())
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def layout_of(stage_engine) -> dict:
+    return {
+        "tensor": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
+        "data": parallel_state.get_data_parallel_world_size(),
+        "zero_stage": stage_engine.engine.zero_optimization_stage(),
+    }
+
+
+def load_checkpoint(
+    ckpt_dir: Path,
+    stage_engine,
+    load_optimizer: bool,
+    allow_missing: tuple[str, ...] = (),
+) -> tuple[TrainState, dict | None, str]:
+    """Restores weights (and optimizer when possible) into `stage_engine`.
+
+    The DeepSpeed engine checkpoint is used when the layout, ZeRO stage and model spec are the
+    ones it was saved with; otherwise the per-layer model files are resharded into the new
+    layout and the optimizer starts fresh (logged).
+
+    Returns:
+        (train state, this DP rank's loader state or None, "exact" | "weights").
+    """
+    meta = read_meta(ckpt_dir)
+    state = TrainState(**meta["train_state"])
+    same_spec = meta["model_spec"] == stage_engine.spec.to_dict()
+    same_layout = meta["layout"] == layout_of(stage_engine)
+    mode = "exact" if (same_spec and same_layout and load_optimizer) else "weights"
+    if mode == "exact":
+        try:
+            path, _ = stage_engine.engine.load_checkpoint(
+                str(ckpt_dir / "deepspeed"), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+        except Exception as err:  # DeepSpeed raises assorted errors for damaged files
+            raise CheckpointError(
+                f"could not load the DeepSpeed state of {ckpt_dir} ({type(err).__name__}: {err}); "
+                "the checkpoint is damaged: delete it (the run resumes from the previous one) or "
+                "set checkpoint.load to an earlier step directory"
+            ) from err
+        if path is None:
+            raise CheckpointError(f"{ckpt_dir / 'deepspeed'} holds no DeepSpeed checkpoint; delete {ckpt_dir}")
+    else:
+        if not same_layout:
+            log.warning(
+                "layout changed %s -> %s: loading weights only, the optimizer state starts fresh",
+                meta["layout"],
+                layout_of(stage_engine),
+            )
+        params = [p for m in stage_engine.local_layers.values() for p in m.parameters()]
+        import deepspeed
+
+        ctx = (
+            deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+            if stage_engine.engine.zero_optimization_stage() == 3
+            else _gathered([], stage_engine.engine)
+        )
+        with ctx:
+            load_into_model(
+                stage_engine.local_layers,
+                ckpt_dir,
+                parallel_state.get_tensor_model_parallel_rank(),
+                parallel_state.get_tensor_model_parallel_world_size(),
+                allow_missing=allow_missing,
+            )
+        _refresh_optimizer_master(stage_engine.engine)
+    rng_file = ckpt_dir / "rng" / f"rank_{dist.get_rank():05d}.pt"
+    if rng_file.is_file() and mode == "exact":
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    loader_file = ckpt_dir / "loader" / f"dp_{parallel_state.get_data_parallel_rank():05d}.json"
+    loader_state = json.loads(loader_file.read_text()) if loader_file.is_file() else None
+    return state, loader_state, mode
+
+
+def _refresh_optimizer_master(engine) -> None:
+    """After writing weights into the module, copy them into ZeRO's fp32 master partitions."""
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "refresh_fp32_params"):
+        optimizer.refresh_fp32_params()
+    elif hasattr(optimizer, "_restore_from_bit16_weights"):
+        optimizer._restore_from_bit16_weights()

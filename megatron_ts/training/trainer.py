@@ -1,0 +1,343 @@
+"""The training loop: stages, steps, metrics, checkpoints, signals.
+
+Exit codes of `run` (and `ts-train`): 0 finished, 75 (EX_TEMPFAIL) checkpointed after SIGTERM /
+SIGUSR1 and should be requeued, 1 a real error (bad data, too many non-finite steps, ...),
+2 a configuration error.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_ts.config import Config, ResolvedStage, save_resolved, validate
+from megatron_ts.distributed.init import init_distributed, init_model_parallel
+from megatron_ts.logging import get_logger, setup_logging
+from megatron_ts.models.flavors import resolve_model_shape
+from megatron_ts.models.flops import sample_flops
+from megatron_ts.models.model import ModelSpec
+from megatron_ts.training.checkpoint import (
+    TrainState,
+    clean_incomplete,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from megatron_ts.training.engine import StageEngine
+from megatron_ts.training.lr_schedule import learning_rate
+from megatron_ts.training.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb
+from megatron_ts.training.plan import vocab_from_config
+
+log = get_logger(__name__)
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_REQUEUE = 75
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot continue; the message names the step and the cause."""
+
+
+class SignalFlag:
+    """Records SIGTERM / SIGUSR1 so the loop can finish the step, save and exit 75."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.received = signum
+
+    def any_rank(self) -> bool:
+        """True on every rank when any rank got a signal (a collective)."""
+        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+def _device(backend: str) -> torch.device:
+    if torch.cuda.is_available() and backend != "gloo":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _use_bf16(precision: str, device: torch.device) -> bool:
+    if precision == "auto":
+        return device.type == "cuda"
+    return precision == "bf16"
+
+
+def _needs_data(engine: StageEngine) -> bool:
+    return not engine.pipeline or engine.is_first_stage or engine.is_last_stage
+
+
+def _stage_meta(stage: ResolvedStage, downsample: int) -> dict:
+    return {
+        "index": stage.index,
+        "name": stage.name,
+        "resolution": stage.resolution,
+        "shuffle_window": stage.shuffle_window,
+        "caption_len": stage.caption_len,
+        "grid": stage.grid(downsample),
+    }
+
+
+class Trainer:
+    """Runs every remaining curriculum stage of one run directory."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        setup_logging(cfg.logging.level)
+        self.rank, self.world = init_distributed(cfg.parallel.backend)
+        self.stages = validate(cfg, self.world)
+        self.device = _device(dist.get_backend())
+        self.bf16 = _use_bf16(cfg.train.precision, self.device)
+        self.run_dir = Path(cfg.job.run_dir)
+        if self.rank == 0:
+            save_resolved(cfg, self.run_dir)
+        clean_incomplete(self.run_dir)
+        dist.barrier()
+        self.vocab = vocab_from_config(cfg.tokenizer)
+        self.metrics = MetricsWriter(self.run_dir, cfg.logging, enabled=self.rank == 0)
+        self.signals = SignalFlag()
+        self.peak = device_peak_tflops(cfg.logging)
+
+    def run(self) -> int:
+        cfg = self.cfg
+        latest = latest_checkpoint(self.run_dir) if cfg.checkpoint.resume else None
+        state = TrainState()
+        if latest is not None:
+            from megatron_ts.checkpoint.model_files import read_meta
+
+            state = TrainState(**read_meta(latest)["train_state"])
+            log.info("resuming from %s (stage %d, step %d)", latest, state.stage_index, state.global_step)
+        try:
+            for stage in self.stages[state.stage_index :]:
+                code = self._run_stage(stage, state, latest)
+                if code != EXIT_OK:
+                    return code
+                latest = latest_checkpoint(self.run_dir)
+        finally:
+            self.metrics.close()
+        log.info("training finished at step %d", state.global_step)
+        return EXIT_OK
+
+    # -- one stage ---------------------------------------------------------------------------
+
+    def _build(self, stage: ResolvedStage) -> tuple[StageEngine, object | None]:
+        cfg = self.cfg
+        init_model_parallel(stage.tensor, stage.pipeline)
+        spec = ModelSpec.from_config(
+            cfg.model, self.vocab, stage.shuffle_window, stage.tensor, cfg.parallel.activation_checkpointing
+        )
+        torch.manual_seed(cfg.job.seed)
+        engine = StageEngine(
+            spec,
+            stage,
+            cfg.parallel,
+            cfg.optim,
+            cfg.train.text_loss_weight,
+            cfg.job.seed,
+            self.device,
+            self.bf16,
+        )
+        loader = None
+        if _needs_data(engine):
+            from megatron_ts.data.loader import build_loader
+
+            loader = build_loader(
+                cfg.data,
+                stage,
+                self.vocab,
+                seed=cfg.job.seed,
+                dp_rank=parallel_state.get_data_parallel_rank(),
+                dp_size=parallel_state.get_data_parallel_world_size(),
+                downsample=cfg.tokenizer.downsample,
+            )
+        return engine, loader
+
+    def _restore(self, stage: ResolvedStage, engine: StageEngine, loader, state: TrainState, latest: Path | None) -> TrainState:
+        cfg = self.cfg
+        if latest is not None and state.stage_index == stage.index and state.stage_step > 0:
+            restored, loader_state, mode = load_checkpoint(latest, engine, load_optimizer=True)
+            if loader is not None and loader_state is not None:
+                loader.load_state_dict(loader_state)
+            log.info("resumed stage %s at step %d (%s)", stage.name, restored.stage_step, mode)
+            return restored
+        source = latest
+        if source is None and cfg.checkpoint.load:
+            source = Path(cfg.checkpoint.load)
+        if source is not None:
+            _, _, mode = load_checkpoint(
+                source,
+                engine,
+                load_optimizer=stage.carry_over == "weights+optimizer",
+                allow_missing=("shuffle.",),
+            )
+            log.info("stage %s starts from %s (%s)", stage.name, source, mode)
+        return state
+
+    def _run_stage(self, stage: ResolvedStage, state: TrainState, latest: Path | None) -> int:
+        cfg = self.cfg
+        ds = cfg.tokenizer.downsample
+        engine, loader = self._build(stage)
+        restored = self._restore(stage, engine, loader, state, latest)
+        for key, value in vars(restored).items():
+            setattr(state, key, value)
+        batches = iter(loader) if loader is not None else None
+        shape = resolve_model_shape(cfg.model)
+        flops_per_sample = sample_flops(
+            shape, engine.spec.padded_vocab, stage.caption_len, stage.grid(ds), stage.shuffle_window, cfg.model.shuffle_mlp_blocks
+        ).training
+        seq_len = stage.seq_len(ds)
+        meta_extra = {"config": cfg.to_dict(), "stage": _stage_meta(stage, ds)}
+        last_save = time.monotonic()
+        loss_ema: float | None = None
+        log.info(
+            "stage %d/%d %s: %d steps, %dpx, s=%d, %d positions, TP=%d PP=%d DP=%d",
+            stage.index + 1,
+            len(self.stages),
+            stage.name,
+            stage.steps,
+            stage.resolution,
+            stage.shuffle_window,
+            seq_len,
+            stage.tensor,
+            stage.pipeline,
+            engine.data_parallel,
+        )
+        try:
+            while state.stage_step < stage.steps:
+                lr = learning_rate(
+                    state.stage_step,
+                    stage.steps,
+                    stage.lr,
+                    stage.min_lr,
+                    stage.warmup_steps,
+                    stage.schedule,
+                    cfg.optim.decay_fraction,
+                )
+                engine.set_lr(lr)
+                start = time.perf_counter()
+                result = engine.train_step(batches)
+                elapsed = time.perf_counter() - start
+                state.global_step += 1
+                state.stage_step += 1
+                state.consumed_samples += stage.global_batch
+                state.stage_samples += stage.global_batch
+                state.history.append([state.global_step, result.loss])
+
+                finite = math.isfinite(result.loss) and not result.skipped
+                if not finite:
+                    state.skipped_steps += 1
+                    state.nonfinite_in_row += 1
+                    log.warning(
+                        "step %d: non-finite loss or gradients (loss=%s), update skipped; batch keys %s",
+                        state.global_step,
+                        result.loss,
+                        result.keys[:8],
+                    )
+                    if state.nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
+                        raise TrainingError(
+                            f"{state.nonfinite_in_row} non-finite steps in a row at step "
+                            f"{state.global_step} (train.max_nonfinite_in_row = "
+                            f"{cfg.train.max_nonfinite_in_row}); last batch keys {result.keys[:8]}; "
+                            "lower optim.lr, raise train.z_loss, or resume from an earlier checkpoint"
+                        )
+                else:
+                    state.nonfinite_in_row = 0
+                    if loss_ema is not None and state.stage_step > 10 and result.loss > 1.5 * loss_ema:
+                        log.warning("step %d: loss spike %.4f (running mean %.4f)", state.global_step, result.loss, loss_ema)
+                    loss_ema = result.loss if loss_ema is None else 0.9 * loss_ema + 0.1 * result.loss
+
+                if state.global_step % cfg.logging.interval == 0 or state.stage_step == stage.steps:
+                    self._log(state, stage, result, lr, elapsed, flops_per_sample, seq_len, loader)
+
+                stop = self.signals.any_rank()
+                due = (
+                    cfg.checkpoint.interval_steps > 0 and state.global_step % cfg.checkpoint.interval_steps == 0
+                ) or (
+                    cfg.checkpoint.interval_minutes > 0
+                    and time.monotonic() - last_save > 60 * cfg.checkpoint.interval_minutes
+                )
+                if stop or (due and state.stage_step < stage.steps):
+                    self._save(engine, state, loader, meta_extra)
+                    last_save = time.monotonic()
+                if stop:
+                    log.warning("signal received: checkpointed at step %d, exiting %d for requeue", state.global_step, EXIT_REQUEUE)
+                    return EXIT_REQUEUE
+            # End of stage: the next stage (or a later resume) starts from this checkpoint.
+            state.stage_index += 1
+            state.stage_step = 0
+            state.stage_samples = 0
+            if cfg.checkpoint.save_on_exit or state.stage_index < len(self.stages):
+                self._save(engine, state, None, meta_extra)
+            return EXIT_OK
+        finally:
+            if loader is not None:
+                loader.close()
+            del engine
+            gc.collect()
+
+    def _save(self, engine: StageEngine, state: TrainState, loader, meta_extra: dict) -> None:
+        save_checkpoint(
+            self.run_dir,
+            engine,
+            state,
+            loader.state_dict() if loader is not None else None,
+            meta_extra,
+            self.cfg.checkpoint.keep_last,
+        )
+
+    def _log(self, state, stage, result, lr, elapsed, flops_per_sample, seq_len, loader) -> None:
+        images_per_s = stage.global_batch / elapsed
+        tflops = flops_per_sample * images_per_s / self.world / 1e12
+        values = {
+            "train/loss": result.loss,
+            "train/loss_image": result.image_loss,
+            "train/loss_text": result.text_loss,
+            "train/z_loss": result.z_loss,
+            "train/grad_norm": result.grad_norm,
+            "train/lr": lr,
+            "train/skipped_steps": state.skipped_steps,
+            "train/stage": stage.index,
+            "train/consumed_samples": state.consumed_samples,
+            "perf/step_time_s": elapsed,
+            "perf/images_per_s": images_per_s,
+            "perf/tokens_per_s": images_per_s * seq_len,
+            "perf/tflops_per_device": tflops,
+            "perf/mfu": tflops / self.peak if self.peak else None,
+            "perf/peak_memory_gb": peak_memory_gb(),
+        }
+        if loader is not None:
+            data = loader.metrics()
+            values.update(
+                {
+                    "data/wait_fraction": data["data_wait_fraction"],
+                    "data/samples_per_s": data["samples_per_s"],
+                    "data/bytes_read": data["bytes_read"],
+                    "data/retries": data["retries"],
+                    "data/skipped_samples": data["skipped_samples"],
+                }
+            )
+        self.metrics.scalars(state.global_step, values)
+
+
+def run(cfg: Config) -> int:
+    """Trains `cfg` to the end (or to a signal); returns the process exit code."""
+    try:
+        return Trainer(cfg).run()
+    except TrainingError as err:
+        log.error("%s", err)
+        return EXIT_ERROR
