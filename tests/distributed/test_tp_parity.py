@@ -27,13 +27,24 @@ VARIANTS = [
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
+def _step(model, s: int, labels: tuple) -> tuple:
+    """One forward/backward with TokenShuffleLoss (z-loss on); returns logits, loss parts, grads."""
+    from megatron_ts.models.loss import TokenShuffleLoss
+
+    text, _, codes = labels
+    loss_fn = TokenShuffleLoss(model.spec.vocab, s, text_weight=0.5, z_coef=1e-2)
+    text_logits, image_logits = model(text, codes)
+    loss_fn((text_logits, image_logits), labels).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return text_logits.detach(), image_logits.detach(), loss_fn.pop_history()[0], grads
+
+
 def _parity_worker(rank: int, world: int) -> dict:
     """Runs TP = 1 (every rank, same data) then TP = 2 and returns what the parent compares."""
     import torch.distributed as dist
 
     from megatron_ts.config import ModelConfig
     from megatron_ts.distributed.init import init_distributed, init_model_parallel
-    from megatron_ts.models.loss import TokenShuffleLoss
     from megatron_ts.models.model import ModelSpec, TokenShuffleLM
     from megatron_ts.models.sharding import merge_state_dicts, shard_state_dict
     from megatron_ts.vocab import VocabLayout
@@ -56,25 +67,13 @@ def _parity_worker(rank: int, world: int) -> dict:
         codes = torch.randint(0, 512, (2, 8, 8), generator=gen)
         labels = (text, mask, codes)
 
-        def spec(tp: int) -> ModelSpec:
-            return ModelSpec.from_config(
-                ModelConfig(flavor="debug", **overrides),
-                vocab,
-                s,
-                tensor_parallel=tp,  # noqa: B023
-            )
-
-        def run(model: TokenShuffleLM) -> tuple:
-            loss_fn = TokenShuffleLoss(vocab, s, text_weight=0.5, z_coef=1e-2)  # noqa: B023
-            text_logits, image_logits = model(text, codes)  # noqa: B023
-            loss = loss_fn((text_logits, image_logits), labels)  # noqa: B023
-            loss.backward()
-            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-            return text_logits.detach(), image_logits.detach(), loss_fn.pop_history()[0], grads
+        cfg = ModelConfig(flavor="debug", **overrides)
+        spec1 = ModelSpec.from_config(cfg, vocab, s, tensor_parallel=1)
+        spec2 = ModelSpec.from_config(cfg, vocab, s, tensor_parallel=2)
 
         # TP = 1 on every rank (megatron sees DP = 2; the ranks compute the same thing)
         init_model_parallel(1, 1)
-        ref = TokenShuffleLM(spec(1), seed=SEED)
+        ref = TokenShuffleLM(spec1, seed=SEED)
         init_full = {k: v.clone() for k, v in ref.state_dict().items() if v is not None}
         gen = torch.Generator().manual_seed(99)
         # random weights everywhere, including the zero-initialised residual branches
@@ -85,15 +84,15 @@ def _parity_worker(rank: int, world: int) -> dict:
             for k, v in init_full.items()
         }
         ref.load_state_dict(full, strict=False)
-        ref_text, ref_image, ref_parts, ref_grads = run(ref)
+        ref_text, ref_image, ref_parts, ref_grads = _step(ref, s, labels)
 
         # TP = 2 across the two ranks
         init_model_parallel(2, 1)
-        tp = TokenShuffleLM(spec(2), seed=SEED)
+        tp = TokenShuffleLM(spec2, seed=SEED)
         init_local = {k: v for k, v in tp.state_dict().items() if v is not None}
         init_merged = merge_state_dicts(gather(init_local))
         tp.load_state_dict(shard_state_dict(full, rank, world), strict=False)
-        tp_text, tp_image, tp_parts, tp_grads = run(tp)
+        tp_text, tp_image, tp_parts, tp_grads = _step(tp, s, labels)
         # logits are vocabulary shards: concatenate them in rank order
         tp_text = torch.cat(gather(tp_text), dim=-1)
         tp_image = torch.cat(gather(tp_image), dim=-1)
