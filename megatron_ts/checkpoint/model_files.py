@@ -1,0 +1,432 @@
+"""Model weights of a checkpoint: one safetensors file per (layer, TP rank), full fp32 params.
+
+Layout written by the training engine (this module writes the model files, the engine the rest):
+
+    RUN_DIR/checkpoints/latest                 name of the newest complete checkpoint
+    RUN_DIR/checkpoints/step_00000100/
+        meta.json                              format, step, model_spec, layout, stage, config
+        model/layer_000-tp00.safetensors       layer 0 = InputStage, 1..L = blocks, L+1 = Output
+        deepspeed/...                          optimizer state (DeepSpeed's own format)
+        COMPLETE                               written last
+
+Layer files hold the parameters of one stage module as named in its `state_dict` (ZeRO-gathered,
+TP-local). Readers merge TP shards with `sharding.merge_tp` and split them again with
+`sharding.split_tp`, so a checkpoint loads into any TP size or pipeline layout, one layer at a
+time: memory stays near one layer, never the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from megatron_ts.logging import get_logger
+from megatron_ts.models.sharding import merge_tp, split_tp, tp_rule
+
+log = get_logger(__name__)
+
+FORMAT = "megatron_ts.ckpt/1"
+META_FILE = "meta.json"
+COMPLETE_FILE = "COMPLETE"
+LATEST_FILE = "latest"
+MODEL_DIR = "model"
+_LAYER_RE = re.compile(r"layer_(\d{3,})-tp(\d{2,})\.safetensors")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, corrupt or does not fit the model."""
+
+
+def layer_file_name(layer_index: int, tp_rank: int) -> str:
+    """File name of one (layer, TP rank) weight file, e.g. `layer_003-tp01.safetensors`."""
+    return f"layer_{layer_index:03d}-tp{tp_rank:02d}.safetensors"
+
+
+def layer_prefix(layer_index: int, num_layers: int) -> str:
+    """TokenShuffleLM name prefix of stage module `layer_index` for a model with L blocks."""
+    if layer_index == 0:
+        return "input_stage."
+    if layer_index == num_layers + 1:
+        return "output_stage."
+    if 1 <= layer_index <= num_layers:
+        return f"blocks.{layer_index - 1}."
+    raise ValueError(f"layer index {layer_index} outside 0..{num_layers + 1}")
+
+
+def _tensor_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state_dict without non-tensor entries (megatron's `_extra_state`)."""
+    return {
+        k: v
+        for k, v in module.state_dict(keep_vars=True).items()
+        if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
+    }
+
+
+def write_layer_file(module: nn.Module, layer_index: int, tp_rank: int, model_dir: Path) -> Path:
+    """Writes one stage module's parameters as contiguous CPU fp32 tensors, atomically.
+
+    Args:
+        module: the stage module (InputStage, BlockStage or OutputStage) with full (ZeRO-gathered)
+            TP-local parameters.
+        layer_index: 0 = InputStage, 1..L = blocks, L+1 = OutputStage.
+        tp_rank: this rank's tensor-parallel rank.
+        model_dir: the checkpoint's `model/` directory (created if missing).
+
+    Returns:
+        Path of the written file.
+    """
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        k: v.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        for k, v in _tensor_state(module).items()
+    }
+    path = model_dir / layer_file_name(layer_index, tp_rank)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "layer_index": str(layer_index)})
+    os.replace(tmp, path)
+    return path
+
+
+def write_model_files(
+    model_or_stage_modules, ckpt_dir: Path, tp_rank: int, num_layers: int
+) -> list[Path]:
+    """Writes every local stage module's layer file (single-process saves, converters, tests).
+
+    Args:
+        model_or_stage_modules: as for `load_into_model`.
+        ckpt_dir: the step directory; files go to its `model/` subdirectory.
+        tp_rank: the modules' tensor-parallel rank.
+        num_layers: transformer blocks L of the model.
+    """
+    modules = _stage_modules(model_or_stage_modules, num_layers)
+    return [
+        write_layer_file(m, i, tp_rank, Path(ckpt_dir) / MODEL_DIR)
+        for i, m in sorted(modules.items())
+    ]
+
+
+def write_meta(ckpt_dir: Path, meta: dict) -> Path:
+    """Writes meta.json atomically (the engine writes its own; used by converters and tests)."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / META_FILE
+    tmp = path.with_name(META_FILE + ".tmp")
+    tmp.write_text(json.dumps({"format": FORMAT, **meta}, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def mark_complete(ckpt_dir: Path, update_latest: bool = True) -> None:
+    """Writes COMPLETE and, when the parent is a `checkpoints/` dir, points `latest` at it."""
+    ckpt_dir = Path(ckpt_dir)
+    (ckpt_dir / COMPLETE_FILE).write_text("")
+    if update_latest:
+        latest = ckpt_dir.parent / LATEST_FILE
+        tmp = latest.with_name(LATEST_FILE + ".tmp")
+        tmp.write_text(ckpt_dir.name + "\n")
+        os.replace(tmp, latest)
+
+
+def read_meta(ckpt_dir: Path) -> dict:
+    """Reads a checkpoint's meta.json and checks its format tag."""
+    path = Path(ckpt_dir) / META_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: {ckpt_dir} is not a megatron_ts checkpoint")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: format {meta.get('format')!r}, this version reads {FORMAT!r}"
+        )
+    if "model_spec" not in meta:
+        raise CheckpointError(f"{path} has no model_spec")
+    return meta
+
+
+def _complete_steps(ckpt_root: Path) -> list[Path]:
+    dirs = [p for p in ckpt_root.iterdir() if p.is_dir() and (p / COMPLETE_FILE).exists()]
+    return sorted(dirs, key=lambda p: p.name)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Finds the checkpoint directory a user means.
+
+    Args:
+        path: a run directory, its `checkpoints/` directory or one step directory. Run and
+            checkpoints directories follow `latest`.
+
+    Returns:
+        The step directory (holding meta.json, model/ and COMPLETE).
+
+    Raises:
+        CheckpointError: nothing found, or the checkpoint is incomplete.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if (path / LATEST_FILE).is_file():
+        name = (path / LATEST_FILE).read_text().strip()
+        target = path / name
+        if not target.is_dir():
+            raise CheckpointError(
+                f"{path / LATEST_FILE} names {name!r}, which does not exist in {path}"
+            )
+        path = target
+    elif not (path / META_FILE).exists():
+        steps = _complete_steps(path) if path.is_dir() else []
+        if not steps:
+            raise CheckpointError(
+                f"{path} holds no checkpoint (no meta.json, no `latest`, no complete step_* dir)"
+            )
+        path = steps[-1]
+    if not (path / COMPLETE_FILE).exists():
+        siblings = [p.name for p in _complete_steps(path.parent) if p != path]
+        hint = f"; complete ones: {siblings}" if siblings else ""
+        raise CheckpointError(
+            f"checkpoint {path} has no {COMPLETE_FILE} marker: it was interrupted while saving "
+            f"and may be partial{hint}"
+        )
+    return path
+
+
+def _previous_hint(ckpt_dir: Path) -> str:
+    earlier = [p for p in _complete_steps(ckpt_dir.parent) if p.name < ckpt_dir.name]
+    if earlier:
+        return f"use the previous checkpoint {earlier[-1]}"
+    return "re-save the checkpoint or use an earlier one"
+
+
+def layer_files(ckpt_dir: Path) -> dict[int, list[Path]]:
+    """{layer index: [file of TP rank 0, 1, ...]} of a checkpoint, checked for gaps."""
+    model_dir = Path(ckpt_dir) / MODEL_DIR
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir} is missing: the checkpoint holds no model weights")
+    found: dict[int, dict[int, Path]] = {}
+    for p in model_dir.iterdir():
+        m = _LAYER_RE.fullmatch(p.name)
+        if m:
+            found.setdefault(int(m.group(1)), {})[int(m.group(2))] = p
+    if not found:
+        raise CheckpointError(f"{model_dir} holds no layer_XXX-tpYY.safetensors files")
+    layers = sorted(found)
+    if layers != list(range(len(layers))):
+        missing = sorted(set(range(layers[-1] + 1)) - set(layers))
+        raise CheckpointError(f"{model_dir}: layer files missing for layer indices {missing}")
+    tp = max(len(v) for v in found.values())
+    out = {}
+    for layer, ranks in found.items():
+        if sorted(ranks) != list(range(tp)):
+            missing = sorted(set(range(tp)) - set(ranks))
+            raise CheckpointError(
+                f"{model_dir}: layer {layer} lacks TP rank file(s) {missing} "
+                f"({layer_file_name(layer, missing[0])})"
+            )
+        out[layer] = [ranks[r] for r in range(tp)]
+    return out
+
+
+class _LayerReader:
+    """Opens the TP shard files of one layer with clear errors for corrupt files."""
+
+    def __init__(self, files: list[Path], ckpt_dir: Path):
+        self.files = files
+        self.ckpt_dir = ckpt_dir
+        self.handles = [self._open(f) for f in files]
+        keys = [list(h.keys()) for h in self.handles]
+        for f, k in zip(files[1:], keys[1:], strict=True):
+            if set(k) != set(keys[0]):
+                diff = sorted(set(k) ^ set(keys[0]))
+                raise CheckpointError(f"{f}: parameters differ from {files[0].name}: {diff[:3]}")
+        self.keys = keys[0]
+
+    def _fail(self, path: Path, err: Exception) -> CheckpointError:
+        return CheckpointError(
+            f"{path} is truncated or corrupt ({type(err).__name__}: {err}); "
+            f"{_previous_hint(self.ckpt_dir)}"
+        )
+
+    def _open(self, path: Path):
+        try:
+            return safe_open(str(path), framework="pt", device="cpu")
+        except (SafetensorError, OSError, ValueError) as err:
+            raise self._fail(path, err) from None
+
+    def shapes(self, key: str) -> list[list[int]]:
+        return [list(h.get_slice(key).get_shape()) for h in self.handles]
+
+    def get(self, key: str, rank: int) -> torch.Tensor:
+        try:
+            return self.handles[rank].get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise self._fail(self.files[rank], err) from None
+
+    def full(self, key: str) -> torch.Tensor:
+        return merge_tp(key, [self.get(key, r) for r in range(len(self.handles))])
+
+
+def num_model_layers(ckpt_dir: Path) -> int:
+    """Transformer blocks L of a checkpoint (from meta.json's model_spec)."""
+    return int(read_meta(ckpt_dir)["model_spec"]["shape"]["num_layers"])
+
+
+def iter_full_state_dict(ckpt_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (TokenShuffleLM name, full tensor), one layer at a time, TP shards merged.
+
+    Only one parameter's shards and its merged copy are in memory at a time.
+
+    Args:
+        ckpt_dir: a step directory (see `resolve_checkpoint`).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    num_layers = num_model_layers(ckpt_dir)
+    files = layer_files(ckpt_dir)
+    if len(files) != num_layers + 2:
+        raise CheckpointError(
+            f"{ckpt_dir / MODEL_DIR}: {len(files)} layer indices, the model spec has "
+            f"{num_layers} blocks (expected {num_layers + 2} layer indices)"
+        )
+    for layer in range(num_layers + 2):
+        reader = _LayerReader(files[layer], ckpt_dir)
+        prefix = layer_prefix(layer, num_layers)
+        for key in reader.keys:
+            yield prefix + key, reader.full(key)
+
+
+def iter_full_shapes(ckpt_dir: Path) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """Yields (TokenShuffleLM name, full shape) in `iter_full_state_dict` order, headers only."""
+    ckpt_dir = Path(ckpt_dir)
+    num_layers = num_model_layers(ckpt_dir)
+    files = layer_files(ckpt_dir)
+    for layer in range(num_layers + 2):
+        reader = _LayerReader(files[layer], ckpt_dir)
+        prefix = layer_prefix(layer, num_layers)
+        for key in reader.keys:
+            shapes = reader.shapes(key)
+            rule = tp_rule(key)
+            full = list(shapes[0])
+            if rule is not None and len(shapes) > 1:
+                full[rule[0]] = sum(s[rule[0]] for s in shapes)
+            yield prefix + key, tuple(full)
+
+
+def load_full_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The whole TP-merged state dict in TokenShuffleLM names (small models, tests, previews)."""
+    return dict(iter_full_state_dict(ckpt_dir))
+
+
+def _stage_modules(model_or_stage_modules, num_layers: int) -> dict[int, nn.Module]:
+    """{layer index: stage module} from a TokenShuffleLM, a list of all stages or a mapping."""
+    obj = model_or_stage_modules
+    if isinstance(obj, Mapping):
+        return {int(k): v for k, v in obj.items()}
+    if hasattr(obj, "input_stage") and hasattr(obj, "blocks") and hasattr(obj, "output_stage"):
+        stages = [obj.input_stage, *obj.blocks, obj.output_stage]
+        return dict(enumerate(stages))
+    if isinstance(obj, nn.Module) and isinstance(getattr(obj, "layers", None), nn.ModuleList):
+        obj = list(obj.layers)
+    if isinstance(obj, Sequence):
+        if len(obj) != num_layers + 2:
+            raise CheckpointError(
+                f"got {len(obj)} stage modules; a list must hold all {num_layers + 2} "
+                "(pass a {layer index: module} dict for a pipeline slice)"
+            )
+        return dict(enumerate(obj))
+    raise TypeError(
+        "load_into_model takes a TokenShuffleLM, a list of all stage modules or a "
+        f"{{layer index: module}} dict, got {type(obj).__name__}"
+    )
+
+
+def load_into_model(
+    model_or_stage_modules,
+    ckpt_dir: Path,
+    tp_rank: int,
+    tp_world: int,
+    allow_missing: tuple[str, ...] = (),
+) -> list[str]:
+    """Loads a checkpoint into a model of any TP size and pipeline layout.
+
+    Each local stage module reads only its own layer's files: shards are merged to the full
+    tensor and split for (tp_rank, tp_world), or read directly when the layouts agree.
+
+    Args:
+        model_or_stage_modules: a TokenShuffleLM, the list of all stage modules, or a
+            {layer index: stage module} dict (a pipeline stage's local layers).
+        ckpt_dir: a run, checkpoints or step directory (resolved with `resolve_checkpoint`).
+        tp_rank: this rank's tensor-parallel rank.
+        tp_world: the model's tensor-parallel size.
+        allow_missing: name substrings of parameters the checkpoint may lack (they keep their
+            initial values), e.g. ("shuffle.",) when a stage turns token-shuffle on.
+
+    Returns:
+        Names (TokenShuffleLM style) of parameters left at their initial values.
+
+    Raises:
+        CheckpointError: a missing/unexpected parameter or a shape mismatch (naming the first),
+            or a truncated/corrupt file (naming it and the previous checkpoint).
+    """
+    ckpt_dir = resolve_checkpoint(ckpt_dir)
+    meta = read_meta(ckpt_dir)
+    num_layers = int(meta["model_spec"]["shape"]["num_layers"])
+    modules = _stage_modules(model_or_stage_modules, num_layers)
+    files = layer_files(ckpt_dir)
+    if len(files) != num_layers + 2:
+        raise CheckpointError(
+            f"{ckpt_dir / MODEL_DIR}: {len(files)} layer indices for {num_layers} blocks"
+        )
+    ckpt_tp = len(files[0])
+    left: list[str] = []
+    for layer, module in sorted(modules.items()):
+        if layer not in files:
+            raise CheckpointError(
+                f"the model has layer index {layer}; {ckpt_dir} has only 0..{len(files) - 1} "
+                f"(checkpoint has {num_layers} blocks)"
+            )
+        prefix = layer_prefix(layer, num_layers)
+        reader = _LayerReader(files[layer], ckpt_dir)
+        params = _tensor_state(module)
+        unexpected = sorted(set(reader.keys) - set(params))
+        if unexpected:
+            raise CheckpointError(
+                f"{files[layer][0].name}: parameter {prefix + unexpected[0]} is in the checkpoint "
+                f"but not in the model ({len(unexpected)} such); the model spec differs from "
+                f"{ckpt_dir / META_FILE}"
+            )
+        for key, target in params.items():
+            full_name = prefix + key
+            if key not in reader.keys:
+                if any(p in full_name for p in allow_missing):
+                    left.append(full_name)
+                    continue
+                raise CheckpointError(
+                    f"parameter {full_name} of the model is missing from {files[layer][0]} "
+                    f"(pass allow_missing to keep its initial value)"
+                )
+            if ckpt_tp == tp_world:
+                tensor = reader.get(key, tp_rank)
+            else:
+                tensor = split_tp(key, reader.full(key), tp_rank, tp_world)
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise CheckpointError(
+                    f"parameter {full_name}: checkpoint shape {tuple(tensor.shape)} (TP "
+                    f"{ckpt_tp} -> {tp_world}) != model shape {tuple(target.shape)}; the model "
+                    f"spec differs from {ckpt_dir / META_FILE}"
+                )
+            with torch.no_grad():
+                target.copy_(tensor.to(target.dtype))
+    if left:
+        log.info("left %d parameters at init (allow_missing): %s", len(left), left[:4])
+    return left

@@ -1,0 +1,256 @@
+"""`ts-convert to-hf`: a training checkpoint -> a self-contained Hugging Face directory.
+
+Works on CPU for any training layout: TP shards are merged per tensor (`iter_full_state_dict`),
+pipeline stages are just layer files, and ZeRO partitions were gathered by the engine at save
+time. Tensors are streamed into safetensors shards planned from the checkpoint's headers, so
+memory stays near the largest tensor.
+
+Output directory:
+
+    config.json                      TokenShuffleConfig + auto_map (trust_remote_code)
+    configuration_token_shuffle.py   modeling code (imports torch/transformers only)
+    modeling_token_shuffle.py
+    model.safetensors                or model-0000i-of-0000n.safetensors + index.json
+    generation_config.json           sampling defaults, caption_len, resolutions
+    vocab_layout.json                the combined vocabulary (megatron_ts.vocab.VocabLayout)
+    text_tokenizer.json              {"type": "byte"} or {"type": "tokenizers", "file": ...}
+    tokenizer.json                   the text tokenizer's JSON (tokenizers type only)
+    vq/config.json, vq/<checkpoint>  the VQ tokenizer weights and config
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from megatron_ts.checkpoint.model_files import (
+    iter_full_shapes,
+    iter_full_state_dict,
+    read_meta,
+    resolve_checkpoint,
+)
+from megatron_ts.hf.build import attention_shape, hf_config_from_spec
+from megatron_ts.hf.safetensors_stream import (
+    ShardWriter,
+    TensorPlan,
+    parse_size,
+    plan_shards,
+    shard_names,
+)
+from megatron_ts.hf.weights import iter_to_hf, to_hf
+from megatron_ts.logging import get_logger
+from megatron_ts.models.model import ModelSpec
+
+log = get_logger(__name__)
+
+HF_DIR = Path(__file__).resolve().parent
+MODELING_FILES = ("configuration_token_shuffle.py", "modeling_token_shuffle.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_token_shuffle.TokenShuffleConfig",
+    "AutoModel": "modeling_token_shuffle.TokenShuffleModel",
+    "AutoModelForCausalLM": "modeling_token_shuffle.TokenShuffleForCausalLM",
+}
+INDEX_FILE = "model.safetensors.index.json"
+TEXT_TOKENIZER_FILE = "text_tokenizer.json"
+VOCAB_FILE = "vocab_layout.json"
+VQ_DIR = "vq"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Sampling defaults written into generation_config.json (LlamaGen-style: full-vocabulary
+# sampling at temperature 1 with strong guidance, the paper's half-linear schedule).
+GENERATION_DEFAULTS = {
+    "do_sample": True,
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "cfg_scale": 7.5,
+    "cfg_schedule": "half-linear",
+}
+
+
+def _stage_info(meta: dict) -> tuple[int, list[int], dict]:
+    """(caption_len, resolutions, tokenizer section) from meta.json with fallbacks."""
+    stage = meta.get("stage") or {}
+    config = meta.get("config") or {}
+    data = config.get("data") or {}
+    caption_len = int(stage.get("caption_len") or data.get("caption_len") or 64)
+    resolutions: list[int] = []
+    if stage.get("resolution"):
+        resolutions.append(int(stage["resolution"]))
+    window = meta["model_spec"]["shuffle_window"]
+    # earlier curriculum stages with the same window trained this model too: offer their sizes
+    stages = (config.get("curriculum") or {}).get("stages") or []
+    index = stage.get("index")
+    for st in stages[: index if isinstance(index, int) else 0]:
+        res = st.get("resolution")
+        if res and st.get("shuffle_window", 1) == window and int(res) not in resolutions:
+            resolutions.append(int(res))
+    if not resolutions:
+        resolutions.append(int(data.get("resolution") or 256))
+    return caption_len, resolutions, dict(config.get("tokenizer") or {})
+
+
+def _plan(ckpt_dir: Path, spec: ModelSpec, dtype: torch.dtype) -> list[TensorPlan]:
+    attn = attention_shape(spec)
+    plan = []
+    for name, shape in iter_full_shapes(ckpt_dir):
+        for hf_name, t in to_hf(name, torch.empty(shape, device="meta"), attn):
+            plan.append(TensorPlan(hf_name, tuple(t.shape), dtype))
+    return plan
+
+
+def write_weights(
+    ckpt_dir: Path,
+    spec: ModelSpec,
+    out_dir: Path,
+    max_shard_size: str | int,
+    dtype: torch.dtype = torch.float32,
+) -> list[str]:
+    """Streams the checkpoint's weights into HF safetensors shards; returns the file names."""
+    plan = _plan(ckpt_dir, spec, dtype)
+    shards = plan_shards(plan, parse_size(max_shard_size))
+    names = shard_names(len(shards))
+    stream = iter_to_hf(iter_full_state_dict(ckpt_dir), attention_shape(spec))
+    for shard, fname in zip(shards, names, strict=True):
+        writer = ShardWriter(out_dir / fname, shard)
+        for _ in shard:
+            writer.write(*next(stream))
+        writer.close()
+        log.info("wrote %s (%d tensors)", fname, len(shard))
+    if len(names) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.nbytes for t in plan)},
+            "weight_map": {
+                t.name: fname for shard, fname in zip(shards, names, strict=True) for t in shard
+            },
+        }
+        (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    return names
+
+
+def write_text_tokenizer(spec_text: str, identity: str, text_size: int, out_dir: Path) -> None:
+    """Byte tokenizer: a small JSON saying so; a `tokenizers` JSON: copied as tokenizer.json."""
+    if spec_text == "byte":
+        info = {"type": "byte", "vocab_size": text_size, "identity": identity}
+    else:
+        src = Path(spec_text)
+        if not src.is_file():
+            raise FileNotFoundError(
+                f"text tokenizer {src} (from the checkpoint's [tokenizer] text) does not exist; "
+                "pass --text-tokenizer PATH"
+            )
+        shutil.copyfile(src, out_dir / "tokenizer.json")
+        info = {
+            "type": "tokenizers",
+            "file": "tokenizer.json",
+            "vocab_size": text_size,
+            "identity": identity,
+        }
+    (out_dir / TEXT_TOKENIZER_FILE).write_text(json.dumps(info, indent=2))
+
+
+def write_vq(
+    vq_format: str, checkpoint: str | None, spec: ModelSpec, downsample: int, out_dir: Path
+) -> bool:
+    """Copies the VQ checkpoint (file or directory) and writes vq/config.json."""
+    if not checkpoint:
+        log.warning(
+            "no VQ checkpoint in the checkpoint's config and no --vq-checkpoint: the export "
+            "computes logits but cannot decode images"
+        )
+        return False
+    src = Path(checkpoint)
+    if not src.exists():
+        raise FileNotFoundError(f"VQ checkpoint {src} does not exist; pass --vq-checkpoint PATH")
+    vq_dir = out_dir / VQ_DIR
+    vq_dir.mkdir(exist_ok=True)
+    if src.is_dir():
+        shutil.copytree(src, vq_dir / src.name, dirs_exist_ok=True)
+    else:
+        shutil.copyfile(src, vq_dir / src.name)
+    info = {
+        "format": vq_format,
+        "checkpoint": src.name,
+        "codebook_size": spec.vocab.codebook_size,
+        "downsample": downsample,
+        "identity": spec.vocab.vq_tokenizer,
+    }
+    (vq_dir / "config.json").write_text(json.dumps(info, indent=2))
+    return True
+
+
+def export_to_hf(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    text_tokenizer: str | None = None,
+    vq_checkpoint: str | None = None,
+    vq_format: str | None = None,
+    max_shard_size: str | int = "5GB",
+    dtype: str = "float32",
+) -> Path:
+    """Converts a training checkpoint into a Hugging Face model directory.
+
+    Args:
+        checkpoint: run dir, checkpoints dir or step dir.
+        out_dir: output directory (created; existing files are overwritten).
+        text_tokenizer: overrides the checkpoint's text tokenizer (`byte` or a JSON path).
+        vq_checkpoint: overrides the checkpoint's VQ checkpoint path.
+        vq_format: overrides the VQ checkpoint layout (native, llamagen, chameleon).
+        max_shard_size: safetensors shard size limit, e.g. "5GB".
+        dtype: float32 (exact), bfloat16 or float16.
+
+    Returns:
+        The output directory.
+    """
+    ckpt_dir = resolve_checkpoint(checkpoint)
+    meta = read_meta(ckpt_dir)
+    spec = ModelSpec.from_dict(meta["model_spec"])
+    caption_len, resolutions, tok = _stage_info(meta)
+    downsample = int(tok.get("downsample") or 16)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    log.info("exporting %s (step %s) to %s", ckpt_dir, meta.get("step"), out)
+
+    weight_files = write_weights(ckpt_dir, spec, out, max_shard_size, DTYPES[dtype])
+
+    config = hf_config_from_spec(spec, caption_len, resolutions, downsample)
+    config.auto_map = dict(AUTO_MAP)
+    config.architectures = ["TokenShuffleForCausalLM"]
+    config.dtype = dtype
+    config.source_checkpoint = {"path": str(ckpt_dir), "step": meta.get("step")}
+    config.save_pretrained(out)
+    for name in MODELING_FILES:
+        shutil.copyfile(HF_DIR / name, out / name)
+
+    generation = {
+        **GENERATION_DEFAULTS,
+        "caption_len": caption_len,
+        "resolution": resolutions[0],
+        "resolutions": resolutions,
+        "bos_token_id": spec.vocab.bos_id,
+        "pad_token_id": spec.vocab.pad_id,
+        "eos_token_id": spec.vocab.eos_id,
+        "boi_token_id": spec.vocab.boi_id,
+    }
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    (out / VOCAB_FILE).write_text(json.dumps(spec.vocab.to_dict(), indent=2))
+    write_text_tokenizer(
+        text_tokenizer or tok.get("text") or "byte",
+        spec.vocab.text_tokenizer,
+        spec.vocab.text_size,
+        out,
+    )
+    write_vq(
+        vq_format or tok.get("vq_format") or "native",
+        vq_checkpoint or tok.get("vq_checkpoint"),
+        spec,
+        downsample,
+        out,
+    )
+    log.info("export done: %s", ", ".join(weight_files))
+    return out

@@ -1,0 +1,375 @@
+"""Hugging Face model of an exported Token-Shuffle decoder: plain single-device PyTorch.
+
+It computes what megatron_ts's training model computes (parity is tested to 1e-4 in fp32):
+RMSNorm, grouped-query attention with rotate-half RoPE, SwiGLU, token-shuffle of image windows on
+the input side and token-unshuffle + the shared head on the output side. This file is copied next
+to the weights of every export and imports only torch and transformers.
+
+Sequence format: `<bos>`, caption ids padded with `<pad>` to `caption_len`, `<boi>`, then image
+windows (s x s codes each, raster order, one transformer position per window). The `<boi>`
+position and every window position predict the s^2 codes of the next window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_token_shuffle import TokenShuffleConfig
+
+
+def grid_to_windows(x: torch.Tensor, s: int) -> torch.Tensor:
+    """(B, G, G, *rest) raster grid -> (B, (G/s)^2, s^2, *rest) windows in raster order."""
+    b, gh, gw = x.shape[:3]
+    rest = x.shape[3:]
+    x = x.reshape(b, gh // s, s, gw // s, s, *rest)  # (B, G/s, s, G/s, s, ...)
+    x = x.transpose(2, 3)  # (B, G/s, G/s, s, s, ...)
+    return x.reshape(b, (gh // s) * (gw // s), s * s, *rest)
+
+
+def windows_to_grid(x: torch.Tensor, s: int, grid: int) -> torch.Tensor:
+    """Inverse of `grid_to_windows`: (B, N, s^2, *rest) -> (B, G, G, *rest)."""
+    b = x.shape[0]
+    rest = x.shape[3:]
+    g = grid // s
+    x = x.reshape(b, g, g, s, s, *rest)  # (B, G/s, G/s, s, s, ...)
+    x = x.transpose(2, 3)  # (B, G/s, s, G/s, s, ...)
+    return x.reshape(b, grid, grid, *rest)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated and grown by doubling.
+
+    Shapes per layer: (B, kv_heads, capacity, head_dim); `length` positions are filled.
+    """
+
+    def __init__(self, num_layers: int, capacity: int = 0):
+        self.num_layers = num_layers
+        self.capacity = capacity
+        self.length = 0
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends (B, Hkv, q, D) keys/values at `length`; returns all keys/values so far."""
+        start, q = self.length, k.shape[2]
+        stored = self.keys[layer]
+        if stored is None or stored.shape[2] < start + q:
+            cap = max(self.capacity, start + q, 2 * (0 if stored is None else stored.shape[2]))
+            new_k = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
+            new_v = v.new_empty(new_k.shape)
+            if stored is not None:
+                new_k[:, :, :start] = stored[:, :, :start]
+                new_v[:, :, :start] = self.values[layer][:, :, :start]
+            self.keys[layer], self.values[layer] = new_k, new_v
+        self.keys[layer][:, :, start : start + q] = k
+        self.values[layer][:, :, start : start + q] = v
+        return self.keys[layer][:, :, : start + q], self.values[layer][:, :, : start + q]
+
+    def advance(self, q: int) -> None:
+        """Marks q more positions as filled (after every layer has been updated)."""
+        self.length += q
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Selects batch rows (e.g. to duplicate a prefix for several images)."""
+        for i in range(self.num_layers):
+            if self.keys[i] is not None:
+                self.keys[i] = self.keys[i].index_select(0, index)
+                self.values[i] = self.values[i].index_select(0, index)
+
+
+def _rope_cos_sin(
+    positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (L, dim) in the rotate-half layout [f, f], computed in fp32 as in training."""
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim)
+    )
+    freqs = torch.outer(positions.float(), inv_freq)  # (L, dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (L, dim)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class TokenShuffleAttention(nn.Module):
+    def __init__(self, config: TokenShuffleConfig):
+        super().__init__()
+        d, hd = config.hidden_size, config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = hd
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        layer: int,
+        past: int,
+    ) -> torch.Tensor:
+        b, q_len, _ = x.shape
+        q = self.q_proj(x).view(b, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin  # (B, H, q, D)
+        k = k * cos + _rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, Hkv, past + q, D)
+        gqa = self.num_kv_heads != self.num_heads
+        if past == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif q_len == 1:
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        else:
+            # new queries see every cached position and the causal part of their own block
+            total = k.shape[2]
+            qi = torch.arange(past, past + q_len, device=x.device)[:, None]
+            mask = torch.arange(total, device=x.device)[None, :] <= qi  # (q, past + q)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        out = out.transpose(1, 2).reshape(b, q_len, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class TokenShuffleMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: TokenShuffleConfig):
+        super().__init__()
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TokenShuffleDecoderLayer(nn.Module):
+    def __init__(self, config: TokenShuffleConfig):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = TokenShuffleAttention(config)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = TokenShuffleMLP(config)
+
+    def forward(self, x, cos, sin, cache, layer, past):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, past)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class ResidualMLP(nn.Module):
+    """x + fc2(silu(fc1(x))), width d."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, width, bias=False)
+        self.fc2 = nn.Linear(width, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.silu(self.fc1(x)))
+
+
+class TokenShuffle(nn.Module):
+    """Compresses each code embedding to d/s^2, concatenates a window to d, refines it."""
+
+    def __init__(self, config: TokenShuffleConfig):
+        super().__init__()
+        d, s2 = config.hidden_size, config.shuffle_window**2
+        self.compress = nn.Linear(d, d // s2, bias=False)
+        self.blocks = nn.ModuleList(ResidualMLP(d) for _ in range(config.shuffle_mlp_blocks))
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        """(B, n, s^2, d) window code embeddings -> (B, n, d)."""
+        x = self.compress(emb).flatten(2)  # (B, n, d): window concatenated along channels
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class TokenUnshuffle(nn.Module):
+    """Refines each position, splits it into s^2 parts of d/s^2 and expands each back to d."""
+
+    def __init__(self, config: TokenShuffleConfig):
+        super().__init__()
+        d, s2 = config.hidden_size, config.shuffle_window**2
+        self.window2 = s2
+        self.blocks = nn.ModuleList(ResidualMLP(d) for _ in range(config.shuffle_mlp_blocks))
+        self.expand = nn.Linear(d // s2, d, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, n, d) -> (B, n, s^2, d)."""
+        for block in self.blocks:
+            h = block(h)
+        b, n, d = h.shape
+        return self.expand(h.reshape(b, n, self.window2, d // self.window2))
+
+
+@dataclass
+class TokenShuffleOutput(ModelOutput):
+    """Outputs of `TokenShuffleForCausalLM.forward`.
+
+    Attributes:
+        logits: (B, T, V) next-token logits of the text positions (None if not requested).
+        image_logits: (B, n, s^2, V) logits of the next window's codes predicted by the last
+            text position (when it is `<boi>`) and by every window position.
+        past_key_values: the KV cache, when `use_cache`.
+        hidden_states: (B, L, d) final-normed hidden states of all new positions.
+    """
+
+    logits: torch.Tensor | None = None
+    image_logits: torch.Tensor | None = None
+    past_key_values: KVCache | None = None
+    hidden_states: torch.Tensor | None = None
+
+
+class TokenShufflePreTrainedModel(PreTrainedModel):
+    config_class = TokenShuffleConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["TokenShuffleDecoderLayer"]
+    _supports_sdpa = True
+
+
+class TokenShuffleModel(TokenShufflePreTrainedModel):
+    """Embedding, token-shuffle, decoder blocks and final norm."""
+
+    def __init__(self, config: TokenShuffleConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.shuffle = TokenShuffle(config) if config.shuffle_window > 1 else None
+        self.layers = nn.ModuleList(
+            TokenShuffleDecoderLayer(config) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def embed_windows(self, windows: torch.Tensor) -> torch.Tensor:
+        """(B, n, s^2) codebook-local codes -> (B, n, d) window positions."""
+        emb = self.embed_tokens(windows + self.config.code_offset)  # (B, n, s^2, d)
+        if self.shuffle is None:
+            return emb[:, :, 0]
+        return self.shuffle(emb)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        image_windows: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Returns final-normed hidden states (B, L, d) of the new positions."""
+        parts = []
+        if input_ids is not None:
+            parts.append(self.embed_tokens(input_ids))  # (B, T, d)
+        if image_windows is not None:
+            parts.append(self.embed_windows(image_windows))  # (B, n, d)
+        if not parts:
+            raise ValueError("pass input_ids, image_windows or both")
+        x = torch.cat(parts, dim=1)  # (B, L, d)
+        past = 0 if past_key_values is None else past_key_values.get_seq_length()
+        positions = torch.arange(past, past + x.shape[1], device=x.device)
+        cos, sin = _rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, past_key_values, i, past)
+        if past_key_values is not None:
+            past_key_values.advance(x.shape[1])
+        return self.norm(x)
+
+
+class TokenShuffleForCausalLM(TokenShufflePreTrainedModel):
+    """The decoder with token-unshuffle and the output head over the padded vocabulary."""
+
+    def __init__(self, config: TokenShuffleConfig):
+        super().__init__(config)
+        self.model = TokenShuffleModel(config)
+        self.unshuffle = TokenUnshuffle(config) if config.shuffle_window > 1 else None
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def new_cache(self, capacity: int = 0) -> KVCache:
+        """An empty KV cache with room for `capacity` positions (it grows when needed)."""
+        return KVCache(self.config.num_hidden_layers, capacity)
+
+    def image_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, n, d) final-normed hidden -> (B, n, s^2, V) logits of the next window's codes."""
+        if self.unshuffle is None:
+            hidden = hidden.unsqueeze(2)  # (B, n, 1, d)
+        else:
+            hidden = self.unshuffle(hidden)  # (B, n, s^2, d)
+        return self.lm_head(hidden)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        image_windows: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool | None = None,
+        text_logits: bool = True,
+        image_logits: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> TokenShuffleOutput:
+        """Runs new positions (text ids, then image windows) after the cached ones.
+
+        Args:
+            input_ids: (B, T) vocabulary ids of text/special positions.
+            image_windows: (B, n, s^2) codebook-local codes of whole windows (raster order;
+                see `grid_to_windows`).
+            past_key_values: a `KVCache` from an earlier call (filled in place).
+            use_cache: create a cache when none is given and return it.
+            text_logits: compute `logits` for the text positions.
+            image_logits: compute `image_logits`; None means when windows are given or the last
+                text id is `<boi>`.
+            return_dict: accepted for API compatibility; the output is always a ModelOutput.
+
+        Returns:
+            TokenShuffleOutput.
+        """
+        if past_key_values is None and use_cache:
+            past_key_values = self.new_cache()
+        hidden = self.model(input_ids, image_windows, past_key_values)  # (B, L, d)
+        t = 0 if input_ids is None else input_ids.shape[1]
+        logits = self.lm_head(hidden[:, :t]) if (text_logits and t) else None
+        if image_logits is None:
+            image_logits = image_windows is not None or (
+                t > 0 and bool((input_ids[:, -1] == self.config.boi_token_id).all())
+            )
+        img = None
+        if image_logits:
+            start = t - 1 if t > 0 else 0  # the <boi> position predicts the first window
+            img = self.image_head(hidden[:, start:])  # (B, n, s^2, V)
+        return TokenShuffleOutput(
+            logits=logits,
+            image_logits=img,
+            past_key_values=past_key_values,
+            hidden_states=hidden,
+        )

@@ -1,0 +1,139 @@
+"""`ts-generate`: prompts in, PNGs out, from a directory written by `ts-convert to-hf`.
+
+    ts-generate --model exports/demo --prompt "a red circle" --out samples/ \
+        --cfg 7.5 --cfg-schedule half-linear --top-k 0 --seed 0 --num-images 4
+
+Defaults for cfg, schedule, temperature, top-k and top-p come from the export's
+generation_config.json; flags override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from megatron_ts.sampling.loading import ModelDirError, load_model_dir
+from megatron_ts.sampling.sampler import SamplingConfig, generate, save_png
+from megatron_ts.sampling.schedules import SCHEDULES
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ts-generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="export directory (ts-convert to-hf)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="text file, one prompt per line")
+    p.add_argument("--out", required=True, help="output directory for PNGs")
+    p.add_argument("--cfg", type=float, help="guidance scale (1 = no guidance)")
+    p.add_argument("--cfg-schedule", choices=SCHEDULES, help="guidance schedule over the steps")
+    p.add_argument("--temperature", type=float, help="softmax temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, help="keep the k most likely codes (0 = all)")
+    p.add_argument("--top-p", type=float, help="nucleus mass (1 = all)")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--batch-size", type=int, default=4, help="images decoded together")
+    p.add_argument("--resolution", type=int, help="image side in pixels (a trained one)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, else float32"
+    )
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the prefix every step")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise SystemExit(f"ts-generate: --prompts-file {path} does not exist")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("ts-generate: give --prompt TEXT or --prompts-file FILE")
+    return prompts
+
+
+def _slug(text: str, n: int = 40) -> str:
+    return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-")[:n].lower() or "empty"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prompts = _prompts(args)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")]
+    try:
+        loaded = load_model_dir(args.model, device=device, dtype=dtype, need_vq=True)
+    except ModelDirError as err:
+        print(f"ts-generate: {err}", file=sys.stderr)
+        return 2
+    gen = loaded.generation
+
+    def pick(flag, key, default):
+        return flag if flag is not None else gen.get(key, default)
+
+    sampling = SamplingConfig(
+        cfg=pick(args.cfg, "cfg_scale", 7.5),
+        cfg_schedule=pick(args.cfg_schedule, "cfg_schedule", "half-linear"),
+        temperature=pick(args.temperature, "temperature", 1.0),
+        top_k=pick(args.top_k, "top_k", 0),
+        top_p=pick(args.top_p, "top_p", 1.0),
+        seed=args.seed,
+        resolution=args.resolution,
+        use_kv_cache=not args.no_kv_cache,
+    )
+    try:
+        result = generate(
+            loaded.model,
+            loaded.vq,
+            loaded.text_tokenizer,
+            prompts,
+            sampling,
+            num_images=args.num_images,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
+    except ValueError as err:
+        print(f"ts-generate: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = args.num_images
+    for k, (image, prompt, seed) in enumerate(
+        zip(result.images, result.prompts, result.seeds, strict=True)
+    ):
+        settings = {
+            **result.settings,
+            "seed": seed,
+            "model": str(Path(args.model).resolve().name),
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": device,
+        }
+        name = f"{k // n:04d}-{k % n:02d}-{_slug(prompt)}.png"
+        path = save_png(image, out / name, prompt, settings)
+        print(path)
+    per_image = result.timings["decode_s"] / max(1, len(result.images))
+    print(
+        json.dumps(
+            {
+                "images": len(result.images),
+                "steps_per_image": result.steps,
+                "decode_s_per_image": round(per_image, 3),
+            }
+        ),
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
