@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from megatron_ts.config import Config, ResolvedStage, TokenizerConfig
+from pathlib import Path
+
+from megatron_ts.config import Config, ConfigError, ResolvedStage, TokenizerConfig
 from megatron_ts.models.flavors import resolve_model_shape
 from megatron_ts.models.flops import param_counts, sample_flops
 from megatron_ts.vocab import VocabLayout
@@ -14,8 +16,19 @@ def text_size(tok: TokenizerConfig) -> int:
         return tok.text_size
     if tok.text == "byte":
         return 256
-    from megatron_ts.tokenizers.text import load_text_tokenizer
-
+    # A missing file is a config mistake (exit 2 naming the field), not a traceback.
+    if not Path(tok.text).is_file():
+        raise ConfigError(
+            f"tokenizer.text = {tok.text!r} is neither 'byte' nor an existing tokenizer JSON; "
+            "fix the path, or set tokenizer.text_size to plan without the file"
+        )
+    try:
+        from megatron_ts.tokenizers.text import load_text_tokenizer
+    except ImportError as err:
+        raise ConfigError(
+            f"tokenizer.text = {tok.text!r} needs megatron_ts.tokenizers ({err}); set "
+            "tokenizer.text_size to plan without it"
+        ) from None
     return load_text_tokenizer(tok.text).vocab_size
 
 
