@@ -7,7 +7,7 @@ first response's ETag, so a replaced object is an error instead of silently mixe
 continues where it stopped. Attempts are bounded and spaced by exponential backoff with full
 jitter. A missing object raises `FileNotFoundError` naming the URL.
 
-botocore's own retries are switched off for these clients (`max_attempts=1`) so that every retry
+botocore's own retries are switched off for these clients (`max_attempts=0`) so that every retry
 is ours: counted in `IOCounters.retries` and reported to the trainer.
 
 `register_s3_scheme()` installs the reader as webdataset's `s3` URL scheme, so
@@ -84,7 +84,7 @@ def get_client(endpoint_url: str | None = None):
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
-            client = make_client(endpoint_url, max_attempts=1)
+            client = make_client(endpoint_url, max_attempts=0)  # 0 retries: every retry is ours
             _clients[key] = client
         return client
 
