@@ -203,6 +203,54 @@ def test_caption_change_reaches_image_logits_but_not_earlier_text():
 
 
 # ------------------------------------------------------------------------------------------------
+# Loss
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("s", [1, 2])
+def test_loss_matches_explicit_loops(s: int):
+    """TokenShuffleLoss equals cross-entropy written out code by code.
+
+    Image row r must be scored against the codes of window r (raster order, codes in raster
+    order inside), over codebook logits only; text row t against token t + 1 where the mask is
+    set, over the unpadded vocabulary; z-loss is the mean squared log-partition of both.
+    """
+    torch.manual_seed(5)
+    grid, g = 8, 8 // s
+    text, mask, codes = batch(2, 5, grid, seed=9)
+    mask[0, 3:6] = False
+    text_logits = torch.randn(6, 2, 896)  # (T-1, B, V)
+    image_logits = torch.randn(g * g, 2, s * s, 896)  # (N, B, s^2, V)
+    loss_fn = TokenShuffleLoss(VOCAB, s, text_weight=0.3, z_coef=0.02)
+    total = loss_fn((text_logits, image_logits), (text, mask, codes))
+
+    lo, hi = VOCAB.code_offset, VOCAB.code_offset + VOCAB.codebook_size
+    img_ce, img_z = [], []
+    for r in range(g * g):
+        wr, wc = divmod(r, g)
+        for b in range(2):
+            for k in range(s * s):
+                code = int(codes[b, wr * s + k // s, wc * s + k % s])
+                row = image_logits[r, b, k, lo:hi]
+                img_ce.append(torch.logsumexp(row, 0) - row[code])
+                img_z.append(torch.logsumexp(row, 0) ** 2)
+    txt_ce, txt_z = [], []
+    for t in range(6):
+        for b in range(2):
+            if mask[b, t + 1]:
+                row = text_logits[t, b, : VOCAB.size]
+                txt_ce.append(torch.logsumexp(row, 0) - row[text[b, t + 1]])
+                txt_z.append(torch.logsumexp(row, 0) ** 2)
+    assert len(txt_ce) == 12 - 3
+    z = (sum(img_z) + sum(txt_z)) / (len(img_z) + len(txt_z))
+    expected = sum(img_ce) / len(img_ce) + 0.3 * sum(txt_ce) / len(txt_ce) + 0.02 * z
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-5)
+    (parts,) = loss_fn.pop_history()
+    assert parts.image_tokens == 128 and parts.text_tokens == 9
+    assert parts.z_loss == pytest.approx(float(z), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
 # Learning
 # ------------------------------------------------------------------------------------------------
 
