@@ -209,8 +209,13 @@ def _previous_hint(ckpt_dir: Path) -> str:
     return "re-save the checkpoint or use an earlier one"
 
 
-def layer_files(ckpt_dir: Path) -> dict[int, list[Path]]:
-    """{layer index: [file of TP rank 0, 1, ...]} of a checkpoint, checked for gaps."""
+def layer_files(ckpt_dir: Path, num_layers: int | None = None) -> dict[int, list[Path]]:
+    """{layer index: [file of TP rank 0, 1, ...]} of a checkpoint, checked for gaps.
+
+    Args:
+        ckpt_dir: the step directory.
+        num_layers: transformer blocks L; when given, layers 0..L+1 must all be present.
+    """
     model_dir = Path(ckpt_dir) / MODEL_DIR
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir} is missing: the checkpoint holds no model weights")
@@ -221,10 +226,19 @@ def layer_files(ckpt_dir: Path) -> dict[int, list[Path]]:
             found.setdefault(int(m.group(1)), {})[int(m.group(2))] = p
     if not found:
         raise CheckpointError(f"{model_dir} holds no layer_XXX-tpYY.safetensors files")
-    layers = sorted(found)
-    if layers != list(range(len(layers))):
-        missing = sorted(set(range(layers[-1] + 1)) - set(layers))
-        raise CheckpointError(f"{model_dir}: layer files missing for layer indices {missing}")
+    last = max(found) if num_layers is None else num_layers + 1
+    missing = sorted(set(range(last + 1)) - set(found))
+    if missing:
+        raise CheckpointError(
+            f"{model_dir}: layer files missing for layer indices {missing} "
+            f"(e.g. {layer_file_name(missing[0], 0)}); the checkpoint is incomplete"
+        )
+    extra = sorted(set(found) - set(range(last + 1)))
+    if extra:
+        raise CheckpointError(
+            f"{model_dir}: layer indices {extra} beyond the model's {last + 1} (0..{last}); "
+            "meta.json and the layer files disagree"
+        )
     tp = max(len(v) for v in found.values())
     out = {}
     for layer, ranks in found.items():
@@ -292,12 +306,7 @@ def iter_full_state_dict(ckpt_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """
     ckpt_dir = Path(ckpt_dir)
     num_layers = num_model_layers(ckpt_dir)
-    files = layer_files(ckpt_dir)
-    if len(files) != num_layers + 2:
-        raise CheckpointError(
-            f"{ckpt_dir / MODEL_DIR}: {len(files)} layer indices, the model spec has "
-            f"{num_layers} blocks (expected {num_layers + 2} layer indices)"
-        )
+    files = layer_files(ckpt_dir, num_layers)
     for layer in range(num_layers + 2):
         reader = _LayerReader(files[layer], ckpt_dir)
         prefix = layer_prefix(layer, num_layers)
@@ -309,7 +318,7 @@ def iter_full_shapes(ckpt_dir: Path) -> Iterator[tuple[str, tuple[int, ...]]]:
     """Yields (TokenShuffleLM name, full shape) in `iter_full_state_dict` order, headers only."""
     ckpt_dir = Path(ckpt_dir)
     num_layers = num_model_layers(ckpt_dir)
-    files = layer_files(ckpt_dir)
+    files = layer_files(ckpt_dir, num_layers)
     for layer in range(num_layers + 2):
         reader = _LayerReader(files[layer], ckpt_dir)
         prefix = layer_prefix(layer, num_layers)
@@ -382,11 +391,7 @@ def load_into_model(
     meta = read_meta(ckpt_dir)
     num_layers = int(meta["model_spec"]["shape"]["num_layers"])
     modules = _stage_modules(model_or_stage_modules, num_layers)
-    files = layer_files(ckpt_dir)
-    if len(files) != num_layers + 2:
-        raise CheckpointError(
-            f"{ckpt_dir / MODEL_DIR}: {len(files)} layer indices for {num_layers} blocks"
-        )
+    files = layer_files(ckpt_dir, num_layers)
     ckpt_tp = len(files[0])
     left: list[str] = []
     for layer, module in sorted(modules.items()):

@@ -1,0 +1,203 @@
+"""Hugging Face export: layouts, logits parity with the training model, loading, round trips."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_ts.checkpoint.model_files import (
+    load_full_state_dict,
+    load_into_model,
+    mark_complete,
+    write_meta,
+    write_model_files,
+)
+from megatron_ts.config import ModelConfig
+from megatron_ts.hf.export import export_to_hf
+from megatron_ts.hf.import_hf import import_from_hf
+from megatron_ts.hf.modeling_token_shuffle import TokenShuffleForCausalLM, grid_to_windows
+from megatron_ts.hf.weights import AttentionShape, fuse_qkv, split_qkv
+from megatron_ts.models.model import ModelSpec, TokenShuffleLM
+from megatron_ts.vocab import VocabLayout
+
+VOCAB = VocabLayout(text_size=256, codebook_size=64)  # 325 ids, padded to 384
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_rank():
+    from megatron_ts.distributed.init import init_distributed, init_model_parallel
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    init_distributed("gloo")
+    init_model_parallel(1, 1)
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Random weights everywhere, so zero-initialised residual branches and norms matter too."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+
+
+def make_checkpoint(run: Path, window: int, seed: int = 11, **shape) -> TokenShuffleLM:
+    """A randomised debug model saved as a complete TP = 1 checkpoint in `run`."""
+    spec = ModelSpec.from_config(ModelConfig(flavor="debug", **shape), VOCAB, window)
+    model = TokenShuffleLM(spec, seed=seed).eval()
+    randomize(model, seed)
+    ckpt = run / "checkpoints" / "step_00000005"
+    write_model_files(model, ckpt, 0, spec.shape.num_layers)
+    stage = {"index": 0, "caption_len": 6, "resolution": 128, "shuffle_window": window}
+    write_meta(ckpt, {"step": 5, "model_spec": spec.to_dict(), "stage": stage})
+    mark_complete(ckpt)
+    return model
+
+
+def random_batch(window: int, b: int = 2, caption: int = 6, grid: int = 8, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, VOCAB.size, (b, caption + 2), generator=gen)
+    text[:, 0], text[:, -1] = VOCAB.bos_id, VOCAB.boi_id
+    codes = torch.randint(0, VOCAB.codebook_size, (b, grid, grid), generator=gen)
+    return text, codes
+
+
+def max_diffs(model: TokenShuffleLM, hf, window: int) -> tuple[float, float]:
+    text, codes = random_batch(window)
+    with torch.no_grad():
+        text_logits, image_logits = model(text, codes)  # (T-1, B, V), (N, B, s^2, V)
+        out = hf(input_ids=text, image_windows=grid_to_windows(codes, window))
+    t, n = text_logits.shape[0], image_logits.shape[0]
+    d_text = (out.logits[:, :t] - text_logits.transpose(0, 1)).abs().max().item()
+    d_img = (out.image_logits[:, :n] - image_logits.transpose(0, 1)).abs().max().item()
+    return d_text, d_img
+
+
+def test_qkv_split_is_group_interleaved():
+    attn = AttentionShape(num_heads=4, num_kv_heads=2, head_dim=1)
+    # rows of megatron's fused QKV for 2 groups x (2 q + k + v), head_dim 1
+    fused = torch.tensor([[0.0], [1], [10], [20], [2], [3], [11], [21]])
+    q, k, v = split_qkv(fused, attn)
+    assert q.flatten().tolist() == [0, 1, 2, 3]
+    assert k.flatten().tolist() == [10, 11]
+    assert v.flatten().tolist() == [20, 21]
+    assert torch.equal(fuse_qkv(q, k, v, attn), fused)
+
+
+@pytest.mark.parametrize(("window", "shape"), [(1, {}), (2, {"num_kv_heads": 2})])
+def test_export_logits_match_training_model(tmp_path: Path, window: int, shape: dict):
+    model = make_checkpoint(tmp_path / "run", window, **shape)
+    out = export_to_hf(tmp_path / "run", tmp_path / "hf")
+    hf = TokenShuffleForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    d_text, d_img = max_diffs(model, hf, window)
+    assert d_text < TOL and d_img < TOL, (d_text, d_img)
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == 384 and config["caption_len"] == 6
+    assert config["resolutions"] == [128] and config["shuffle_window"] == window
+    assert config["auto_map"]["AutoModelForCausalLM"].endswith("TokenShuffleForCausalLM")
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["cfg_schedule"] == "half-linear" and gen["resolution"] == 128
+
+
+def test_wrong_layouts_are_caught(tmp_path: Path):
+    """Negative controls: the two classic export bugs change the logits far beyond TOL."""
+    model = make_checkpoint(tmp_path / "run", 2, num_kv_heads=2)
+    export_to_hf(tmp_path / "run", tmp_path / "hf")
+    hf = TokenShuffleForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    attn = hf.model.layers[0].self_attn
+    with torch.no_grad():  # q/k rows in "interleaved" RoPE order instead of rotate-half
+        for proj in (attn.q_proj, attn.k_proj):
+            w = proj.weight.view(-1, 16, 64)
+            proj.weight.copy_(torch.cat([w[:, 0::2], w[:, 1::2]], dim=1).view(-1, 64))
+    assert max(max_diffs(model, hf, 2)) > 1e-2
+    hf = TokenShuffleForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    hf.config.rope_theta = 500000.0
+    assert max(max_diffs(model, hf, 2)) > 1e-2
+
+
+def test_auto_model_trust_remote_code_and_shards(tmp_path: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = make_checkpoint(tmp_path / "run", 2)
+    export_to_hf(tmp_path / "run", tmp_path / "hf", max_shard_size="100KB")
+    shards = sorted(p.name for p in (tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 3 and (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    assert AutoConfig.from_pretrained(tmp_path / "hf", trust_remote_code=True).model_type == (
+        "token_shuffle"
+    )
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
+    assert type(hf).__module__.startswith("transformers_modules")  # the copied code, not ours
+    assert max(max_diffs(model, hf.eval(), 2)) < TOL
+
+
+def test_kv_cache_forward_equals_full_forward(tmp_path: Path):
+    make_checkpoint(tmp_path / "run", 2)
+    export_to_hf(tmp_path / "run", tmp_path / "hf")
+    hf = TokenShuffleForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    text, codes = random_batch(2)
+    windows = grid_to_windows(codes, 2)  # (B, 16, 4)
+    with torch.no_grad():
+        full = hf(input_ids=text, image_windows=windows).image_logits
+        cache = hf.new_cache()
+        steps = [hf(input_ids=text, past_key_values=cache, text_logits=False).image_logits]
+        steps.append(hf(image_windows=windows[:, :5], past_key_values=cache).image_logits)
+        for i in range(5, windows.shape[1]):
+            steps.append(
+                hf(image_windows=windows[:, i : i + 1], past_key_values=cache).image_logits
+            )
+    cached = torch.cat(steps, dim=1)
+    assert cached.shape == full.shape == (2, 17, 4, 384)
+    assert (cached - full).abs().max().item() < 1e-5
+
+
+def test_round_trip_export_import(tmp_path: Path):
+    model = make_checkpoint(tmp_path / "run", 2, num_kv_heads=2)
+    export_to_hf(tmp_path / "run", tmp_path / "hf", max_shard_size="200KB")
+    ckpt = import_from_hf(tmp_path / "hf", tmp_path / "back")
+    back = load_full_state_dict(ckpt)
+    for name, tensor in model.state_dict().items():
+        if isinstance(tensor, torch.Tensor):
+            assert torch.equal(back[name], tensor), name
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["stage"]["caption_len"] == 6 and meta["model_spec"]["shuffle_window"] == 2
+
+
+def test_llama_import_keeps_text_logits(tmp_path: Path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=50000.0,
+        tie_word_embeddings=False,
+    )
+    llama = LlamaForCausalLM(cfg).eval()
+    llama.save_pretrained(tmp_path / "llama")
+    ckpt = import_from_hf(tmp_path / "llama", tmp_path / "ckpt", codebook_size=64, shuffle_window=2)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    spec = ModelSpec.from_dict(meta["model_spec"])
+    assert spec.vocab.text_size == 300 and spec.padded_vocab == 384 and spec.rope_theta == 50000.0
+    model = TokenShuffleLM(spec, seed=99).eval()
+    load_into_model(model, ckpt, 0, 1)
+    # token-shuffle starts as compress/concat (+ identity residual blocks)
+    assert torch.count_nonzero(model.input_stage.shuffle.blocks[0].fc2.weight) == 0
+    gen = torch.Generator().manual_seed(1)
+    text = torch.randint(0, 300, (2, 10), generator=gen)
+    codes = torch.randint(0, 64, (2, 4, 4), generator=gen)
+    with torch.no_grad():
+        ours, _ = model(text, codes)  # (T-1, B, 384)
+        ref = llama(input_ids=text).logits  # (B, T, 300)
+    diff = (ours.transpose(0, 1)[..., :300] - ref[:, :9]).abs().max().item()
+    assert diff < TOL, diff
