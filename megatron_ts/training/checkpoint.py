@@ -12,7 +12,9 @@ at the next start.
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -142,6 +144,9 @@ def save_checkpoint(
     if loader_state is not None and tp_rank == 0 and parallel_state.get_pipeline_model_parallel_rank() == 0:
         (tmp / "loader" / f"dp_{dp_rank:05d}.json").write_text(json.dumps(loader_state))
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    if os.environ.get("MEGATRON_TS_KILL_IN_SAVE") == str(state.global_step):
+        # Fault injection for the atomicity test: die with the save half written.
+        os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()
     final = root / name
     if rank == 0:

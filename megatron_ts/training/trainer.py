@@ -336,8 +336,12 @@ class Trainer:
 
 def run(cfg: Config) -> int:
     """Trains `cfg` to the end (or to a signal); returns the process exit code."""
+    from megatron_ts.checkpoint.model_files import CheckpointError
+    from megatron_ts.data.sources import DataSourceError
+    from megatron_ts.vocab import VocabMismatchError
+
     try:
         return Trainer(cfg).run()
-    except TrainingError as err:
-        log.error("%s", err)
+    except (TrainingError, CheckpointError, DataSourceError, VocabMismatchError) as err:
+        log.error("%s: %s", type(err).__name__, err)
         return EXIT_ERROR
