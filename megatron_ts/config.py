@@ -48,7 +48,7 @@ class ModelConfig:
     """Named size from `megatron_ts.models.flavors.FLAVORS` (debug, demo, 2.7B, 7B)."""
     shuffle_window: int = 1
     """Token-shuffle window s: s x s image tokens share one position. 1 disables shuffling.
-    Curriculum stages may override it."""
+    Used when no curriculum is given; each curriculum stage sets its own (stage default 1)."""
     shuffle_mlp_blocks: int = 2
     """Residual MLP blocks on each side of token-shuffle / token-unshuffle."""
     hidden_size: int | None = None
