@@ -13,6 +13,7 @@ the same way (set TS_PARITY_RUN_DIR to check an existing one).
 
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from pathlib import Path
@@ -84,66 +85,106 @@ def _save(stages: dict, ckpt: Path, tp_rank: int, spec, layout: dict, rank: int)
     dist.barrier()
 
 
-def _worker(rank: int, world: int, root: str) -> dict:
+def _forward(kind: str, stages: dict, text, codes, spec, rank: int):
+    """Logits of the distributed model: TP = 2 gathers the vocabulary, PP = 2 sends hidden."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_ts.distributed.init import init_distributed, init_model_parallel
+    with torch.no_grad():
+        if kind == "tp2":
+            x = (text, codes)
+            for idx in sorted(stages):
+                x = stages[idx].eval()(x)
+            logits = []
+            for part in x:  # vocabulary-parallel -> full vocabulary
+                pieces = [torch.empty_like(part) for _ in range(2)]
+                group = parallel_state.get_tensor_model_parallel_group()
+                dist.all_gather(pieces, part.contiguous(), group=group)
+                logits.append(torch.cat(pieces, dim=-1))
+        elif rank == 0:
+            x = (text, codes)
+            for idx in sorted(stages):
+                x = stages[idx].eval()(x)
+            dist.send(x[0].contiguous(), dst=1)  # (S, B, d) to the next stage
+            logits = None
+        else:
+            s = text.shape[1] + (codes.shape[1] // spec.shuffle_window) ** 2
+            hidden = torch.empty(s, text.shape[0], spec.shape.hidden_size)
+            dist.recv(hidden, src=0)
+            x = (hidden, torch.tensor([text.shape[1]]))
+            for idx in sorted(stages):
+                x = stages[idx].eval()(x)
+            logits = list(x)
+    gathered = [None, None]
+    dist.all_gather_object(gathered, logits)
+    return gathered[0] if gathered[0] is not None else gathered[1]
+
+
+def _local_stages(kind: str, spec, rank: int) -> tuple[dict, int]:
+    """This rank's stage modules for the layout, and its TP rank."""
+    from megatron_ts.distributed.init import init_model_parallel
     from megatron_ts.models.model import build_stage_modules
+
+    if kind == "tp2":
+        init_model_parallel(2, 1)
+        return dict(enumerate(build_stage_modules(spec, SEED))), rank
+    init_model_parallel(1, 2)
+    n = spec.shape.num_layers
+    everything = build_stage_modules(spec, SEED)
+    mine = range(0, 1 + n // 2) if rank == 0 else range(1 + n // 2, n + 2)
+    return {i: everything[i] for i in mine}, 0
+
+
+def _worker(rank: int, world: int, root: str, trained: list) -> dict:
+    import dataclasses
+
+    from megatron_ts.checkpoint.model_files import load_into_model, read_meta, resolve_checkpoint
+    from megatron_ts.distributed.init import init_distributed
+    from megatron_ts.models.model import ModelSpec
 
     init_distributed("gloo")
     out = {}
     for kind, window in CASES:
         text, codes = _batch(window)
         ckpt = Path(root) / f"{kind}-s{window}" / "checkpoints" / "step_00000002"
-        if kind == "tp2":
-            init_model_parallel(2, 1)
-            spec = _spec(window, tp=2)
-            stages = dict(enumerate(build_stage_modules(spec, SEED)))
-            tp_rank = parallel_state.get_tensor_model_parallel_rank()
-            _randomize(stages, spec.shape.num_layers, tp_rank, 2)
-            x = (text, codes)
-            with torch.no_grad():
-                for idx in sorted(stages):
-                    x = stages[idx].eval()(x)
-            logits = []
-            for part in x:  # vocabulary-parallel -> full vocabulary
-                pieces = [torch.empty_like(part) for _ in range(2)]
-                dist.all_gather(
-                    pieces,
-                    part.contiguous(),
-                    group=parallel_state.get_tensor_model_parallel_group(),
-                )
-                logits.append(torch.cat(pieces, dim=-1))
-            _save(stages, ckpt, tp_rank, spec, {"tensor": 2, "pipeline": 1, "data": 1}, rank)
-        else:
-            init_model_parallel(1, 2)
-            spec = _spec(window, tp=1)
-            n = spec.shape.num_layers
-            everything = build_stage_modules(spec, SEED)
-            mine = range(0, 1 + n // 2) if rank == 0 else range(1 + n // 2, n + 2)
-            stages = {i: everything[i].eval() for i in mine}
-            _randomize(stages, n, 0, 1)
-            s = CAPTION + 2 + (GRID // window) ** 2
-            with torch.no_grad():
-                if rank == 0:
-                    x = (text, codes)
-                    for idx in mine:
-                        x = stages[idx](x)
-                    dist.send(x[0].contiguous(), dst=1)  # (S, B, d) to the next stage
-                    logits = None
-                else:
-                    hidden = torch.empty(s, 2, spec.shape.hidden_size)
-                    dist.recv(hidden, src=0)
-                    x = (hidden, torch.tensor([CAPTION + 2]))
-                    for idx in mine:
-                        x = stages[idx](x)
-                    logits = list(x)
-            _save(stages, ckpt, 0, spec, {"tensor": 1, "pipeline": 2, "data": 1}, rank)
-        gathered = [None, None]
-        dist.all_gather_object(gathered, logits)
-        out[f"{kind}-s{window}"] = gathered[0] if gathered[0] is not None else gathered[1]
+        tp = 2 if kind == "tp2" else 1
+        spec = _spec(window, tp=tp)
+        stages, tp_rank = _local_stages(kind, spec, rank)
+        _randomize(stages, spec.shape.num_layers, tp_rank, tp)
+        out[f"{kind}-s{window}"] = _forward(kind, stages, text, codes, spec, rank)
+        layout = {"tensor": tp, "pipeline": 2 // tp, "data": 1}
+        _save(stages, ckpt, tp_rank, spec, layout, rank)
+
+    # runs trained by the real trainer (ts-train's `run`), then reloaded into the same layout
+    for kind, run_dir, overrides in trained:
+        from megatron_ts.config import load_config
+        from megatron_ts.training.trainer import run
+
+        cfg = load_config(
+            Path(__file__).resolve().parents[2] / "pretrain/configs/debug.toml",
+            ["--job.run_dir", run_dir, "--data.num_workers", "0", *overrides],
+        )
+        if run(cfg) != 0:
+            raise RuntimeError(f"training {run_dir} failed")
+        ckpt = resolve_checkpoint(run_dir)
+        meta = read_meta(ckpt)
+        spec = ModelSpec.from_dict(meta["model_spec"])
+        spec = dataclasses.replace(spec, tensor_parallel=2 if kind == "tp2" else 1)
+        stages, tp_rank = _local_stages(kind, spec, rank)
+        load_into_model(stages, ckpt, tp_rank, spec.tensor_parallel)
+        text, codes = _trained_batch(spec, meta["stage"])
+        out[Path(run_dir).name] = _forward(kind, stages, text, codes, spec, rank)
     return out
+
+
+def _trained_batch(spec, stage: dict):
+    gen = torch.Generator().manual_seed(5)
+    text = torch.randint(0, spec.vocab.size, (2, stage["caption_len"] + 2), generator=gen)
+    text[:, 0], text[:, -1] = spec.vocab.bos_id, spec.vocab.boi_id
+    codes = torch.randint(
+        0, spec.vocab.codebook_size, (2, stage["grid"], stage["grid"]), generator=gen
+    )
+    return text, codes
 
 
 def hf_logits(export_dir: Path, text: torch.Tensor, codes: torch.Tensor):
@@ -160,43 +201,33 @@ def hf_logits(export_dir: Path, text: torch.Tensor, codes: torch.Tensor):
     return out.logits[:, : text.shape[1] - 1], out.image_logits[:, :n]
 
 
-def check_export_parity(run_dir: Path, out_dir: Path, reference=None, seed: int = 0) -> float:
+def check_export_parity(run_dir: Path, out_dir: Path, reference=None, batch=None) -> float:
     """Exports `run_dir` and compares HF logits with the training model's; returns max diff.
 
     Args:
         run_dir: run, checkpoints or step directory.
         out_dir: where to export.
-        reference: (text logits (T-1, B, V), image logits (N, B, s^2, V)) computed by the
-            training model on `_batch(s)`; None computes them with a TP = 1 TokenShuffleLM
-            loaded from the checkpoint (needs a 1-rank parallel state in this process).
-        seed: batch seed when `reference` is None.
+        reference: (text logits (T-1, B, V), image logits (N, B, s^2, V)) the training model
+            computed on `batch`; None computes them with a TP = 1 TokenShuffleLM loaded from the
+            checkpoint (needs a 1-rank parallel state in this process).
+        batch: (text, codes); None builds one from the checkpoint's stage (`_trained_batch`).
     """
-    from megatron_ts.checkpoint.model_files import read_meta, resolve_checkpoint
+    import dataclasses
+
+    from megatron_ts.checkpoint.model_files import load_into_model, read_meta, resolve_checkpoint
     from megatron_ts.hf.export import export_to_hf
-    from megatron_ts.models.model import ModelSpec
+    from megatron_ts.models.model import ModelSpec, TokenShuffleLM
 
     ckpt = resolve_checkpoint(run_dir)
     meta = read_meta(ckpt)
     spec = ModelSpec.from_dict(meta["model_spec"])
     export_to_hf(ckpt, out_dir)
+    text, codes = batch if batch is not None else _trained_batch(spec, meta["stage"])
     if reference is None:
-        import dataclasses
-
-        from megatron_ts.checkpoint.model_files import load_into_model
-        from megatron_ts.models.model import TokenShuffleLM
-
-        grid = meta["stage"]["grid"] if "grid" in meta.get("stage", {}) else GRID
-        gen = torch.Generator().manual_seed(seed)
-        caption = meta.get("stage", {}).get("caption_len", CAPTION)
-        text = torch.randint(0, spec.vocab.size, (2, caption + 2), generator=gen)
-        text[:, 0], text[:, -1] = spec.vocab.bos_id, spec.vocab.boi_id
-        codes = torch.randint(0, spec.vocab.codebook_size, (2, grid, grid), generator=gen)
         model = TokenShuffleLM(dataclasses.replace(spec, tensor_parallel=1)).eval()
         load_into_model(model, ckpt, 0, 1)
         with torch.no_grad():
             reference = model(text, codes)
-    else:
-        text, codes = _batch(spec.shuffle_window)
     text_ref, img_ref = reference
     text_hf, img_hf = hf_logits(out_dir, text, codes)
     d_text = (text_hf - text_ref.transpose(0, 1)).abs().max().item()
@@ -206,15 +237,40 @@ def check_export_parity(run_dir: Path, out_dir: Path, reference=None, seed: int 
 
 def test_tp2_and_pp2_checkpoints_export_with_exact_logits(tmp_path: Path):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    results = run_distributed(_worker, 2, str(tmp_path))[0]
+    trained = [
+        (
+            "tp2",
+            str(tmp_path / "trained-tp2-s2"),
+            ["--train.steps", "2", "--parallel.tensor", "2", "--train.global_batch", "2"],
+        ),
+        (
+            "pp2",
+            str(tmp_path / "trained-pp2-s1"),
+            ["--train.steps", "2", "--parallel.pipeline", "2", "--model.shuffle_window", "1"],
+        ),
+    ]
+    results = run_distributed(_worker, 2, str(tmp_path), trained)[0]
     diffs = {}
     for name, reference in results.items():
-        diffs[name] = check_export_parity(tmp_path / name, tmp_path / f"hf-{name}", reference)
+        if name.startswith("trained"):
+            meta = json.loads((tmp_path / name / "checkpoints/step_00000002/meta.json").read_text())
+            from megatron_ts.models.model import ModelSpec
+
+            batch = _trained_batch(ModelSpec.from_dict(meta["model_spec"]), meta["stage"])
+        else:
+            batch = _batch(int(name[-1]))
+        diffs[name] = check_export_parity(
+            tmp_path / name, tmp_path / f"hf-{name}", reference, batch
+        )
     print("max abs diff per case:", diffs)
     assert all(d < TOL for d in diffs.values()), diffs
     # the layouts really were sharded: two TP files per layer, one per layer for PP
     assert len(list((tmp_path / "tp2-s2/checkpoints/step_00000002/model").iterdir())) == 2 * 4
     assert len(list((tmp_path / "pp2-s2/checkpoints/step_00000002/model").iterdir())) == 4
+    trained = json.loads(
+        (tmp_path / "trained-pp2-s1/checkpoints/step_00000002/meta.json").read_text()
+    )
+    assert trained["layout"]["pipeline"] == 2 and trained["train_state"]["global_step"] == 2
 
 
 @pytest.mark.skipif(not os.environ.get("TS_PARITY_RUN_DIR"), reason="set TS_PARITY_RUN_DIR=RUN")
