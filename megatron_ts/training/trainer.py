@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -40,6 +41,10 @@ log = get_logger(__name__)
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_REQUEUE = 75
+
+# Test hook (docs/checkpoint.md): seconds to sleep before every step, so signal and
+# preemption tests can hit a run in the middle.
+_STEP_DELAY = float(os.environ.get("MEGATRON_TS_STEP_DELAY", "0"))
 
 
 class TrainingError(RuntimeError):
@@ -177,7 +182,9 @@ class Trainer:
             return restored
         source = latest
         if source is None and cfg.checkpoint.load:
-            source = Path(cfg.checkpoint.load)
+            from megatron_ts.checkpoint.model_files import resolve_checkpoint
+
+            source = resolve_checkpoint(cfg.checkpoint.load)
         if source is not None:
             _, _, mode = load_checkpoint(
                 source,
@@ -230,6 +237,8 @@ class Trainer:
                 )
                 engine.set_lr(lr)
                 start = time.perf_counter()
+                if _STEP_DELAY:
+                    time.sleep(_STEP_DELAY)
                 result = engine.train_step(batches)
                 elapsed = time.perf_counter() - start
                 state.global_step += 1
@@ -340,8 +349,13 @@ def run(cfg: Config) -> int:
     from megatron_ts.data.sources import DataSourceError
     from megatron_ts.vocab import VocabMismatchError
 
+    from megatron_ts.config import ConfigError
+
     try:
         return Trainer(cfg).run()
+    except ConfigError as err:
+        log.error("config error: %s", err)
+        return 2
     except (TrainingError, CheckpointError, DataSourceError, VocabMismatchError) as err:
         log.error("%s: %s", type(err).__name__, err)
         return EXIT_ERROR
