@@ -49,3 +49,15 @@ def s3_bucket(s3_endpoint):
     name = f"ts-test-{uuid.uuid4().hex[:12]}"
     make_client(s3_endpoint).create_bucket(Bucket=name)
     return s3_endpoint, name
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip with a visible reason on machines without CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: no GPU on this machine (run on a GPU node)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -52,7 +52,9 @@ def _micro_batches(vocab, dp_rank: int, dp: int):
         step += 1
 
 
-def _loss_curve(tp: int, pp: int, zero: int, z_loss: float = 1e-3) -> list[tuple[float, float]]:
+def _loss_curve(
+    tp: int, pp: int, zero: int, z_loss: float = 1e-3, device: str = "cpu"
+) -> list[tuple[float, float]]:
     import torch
     from megatron.core import parallel_state
 
@@ -78,7 +80,7 @@ def _loss_curve(tp: int, pp: int, zero: int, z_loss: float = 1e-3) -> list[tuple
     init_model_parallel(tp, pp)
     vocab = VocabLayout(256, 512)
     spec = ModelSpec.from_config(cfg.model, vocab, 2, tp)
-    engine = StageEngine(spec, stage, cfg.parallel, cfg.optim, 1.0, 7, torch.device("cpu"), False)
+    engine = StageEngine(spec, stage, cfg.parallel, cfg.optim, 1.0, 7, torch.device(device), False)
     batches = _micro_batches(
         vocab, parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     )
