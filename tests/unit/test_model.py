@@ -363,3 +363,11 @@ def test_large_flavor_param_counts():
         "total": 7_016_288_256,
     }
     assert param_counts(FLAVORS["7B"], padded, 1, 2)["total"] == 6_873_681_920
+
+
+def test_small_flavor_counts_with_default_codebook():
+    """The counts beside debug/demo in flavors.py: byte text + 16384 codes = 16,768 rows, s = 2."""
+    padded = VocabLayout(text_size=256, codebook_size=16384).padded_size(128)
+    assert padded == 16_768
+    assert param_counts(FLAVORS["debug"], padded, 2, 2)["total"] == 2_281_792
+    assert param_counts(FLAVORS["demo"], padded, 2, 2)["total"] == 8_523_456
