@@ -16,8 +16,10 @@ it and drop `offset` samples; earlier windows and epochs are skipped without rea
 
 from __future__ import annotations
 
+import ast
 import io
 import itertools
+import math
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -96,6 +98,40 @@ class ErrorTracker:
             )
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_npy_headers: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
+
+
+def load_npy(buf: bytes) -> np.ndarray:
+    """Decodes a .npy file from bytes (read-only view), caching parsed headers.
+
+    Equivalent to `np.load(io.BytesIO(buf), allow_pickle=False)` for plain dtypes; the headers of
+    token shards repeat (one per caption length), and parsing them is most of np.load's cost.
+
+    Raises:
+        ValueError: not a .npy file, an object dtype, or fewer bytes than the header promises.
+    """
+    if buf[:6] != _NPY_MAGIC:
+        raise ValueError("not a .npy file (bad magic)")
+    if buf[6] == 1:
+        start, hlen = 10, int.from_bytes(buf[8:10], "little")
+    else:
+        start, hlen = 12, int.from_bytes(buf[8:12], "little")
+    header = buf[start : start + hlen]
+    info = _npy_headers.get(header)
+    if info is None:
+        meta = ast.literal_eval(header.decode("latin1"))
+        dtype = np.dtype(meta["descr"])
+        if dtype.hasobject:
+            raise ValueError("object arrays are not allowed in token shards")
+        info = (dtype, tuple(meta["shape"]), bool(meta["fortran_order"]))
+        if len(_npy_headers) < 4096:
+            _npy_headers[header] = info
+    dtype, shape, fortran = info
+    arr = np.frombuffer(buf, dtype=dtype, count=math.prod(shape), offset=start + hlen)
+    return arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
+
+
 # ----------------------------------------------------------------------------------------------
 # Stages (each a generator over an iterator; unit-tested on in-memory data)
 # ----------------------------------------------------------------------------------------------
@@ -167,8 +203,8 @@ def decode_records(
                 raise ValueError(
                     f"missing member {CODES_FIELD if CODES_FIELD not in rec else IDS_FIELD}"
                 )
-            codes = np.load(io.BytesIO(rec[CODES_FIELD]), allow_pickle=False)
-            ids = np.load(io.BytesIO(rec[IDS_FIELD]), allow_pickle=False)
+            codes = load_npy(rec[CODES_FIELD])
+            ids = load_npy(rec[IDS_FIELD])
             if codes.shape != (grid, grid):
                 raise ValueError(f"codes shape {codes.shape}, expected ({grid}, {grid})")
             if not np.issubdtype(codes.dtype, np.integer):
