@@ -7,6 +7,7 @@ computed once in a subprocess and checked against the formulas it reports.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -59,8 +60,11 @@ z_loss = 1e-5
 
 
 def ts_train(*args: str) -> subprocess.CompletedProcess:
+    """Runs the installed `ts-train` console script (the module when it is not on PATH)."""
+    exe = shutil.which("ts-train")
+    command = [exe] if exe else [sys.executable, "-m", "pretrain.train"]
     return subprocess.run(
-        [sys.executable, "-m", "pretrain.train", *args],
+        [*command, *args],
         capture_output=True,
         text=True,
         timeout=120,
