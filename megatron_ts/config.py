@@ -176,6 +176,9 @@ class DataConfig:
     """Allow fewer shards than DP ranks x workers by resampling shards (no exact epochs)."""
     s3_endpoint: str | None = None
     """Endpoint URL for S3-compatible stores; None uses AWS."""
+    on_dp_change: str = "error"
+    """Resuming with another data-parallel size: error (stop with a message) or next_epoch
+    (re-split the shards deterministically from the next epoch, no repeats; docs/loader.md)."""
     synthetic: bool = False
     """Train on random codes and captions (throughput runs without data)."""
 
@@ -572,6 +575,7 @@ _CHOICES = {
     "parallel.backend": ("auto", "nccl", "gloo"),
     "optim.schedule": ("cosine", "linear", "constant", "wsd"),
     "train.precision": ("auto", "bf16", "fp32"),
+    "data.on_dp_change": ("error", "next_epoch"),
 }
 
 
@@ -639,6 +643,7 @@ def validate(cfg: Config, world_size: int | None = 1) -> list[ResolvedStage]:
     choice("parallel.backend", cfg.parallel.backend)
     choice("optim.schedule", cfg.optim.schedule)
     choice("train.precision", cfg.train.precision)
+    choice("data.on_dp_change", cfg.data.on_dp_change)
 
     shape = resolve_model_shape(cfg.model)
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):

@@ -169,6 +169,7 @@ class Trainer:
                 dp_rank=parallel_state.get_data_parallel_rank(),
                 dp_size=parallel_state.get_data_parallel_world_size(),
                 downsample=cfg.tokenizer.downsample,
+                on_dp_change=cfg.data.on_dp_change,
             )
         return engine, loader
 
@@ -280,9 +281,26 @@ class Trainer:
                     cfg.checkpoint.interval_minutes > 0
                     and time.monotonic() - last_save > 60 * cfg.checkpoint.interval_minutes
                 )
-                if stop or (due and state.stage_step < stage.steps):
-                    self._save(engine, state, loader, meta_extra)
+                preview = (
+                    cfg.logging.preview_interval > 0
+                    and cfg.logging.preview_prompts
+                    and state.global_step % cfg.logging.preview_interval == 0
+                )
+                if stop or preview or (due and state.stage_step < stage.steps):
+                    saved = self._save(engine, state, loader, meta_extra)
                     last_save = time.monotonic()
+                    if preview and self.rank == 0:
+                        from megatron_ts.training.preview import write_previews
+
+                        write_previews(
+                            saved,
+                            cfg.tokenizer,
+                            cfg.logging.preview_prompts,
+                            stage,
+                            self.run_dir / "previews",
+                            state.global_step,
+                            self.metrics,
+                        )
                 if stop:
                     log.warning("signal received: checkpointed at step %d, exiting %d for requeue", state.global_step, EXIT_REQUEUE)
                     return EXIT_REQUEUE
@@ -299,8 +317,8 @@ class Trainer:
             del engine
             gc.collect()
 
-    def _save(self, engine: StageEngine, state: TrainState, loader, meta_extra: dict) -> None:
-        save_checkpoint(
+    def _save(self, engine: StageEngine, state: TrainState, loader, meta_extra: dict) -> Path:
+        return save_checkpoint(
             self.run_dir,
             engine,
             state,

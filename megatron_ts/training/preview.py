@@ -1,0 +1,63 @@
+"""Preview images during training, drawn by the same sampler as `ts-generate`.
+
+Previews are taken from a checkpoint the trainer has just saved, on rank 0 only: the weights are
+read back one layer at a time from the layout-independent model files, so no collective is
+needed whatever the TP/PP layout. The other ranks continue and meet rank 0 at the next step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron_ts.config import ResolvedStage, TokenizerConfig
+from megatron_ts.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def write_previews(
+    ckpt_dir: Path,
+    tokenizer: TokenizerConfig,
+    prompts: list[str],
+    stage: ResolvedStage,
+    out_dir: Path,
+    step: int,
+    metrics=None,
+) -> list[Path]:
+    """Samples one image per prompt from `ckpt_dir`; writes PNGs and TensorBoard images.
+
+    Returns:
+        The PNG paths (empty when no VQ checkpoint is configured to decode codes).
+    """
+    if not tokenizer.vq_checkpoint:
+        log.warning("logging.preview_prompts set but tokenizer.vq_checkpoint is not: no previews")
+        return []
+    import numpy as np
+
+    from megatron_ts.checkpoint.model_files import load_full_state_dict, read_meta
+    from megatron_ts.hf.build import build_plain_model
+    from megatron_ts.models.model import ModelSpec
+    from megatron_ts.sampling.sampler import SamplingConfig, generate, save_png
+    from megatron_ts.tokenizers.text import load_text_tokenizer
+    from megatron_ts.tokenizers.vq import load_vq
+
+    spec = ModelSpec.from_dict(read_meta(ckpt_dir)["model_spec"])
+    model = build_plain_model(
+        spec,
+        load_full_state_dict(ckpt_dir),
+        caption_len=stage.caption_len,
+        resolutions=(stage.resolution,),
+        vq_downsample=tokenizer.downsample,
+    )
+    vq = load_vq(tokenizer.vq_format, tokenizer.vq_checkpoint)
+    sampling = SamplingConfig(cfg=3.0, temperature=1.0, top_k=0, seed=step, resolution=stage.resolution)
+    result = generate(model, vq, load_text_tokenizer(tokenizer.text), prompts, sampling, batch_size=len(prompts))
+    out_dir = Path(out_dir) / f"step_{step:08d}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (image, prompt) in enumerate(zip(result.images, result.prompts)):
+        paths.append(save_png(image, out_dir / f"{i:02d}.png", prompt, {**result.settings, "step": step}))
+        if metrics is not None:
+            metrics.image(f"preview/{i:02d}", np.asarray(image.convert("RGB")), step)
+    log.info("wrote %d preview images to %s", len(paths), out_dir)
+    return paths
