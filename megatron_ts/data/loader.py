@@ -17,6 +17,7 @@ plain loop when `num_workers = 0` / `processes=False`), never in order of arriva
 from __future__ import annotations
 
 import atexit
+import inspect
 import time
 import weakref
 from collections.abc import Iterator
@@ -169,6 +170,9 @@ class TokenLoader:
         rotation = self._batches % self.num_workers
         if self.processes:
             dataset = _WorkerDataset(self.plan, [dict(s) for s in self._workers], rotation)
+            kwargs = {}
+            if "in_order" in inspect.signature(DataLoader).parameters:  # torch >= 2.6
+                kwargs["in_order"] = True  # batch i from worker i % W, whatever finishes first
             loader = DataLoader(
                 dataset,
                 batch_size=None,
@@ -177,7 +181,7 @@ class TokenLoader:
                 prefetch_factor=self.prefetch_factor,
                 multiprocessing_context=self.mp_context,
                 persistent_workers=False,
-                in_order=True,  # batch i from worker i % W, whatever order they finish in
+                **kwargs,
             )
             self._dl_iter = iter(loader)
             _LIVE.add(self)

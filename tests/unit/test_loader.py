@@ -325,6 +325,14 @@ def test_metrics_report_throughput_wait_and_bytes(sources):
     }
     assert m["samples_per_s"] > 0 and 0.0 < m["data_wait_fraction"] <= 1.0
     assert m["bytes_read"] > 0 and m["retries"] == 0 and m["skipped_samples"] == 0
+    # A trainer that computes for a while between batches mostly does not wait for data.
+    import time
+
+    for _ in range(4):
+        time.sleep(0.05)
+        next(loader)
+    m = loader.metrics()
+    assert m["data_wait_fraction"] < 0.5 and 0 < m["samples_per_s"] < 4 / 0.05 * 1.1
 
 
 def test_interpreter_exits_with_live_worker_processes(sources):
