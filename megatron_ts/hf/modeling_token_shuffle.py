@@ -335,6 +335,7 @@ class TokenShuffleForCausalLM(TokenShufflePreTrainedModel):
         use_cache: bool | None = None,
         text_logits: bool = True,
         image_logits: bool | None = None,
+        image_logits_to_keep: int = 0,
         return_dict: bool | None = None,
         **kwargs,
     ) -> TokenShuffleOutput:
@@ -349,6 +350,8 @@ class TokenShuffleForCausalLM(TokenShufflePreTrainedModel):
             text_logits: compute `logits` for the text positions.
             image_logits: compute `image_logits`; None means when windows are given or the last
                 text id is `<boi>`.
+            image_logits_to_keep: compute image logits for the last k positions only (0: all);
+                decoding without a cache needs only the last.
             return_dict: accepted for API compatibility; the output is always a ModelOutput.
 
         Returns:
@@ -366,6 +369,8 @@ class TokenShuffleForCausalLM(TokenShufflePreTrainedModel):
         img = None
         if image_logits:
             start = t - 1 if t > 0 else 0  # the <boi> position predicts the first window
+            if image_logits_to_keep:
+                start = max(start, hidden.shape[1] - image_logits_to_keep)
             img = self.image_head(hidden[:, start:])  # (B, n, s^2, V)
         return TokenShuffleOutput(
             logits=logits,

@@ -177,7 +177,12 @@ def sample_codes(
             out = model(image_windows=rows(window)[:, None], past_key_values=cache)
         else:
             so_far = torch.stack(windows, dim=1)  # (B, k, s^2)
-            out = model(input_ids=prompt, image_windows=rows(so_far), text_logits=False)
+            out = model(
+                input_ids=prompt,
+                image_windows=rows(so_far),
+                text_logits=False,
+                image_logits_to_keep=1,
+            )
         logits = out.image_logits[:, -1]
     codes = torch.stack(windows, dim=1)  # (B, N, s^2)
     return windows_to_grid(codes, s, grid)  # (B, G, G)
