@@ -118,8 +118,6 @@ def load_weights_strict(model: TokenShuffleForCausalLM, files: list[Path]) -> No
 
 def load_text_tokenizer_dir(model_dir: Path, config: TokenShuffleConfig):
     """The text tokenizer stored in an export (byte or a `tokenizers` JSON)."""
-    from megatron_ts.tokenizers.text import load_text_tokenizer
-
     info = _read_json(model_dir / "text_tokenizer.json", "the text tokenizer description")
     kind = info.get("type")
     if kind == "byte":
@@ -133,6 +131,8 @@ def load_text_tokenizer_dir(model_dir: Path, config: TokenShuffleConfig):
         spec = str(path)
     else:
         raise ModelDirError(f"{model_dir / 'text_tokenizer.json'}: unknown type {kind!r}")
+    from megatron_ts.tokenizers.text import load_text_tokenizer
+
     tokenizer = load_text_tokenizer(spec)
     if tokenizer.vocab_size != config.text_vocab_size:
         raise ModelDirError(
@@ -144,8 +144,6 @@ def load_text_tokenizer_dir(model_dir: Path, config: TokenShuffleConfig):
 
 def load_vq_dir(model_dir: Path, config: TokenShuffleConfig):
     """The VQ tokenizer stored under `vq/` of an export."""
-    from megatron_ts.tokenizers.vq import load_vq
-
     vq_dir = model_dir / "vq"
     info = _read_json(vq_dir / "config.json", "the VQ tokenizer config")
     ckpt = vq_dir / info.get("checkpoint", "")
@@ -160,6 +158,8 @@ def load_vq_dir(model_dir: Path, config: TokenShuffleConfig):
                 f"{vq_dir / 'config.json'}: {key} {info[key]} but config.json has {want}: the VQ "
                 "tokenizer does not belong to this model"
             )
+    from megatron_ts.tokenizers.vq import load_vq
+
     vq = load_vq(info.get("format", "native"), str(ckpt))
     if int(vq.codebook_size) != config.codebook_size:
         raise ModelDirError(
