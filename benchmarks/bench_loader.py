@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TS_LOG_LEVEL", "WARNING")  # before the package logger is configured
@@ -136,6 +137,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per setting (median)")
     parser.add_argument("--out", default=None, help="shard directory (default: a temp dir)")
     args = parser.parse_args()
+    # One thread, as in a worker process: idle OpenMP threads spinning after torch ops would
+    # otherwise count as CPU time of the in-process worker.
+    torch.set_num_threads(1)
     os.environ.setdefault("TS_LOG_LEVEL", "WARNING")
     os.environ.update(
         AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1"
