@@ -337,7 +337,11 @@ class TokenLoader:
         if same_layout and old.get("micro_batch") == self.plan.micro_batch:
             mine = [s for s in states if s["dp_rank"] == c.dp_rank]
             if not mine:
-                raise LoaderStateError(f"no loader state for dp_rank {c.dp_rank} in the list")
+                have = sorted(s["dp_rank"] for s in states)
+                raise LoaderStateError(
+                    f"loader state for dp_rank {c.dp_rank} needed, got states of dp ranks {have}; "
+                    "pass this rank's own saved state"
+                )
             self._restore(mine[0]["batches"], mine[0]["workers"])
             return
         change = (

@@ -255,6 +255,26 @@ def test_corrupt_sample_is_skipped_and_counted_then_stops_past_the_rate(tmp_path
         _take(strict, 30)
 
 
+def test_resume_is_exact_with_corrupt_samples_in_the_replayed_window(tmp_path):
+    src = _corrupt_source(tmp_path)
+    stage = make_stage([(str(src), 1.0)], micro_batch=3)
+    cfg = make_data_cfg(num_workers=1, max_error_rate=0.05, shuffle_buffer=16)
+
+    def build():
+        return build_loader(cfg, stage, VOCAB, seed=2, dp_rank=0, dp_size=1, downsample=DOWNSAMPLE)
+
+    full = _take(build(), 50)  # 150 samples: past the corrupt one and into epoch 1
+    for cut in (1, 17, 40):
+        first = build()
+        head = _take(first, cut)
+        second = build()
+        second.load_state_dict(first.state_dict())
+        _same_batches(full, head + _take(second, 50 - cut))
+        assert "c-000-0003" not in _keys(full)
+    with pytest.raises(LoaderStateError, match=r"dp_rank 0 needed, got states of dp ranks \[1\]"):
+        build().load_state_dict(dict(first.state_dict(), dp_rank=1))
+
+
 def test_worker_process_error_reaches_the_trainer_naming_shard_and_key(tmp_path):
     src = _corrupt_source(tmp_path)
     stage = make_stage([(str(src), 1.0)])
