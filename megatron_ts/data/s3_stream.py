@@ -79,7 +79,6 @@ _default_endpoint: str | None = None
 
 def get_client(endpoint_url: str | None = None):
     """A boto3 S3 client per (process, endpoint), created lazily (clients do not survive fork)."""
-    endpoint_url = endpoint_url or _default_endpoint
     key = (os.getpid(), endpoint_url)
     with _clients_lock:
         client = _clients.get(key)
@@ -293,7 +292,8 @@ def read_bytes(url: str, endpoint_url: str | None = None) -> bytes:
 def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> io.BufferedReader:
     if mode not in ("rb", "r"):
         raise ValueError(f"{url}: the s3 scheme is read-only (mode {mode!r})")
-    return open_url(url, endpoint_url=kw.get("endpoint_url"), counters=kw.get("counters"))
+    endpoint_url = kw.get("endpoint_url") or _default_endpoint
+    return open_url(url, endpoint_url=endpoint_url, counters=kw.get("counters"))
 
 
 def register_s3_scheme(endpoint_url: str | None = None) -> None:
