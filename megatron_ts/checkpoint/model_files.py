@@ -302,9 +302,9 @@ def iter_full_state_dict(ckpt_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     Only one parameter's shards and its merged copy are in memory at a time.
 
     Args:
-        ckpt_dir: a step directory (see `resolve_checkpoint`).
+        ckpt_dir: a run, checkpoints or step directory (see `resolve_checkpoint`).
     """
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = resolve_checkpoint(ckpt_dir)
     num_layers = num_model_layers(ckpt_dir)
     files = layer_files(ckpt_dir, num_layers)
     for layer in range(num_layers + 2):
@@ -316,7 +316,7 @@ def iter_full_state_dict(ckpt_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def iter_full_shapes(ckpt_dir: Path) -> Iterator[tuple[str, tuple[int, ...]]]:
     """Yields (TokenShuffleLM name, full shape) in `iter_full_state_dict` order, headers only."""
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = resolve_checkpoint(ckpt_dir)
     num_layers = num_model_layers(ckpt_dir)
     files = layer_files(ckpt_dir, num_layers)
     for layer in range(num_layers + 2):

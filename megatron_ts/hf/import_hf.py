@@ -137,6 +137,7 @@ def _write_checkpoint(out: Path, spec: ModelSpec, items, meta_extra: dict) -> Pa
             "step": 0,
             "model_spec": spec_dict,
             "layout": {"tensor": 1, "pipeline": 1, "data": 1},
+            "train_state": {},  # a fresh start: the trainer's TrainState defaults
             **meta_extra,
         },
     )

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_ts.hf.weights import AttentionShape
 from tests.distributed.launcher import run_distributed
 
 TOL = 1e-4
@@ -235,6 +236,21 @@ def check_export_parity(run_dir: Path, out_dir: Path, reference=None, batch=None
     return max(d_text, d_img)
 
 
+def _debug_export(out: Path) -> dict[str, torch.Tensor]:
+    """A random HF export shaped like pretrain/configs/debug.toml's model; returns its weights."""
+    from megatron_ts.config import ModelConfig
+    from megatron_ts.hf.build import hf_config_from_spec
+    from megatron_ts.hf.modeling_token_shuffle import TokenShuffleForCausalLM
+    from megatron_ts.models.model import ModelSpec
+    from megatron_ts.vocab import VocabLayout
+
+    spec = ModelSpec.from_config(ModelConfig(flavor="debug"), VocabLayout(256, 512), 2)
+    torch.manual_seed(0)
+    model = TokenShuffleForCausalLM(hf_config_from_spec(spec, 16, [64], 8))
+    model.save_pretrained(out)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def test_tp2_and_pp2_checkpoints_export_with_exact_logits(tmp_path: Path):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     trained = [
@@ -249,13 +265,22 @@ def test_tp2_and_pp2_checkpoints_export_with_exact_logits(tmp_path: Path):
             ["--train.steps", "2", "--parallel.pipeline", "2", "--model.shuffle_window", "1"],
         ),
     ]
+    # initialise training from an HF export: ts-convert from-hf, then checkpoint.load at TP = 2
+    reference_hf = _debug_export(tmp_path / "hf-init")
+    from megatron_ts.convert.cli import main as convert
+
+    assert convert(["from-hf", str(tmp_path / "hf-init"), str(tmp_path / "imported")]) == 0
+    load = ["--checkpoint.load", str(tmp_path / "imported"), "--optim.lr", "1e-12"]
+    load += ["--optim.min_lr", "1e-13", "--train.steps", "1", "--parallel.tensor", "2"]
+    trained.append(("tp2", str(tmp_path / "trained-from-hf"), load + ["--train.global_batch", "2"]))
     results = run_distributed(_worker, 2, str(tmp_path), trained)[0]
     diffs = {}
     for name, reference in results.items():
         if name.startswith("trained"):
-            meta = json.loads((tmp_path / name / "checkpoints/step_00000002/meta.json").read_text())
+            from megatron_ts.checkpoint.model_files import read_meta, resolve_checkpoint
             from megatron_ts.models.model import ModelSpec
 
+            meta = read_meta(resolve_checkpoint(tmp_path / name))
             batch = _trained_batch(ModelSpec.from_dict(meta["model_spec"]), meta["stage"])
         else:
             batch = _batch(int(name[-1]))
@@ -267,6 +292,17 @@ def test_tp2_and_pp2_checkpoints_export_with_exact_logits(tmp_path: Path):
     # the layouts really were sharded: two TP files per layer, one per layer for PP
     assert len(list((tmp_path / "tp2-s2/checkpoints/step_00000002/model").iterdir())) == 2 * 4
     assert len(list((tmp_path / "pp2-s2/checkpoints/step_00000002/model").iterdir())) == 4
+    # the run that started from the export holds the export's weights (lr 1e-12, one step)
+    from megatron_ts.checkpoint.model_files import load_full_state_dict
+    from megatron_ts.hf.weights import to_hf
+
+    after = load_full_state_dict(tmp_path / "trained-from-hf")
+    attn = AttentionShape(num_heads=4, num_kv_heads=4, head_dim=16)
+    worst = 0.0
+    for name, tensor in after.items():
+        for hf_name, part in to_hf(name, tensor, attn):
+            worst = max(worst, (part - reference_hf[hf_name]).abs().max().item())
+    assert worst < 1e-6, worst
     trained = json.loads(
         (tmp_path / "trained-pp2-s1/checkpoints/step_00000002/meta.json").read_text()
     )
