@@ -105,7 +105,10 @@ class FaultProxy:
                 if name != b"connection":
                     kept.append(line)
             while len(body) < length:
-                body += conn.recv(65536)
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                body += chunk
             cut = None
             with self.lock:
                 self.requests.append(f"{method.decode()} {path_s}")
