@@ -327,13 +327,11 @@ class SourceStream:
     def __init__(
         self, ctx: StreamContext, spec: SourceSpec, index: int, worker: int, tracker: ErrorTracker
     ):
-        self.ctx, self.spec, self.index, self.worker, self.tracker = (
-            ctx,
-            spec,
-            index,
-            worker,
-            tracker,
-        )
+        self.ctx = ctx
+        self.spec = spec
+        self.index = index
+        self.worker = worker
+        self.tracker = tracker
 
     def windows(self, epoch: int) -> list[list[int]]:
         """Shard indices of this slot in epoch `epoch`, grouped in windows of k shards."""
