@@ -83,7 +83,8 @@ def get_client(endpoint_url: str | None = None):
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
-            client = make_client(endpoint_url, max_attempts=0)  # 0 retries: every retry is ours
+            # no botocore retries or rate limiting: every retry is ours, counted and backed off
+            client = make_client(endpoint_url, max_attempts=0, retry_mode="standard")
             _clients[key] = client
         return client
 
