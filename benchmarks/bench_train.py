@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     rows = [measure(args, s) for s in args.shuffle]
-    print(f"| s | positions | step s | images/s | tokens/s | TFLOP/s | MFU | peak mem GB |")
+    print("| s | positions | step s | images/s | tokens/s | TFLOP/s | MFU | peak mem GB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"

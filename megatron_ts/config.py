@@ -300,7 +300,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"{where}: null is not allowed here; give a {getattr(tp, '__name__', tp)}")
+        raise ConfigError(
+            f"{where}: null is not allowed here; give a {getattr(tp, '__name__', tp)}"
+        )
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {value!r}")
@@ -542,7 +544,9 @@ def resolve_stages(cfg: Config) -> list[ResolvedStage]:
     for i, st in enumerate(stages):
         steps = st.steps
         if steps <= 0 and st.tokens > 0:
-            per_step = st.global_batch * (st.caption_len + 2 + (st.resolution // ds) ** 2 // max(st.shuffle_window, 1) ** 2)
+            per_step = st.global_batch * (
+                st.caption_len + 2 + (st.resolution // ds) ** 2 // max(st.shuffle_window, 1) ** 2
+            )
             steps = -(-st.tokens // per_step)
         out.append(
             ResolvedStage(

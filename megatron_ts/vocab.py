@@ -88,11 +88,15 @@ class VocabLayout:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "VocabLayout":
-        fields = {k: data[k] for k in ("text_size", "codebook_size", "text_tokenizer", "vq_tokenizer") if k in data}
+    def from_dict(cls, data: dict) -> VocabLayout:
+        fields = {
+            k: data[k]
+            for k in ("text_size", "codebook_size", "text_tokenizer", "vq_tokenizer")
+            if k in data
+        }
         return cls(**fields, specials=tuple(data.get("specials", SPECIAL_TOKENS)))
 
-    def check_compatible(self, other: "VocabLayout", what: str = "data") -> None:
+    def check_compatible(self, other: VocabLayout, what: str = "data") -> None:
         """Raises VocabMismatchError naming the first field where `other` differs."""
         for name in ("text_size", "codebook_size", "text_tokenizer", "vq_tokenizer", "specials"):
             mine, theirs = getattr(self, name), getattr(other, name)

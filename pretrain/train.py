@@ -23,7 +23,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         description="Train a Token-Shuffle model. Extra --section.key value pairs override the TOML.",
     )
     parser.add_argument("--config", required=True, help="TOML config (see docs/config.md)")
-    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan as JSON")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate and print the plan as JSON"
+    )
     return parser.parse_known_args(argv)
 
 

@@ -68,7 +68,9 @@ class CoreAttention(MegatronModule):
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"CoreAttention supports causal masks only, got {attn_mask_type}")
         self.softmax_scale = softmax_scale
-        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.dropout_p = (
+            config.attention_dropout if attention_dropout is None else attention_dropout
+        )
         self.layer_number = layer_number
 
     def forward(
@@ -81,17 +83,25 @@ class CoreAttention(MegatronModule):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
+        if (
+            attention_mask is not None
+            or attention_bias is not None
+            or packed_seq_params is not None
+        ):
             raise ValueError("CoreAttention is causal-only: masks, biases and packing are not used")
         if self.checkpoint and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._attend, query, key, value, use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(
+                self._attend, query, key, value, use_reentrant=False
+            )
         return self._attend(query, key, value)
 
     def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         seq, batch, heads, dim = query.shape
         dropout = self.dropout_p if self.training else 0.0
         backend = self.backend
-        if backend == "flash_attn" and not (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)):
+        if backend == "flash_attn" and not (
+            query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+        ):
             backend = "sdpa"
         if backend not in _announced:
             _announced.add(backend)
@@ -99,7 +109,9 @@ class CoreAttention(MegatronModule):
         if backend == "flash_attn":
             # flash-attn wants [batch, seq, heads, dim]
             q, k, v = (t.transpose(0, 1) for t in (query, key, value))
-            out = _flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=self.softmax_scale, causal=True)
+            out = _flash_attn_func(
+                q, k, v, dropout_p=dropout, softmax_scale=self.softmax_scale, causal=True
+            )
             out = out.transpose(0, 1)  # (S, B, H, D)
         else:
             # SDPA wants [batch, heads, seq, dim]

@@ -81,7 +81,9 @@ def sample_flops(
     return FlopsBreakdown(shuffle, attention_linear, attention_core, mlp, unshuffle, head)
 
 
-def param_counts(shape: ModelShape, padded_vocab: int, shuffle_window: int, shuffle_mlp_blocks: int) -> dict[str, int]:
+def param_counts(
+    shape: ModelShape, padded_vocab: int, shuffle_window: int, shuffle_mlp_blocks: int
+) -> dict[str, int]:
     """Parameters by component (embeddings, shuffle, transformer, unshuffle, head) and total."""
     d, f = shape.hidden_size, shape.ffn_hidden_size
     kv = shape.num_kv_heads * shape.head_dim

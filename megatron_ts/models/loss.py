@@ -40,7 +40,9 @@ def vocab_parallel_ce(
 
     local_max = logits.max(dim=-1).values.detach()
     if tp_world > 1:
-        dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group())
+        dist.all_reduce(
+            local_max, op=dist.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group()
+        )
     sum_exp = torch.exp(logits - local_max.unsqueeze(-1)).sum(dim=-1)
     # megatron's all-reduce works on input.contiguous(): a non-contiguous view would be left
     # unreduced, so hand it contiguous tensors.

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
@@ -35,7 +36,6 @@ from megatron_ts.models.flavors import ModelShape, resolve_model_shape
 from megatron_ts.models.layer_specs import llama_layer_spec
 from megatron_ts.models.token_shuffle import TokenShuffle, TokenUnshuffle, grid_to_windows
 from megatron_ts.vocab import VocabLayout
-from megatron.core.transformer.spec_utils import build_module
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class ModelSpec:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelSpec":
+    def from_dict(cls, data: dict) -> ModelSpec:
         data = dict(data)
         data["shape"] = ModelShape(**data["shape"])
         data["vocab"] = VocabLayout.from_dict(data["vocab"])
@@ -79,7 +79,7 @@ class ModelSpec:
         shuffle_window: int,
         tensor_parallel: int = 1,
         activation_checkpointing: str = "none",
-    ) -> "ModelSpec":
+    ) -> ModelSpec:
         return cls(
             shape=resolve_model_shape(model),
             vocab=vocab,
@@ -165,7 +165,10 @@ class InputStage(nn.Module):
         self.spec = spec
         with _seeded(seed):
             self.embedding = VocabParallelEmbedding(
-                spec.padded_vocab, spec.shape.hidden_size, init_method=config.init_method, config=config
+                spec.padded_vocab,
+                spec.shape.hidden_size,
+                init_method=config.init_method,
+                config=config,
             )
         self.shuffle = None
         if spec.shuffle_window > 1:
@@ -174,7 +177,9 @@ class InputStage(nn.Module):
                     spec.shape.hidden_size, spec.shuffle_window, spec.shuffle_mlp_blocks, config
                 )
 
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, inputs: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         text, codes = inputs  # (B, T) vocabulary ids, (B, G, G) codebook-local codes
         b, t = text.shape
         g = codes.shape[1]
@@ -197,16 +202,22 @@ class BlockStage(nn.Module):
         self.full_checkpoint = spec.activation_checkpointing == "full"
         backend = resolve_backend(spec.attention_backend)
         with _seeded(seed):
-            self.layer = build_module(llama_layer_spec(backend), config=config, layer_number=layer_index + 1)
+            self.layer = build_module(
+                llama_layer_spec(backend), config=config, layer_number=layer_index + 1
+            )
         if spec.activation_checkpointing == "selective":
             self.layer.self_attention.core_attention.checkpoint = True
 
     def _run(self, hidden: torch.Tensor) -> torch.Tensor:
-        freqs = rope_freqs(hidden.shape[0], self.spec.shape.head_dim, self.spec.rope_theta, hidden.device)
+        freqs = rope_freqs(
+            hidden.shape[0], self.spec.shape.head_dim, self.spec.rope_theta, hidden.device
+        )
         out, _ = self.layer(hidden, attention_mask=None, rotary_pos_emb=freqs)
         return out
 
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, inputs: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, text_len = inputs
         if self.full_checkpoint and self.training and torch.is_grad_enabled():
             hidden = torch.utils.checkpoint.checkpoint(self._run, hidden, use_reentrant=False)
@@ -229,13 +240,22 @@ class OutputStage(nn.Module):
         self.unshuffle = None
         if spec.shuffle_window > 1:
             with _seeded(seed + 1):
-                self.unshuffle = TokenUnshuffle(d, spec.shuffle_window, spec.shuffle_mlp_blocks, config)
+                self.unshuffle = TokenUnshuffle(
+                    d, spec.shuffle_window, spec.shuffle_mlp_blocks, config
+                )
         with _seeded(seed):
             self.head = ColumnParallelLinear(
-                d, spec.padded_vocab, config=config, init_method=config.init_method, bias=False, gather_output=False
+                d,
+                spec.padded_vocab,
+                config=config,
+                init_method=config.init_method,
+                bias=False,
+                gather_output=False,
             )
 
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, inputs: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, text_len = inputs
         t = int(text_len[0])
         hidden = self.final_norm(hidden)  # (S, B, d)
@@ -256,7 +276,9 @@ def layer_seed(seed: int, index: int) -> int:
     return seed * 1000 + index * 7
 
 
-def build_stage_modules(spec: ModelSpec, seed: int, sequence_parallel: bool = False) -> list[nn.Module]:
+def build_stage_modules(
+    spec: ModelSpec, seed: int, sequence_parallel: bool = False
+) -> list[nn.Module]:
     """Builds every stage module (single process, or for tests). Pipelines build slices lazily."""
     config = transformer_config(spec, sequence_parallel)
     layers: list[nn.Module] = [InputStage(spec, config, layer_seed(seed, 0))]

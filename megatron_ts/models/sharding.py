@@ -37,7 +37,9 @@ def split_tp(name: str, full: torch.Tensor, rank: int, world: int) -> torch.Tens
         return full
     dim, stride = rule
     if full.shape[dim] % (world * stride):
-        raise ValueError(f"{name}: size {full.shape[dim]} along dim {dim} is not divisible by TP {world} x {stride}")
+        raise ValueError(
+            f"{name}: size {full.shape[dim]} along dim {dim} is not divisible by TP {world} x {stride}"
+        )
     chunks = torch.chunk(full, world * stride, dim=dim)
     return torch.cat(chunks[rank::world], dim=dim).clone()
 
@@ -53,7 +55,9 @@ def merge_tp(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([pieces[r][k] for k in range(stride) for r in range(world)], dim=dim)
 
 
-def shard_state_dict(full: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+def shard_state_dict(
+    full: dict[str, torch.Tensor], rank: int, world: int
+) -> dict[str, torch.Tensor]:
     """Splits a full (TP = 1) state dict into one TP rank's state dict."""
     return {name: split_tp(name, t, rank, world) for name, t in full.items()}
 

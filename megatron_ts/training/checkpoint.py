@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -88,7 +88,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -132,7 +136,12 @@ def save_checkpoint(
     dist.barrier()
     start = time.perf_counter()
     engine = stage_engine.engine
-    engine.save_checkpoint(str(tmp / "deepspeed"), tag="ds", client_state={"train_state": asdict(state)}, save_latest=False)
+    engine.save_checkpoint(
+        str(tmp / "deepspeed"),
+        tag="ds",
+        client_state={"train_state": asdict(state)},
+        save_latest=False,
+    )
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -141,7 +150,11 @@ def save_checkpoint(
         if dp_rank == 0:
             for idx, module in stage_engine.local_layers.items():
                 write_layer_file(module, idx, tp_rank, tmp / "model")
-    if loader_state is not None and tp_rank == 0 and parallel_state.get_pipeline_model_parallel_rank() == 0:
+    if (
+        loader_state is not None
+        and tp_rank == 0
+        and parallel_state.get_pipeline_model_parallel_rank() == 0
+    ):
         (tmp / "loader" / f"dp_{dp_rank:05d}.json").write_text(json.dumps(loader_state))
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     if os.environ.get("MEGATRON_TS_KILL_IN_SAVE") == str(state.global_step):
@@ -191,7 +204,9 @@ class _gathered:
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    complete = sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / COMPLETE_FILE).exists())
+    complete = sorted(
+        p for p in root.iterdir() if p.name.startswith("step_") and (p / COMPLETE_FILE).exists()
+    )
     for old in complete[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -228,7 +243,10 @@ def load_checkpoint(
     if mode == "exact":
         try:
             path, _ = stage_engine.engine.load_checkpoint(
-                str(ckpt_dir / "deepspeed"), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=False
+                str(ckpt_dir / "deepspeed"),
+                tag="ds",
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
             )
         except Exception as err:  # DeepSpeed raises assorted errors for damaged files
             raise CheckpointError(
@@ -237,7 +255,9 @@ def load_checkpoint(
                 "set checkpoint.load to an earlier step directory"
             ) from err
         if path is None:
-            raise CheckpointError(f"{ckpt_dir / 'deepspeed'} holds no DeepSpeed checkpoint; delete {ckpt_dir}")
+            raise CheckpointError(
+                f"{ckpt_dir / 'deepspeed'} holds no DeepSpeed checkpoint; delete {ckpt_dir}"
+            )
     else:
         if not same_layout:
             log.warning(

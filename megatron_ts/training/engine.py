@@ -41,12 +41,16 @@ log = get_logger(__name__)
 class SingleStageModel(nn.Module):
     """All stage modules in one process; forward returns the micro-batch loss."""
 
-    def __init__(self, spec: ModelSpec, seed: int, loss_fn: TokenShuffleLoss, sequence_parallel: bool):
+    def __init__(
+        self, spec: ModelSpec, seed: int, loss_fn: TokenShuffleLoss, sequence_parallel: bool
+    ):
         super().__init__()
         self.layers = nn.ModuleList(build_stage_modules(spec, seed, sequence_parallel))
         self.loss_fn = loss_fn
 
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, text: torch.Tensor, text_mask: torch.Tensor, codes: torch.Tensor
+    ) -> torch.Tensor:
         x = (text, codes)
         for layer in self.layers:
             x = layer(x)
@@ -85,9 +89,17 @@ class StageEngine:
         dp = parallel_state.get_data_parallel_world_size()
         self.data_parallel = dp
         self.pipeline = pp > 1
-        self.loss_fn = TokenShuffleLoss(spec.vocab, stage.shuffle_window, text_loss_weight, stage.z_loss)
+        self.loss_fn = TokenShuffleLoss(
+            spec.vocab, stage.shuffle_window, text_loss_weight, stage.z_loss
+        )
         ds_cfg = deepspeed_config(
-            parallel, optim, stage.micro_batch, stage.global_batch, dp, bf16, cpu=device.type == "cpu"
+            parallel,
+            optim,
+            stage.micro_batch,
+            stage.global_batch,
+            dp,
+            bf16,
+            cpu=device.type == "cpu",
         )
         self.accumulation = ds_cfg["gradient_accumulation_steps"]
         if not self.pipeline:
@@ -103,7 +115,9 @@ class StageEngine:
             config = transformer_config(spec, parallel.sequence_parallel)
             n = spec.shape.num_layers
             specs = [LayerSpec(InputStage, spec, config, layer_seed(seed, 0))]
-            specs += [LayerSpec(BlockStage, spec, config, i, layer_seed(seed, i + 1)) for i in range(n)]
+            specs += [
+                LayerSpec(BlockStage, spec, config, i, layer_seed(seed, i + 1)) for i in range(n)
+            ]
             specs.append(LayerSpec(OutputStage, spec, config, layer_seed(seed, n + 1)))
             topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
             pipe = PipelineModule(
@@ -132,7 +146,9 @@ class StageEngine:
             parallel_state.get_tensor_model_parallel_rank(),
         )
         if (coord.pipe, coord.data, coord.model) != ours:
-            raise RuntimeError(f"rank layout mismatch: DeepSpeed {coord} vs megatron (pp, dp, tp) {ours}")
+            raise RuntimeError(
+                f"rank layout mismatch: DeepSpeed {coord} vs megatron (pp, dp, tp) {ours}"
+            )
 
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:
@@ -189,7 +205,9 @@ class StageEngine:
         vec = torch.zeros(5, dtype=torch.float64)
         if history:
             for parts in history:
-                vec[:4] += torch.tensor([parts.total, parts.image, parts.text, parts.z_loss], dtype=torch.float64)
+                vec[:4] += torch.tensor(
+                    [parts.total, parts.image, parts.text, parts.z_loss], dtype=torch.float64
+                )
             vec[:4] /= len(history)
             vec[4] = 1.0
         if dist.get_world_size() > 1:

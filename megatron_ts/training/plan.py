@@ -65,7 +65,9 @@ def vocab_from_config(tok: TokenizerConfig) -> VocabLayout:
 def dry_run_report(cfg: Config, stages: list[ResolvedStage]) -> dict:
     """Parameter counts and per-stage sequence/FLOPs numbers, without building anything."""
     shape = resolve_model_shape(cfg.model)
-    vocab = VocabLayout(text_size=text_size(cfg.tokenizer), codebook_size=cfg.tokenizer.codebook_size)
+    vocab = VocabLayout(
+        text_size=text_size(cfg.tokenizer), codebook_size=cfg.tokenizer.codebook_size
+    )
     padded = vocab.padded_size(cfg.model.vocab_multiple)
     ds = cfg.tokenizer.downsample
     max_window = max(st.shuffle_window for st in stages)
@@ -78,12 +80,24 @@ def dry_run_report(cfg: Config, stages: list[ResolvedStage]) -> dict:
             "num_kv_heads": shape.num_kv_heads,
             "ffn_hidden_size": shape.ffn_hidden_size,
         },
-        "vocab": {"text": vocab.text_size, "specials": len(vocab.specials), "codes": vocab.codebook_size, "padded": padded},
+        "vocab": {
+            "text": vocab.text_size,
+            "specials": len(vocab.specials),
+            "codes": vocab.codebook_size,
+            "padded": padded,
+        },
         "parameters": param_counts(shape, padded, max_window, cfg.model.shuffle_mlp_blocks),
         "stages": [],
     }
     for st in stages:
-        flops = sample_flops(shape, padded, st.caption_len, st.grid(ds), st.shuffle_window, cfg.model.shuffle_mlp_blocks)
+        flops = sample_flops(
+            shape,
+            padded,
+            st.caption_len,
+            st.grid(ds),
+            st.shuffle_window,
+            cfg.model.shuffle_mlp_blocks,
+        )
         seq = st.seq_len(ds)
         report["stages"].append(
             {
@@ -93,7 +107,9 @@ def dry_run_report(cfg: Config, stages: list[ResolvedStage]) -> dict:
                 "image_codes_per_sample": st.image_codes(ds),
                 "image_positions_per_sample": st.image_positions(ds),
                 "sequence_length": seq,
-                "parameters": param_counts(shape, padded, st.shuffle_window, cfg.model.shuffle_mlp_blocks)["total"],
+                "parameters": param_counts(
+                    shape, padded, st.shuffle_window, cfg.model.shuffle_mlp_blocks
+                )["total"],
                 "training_flops_per_sample": flops.training,
                 "training_flops_per_step": flops.training * st.global_batch,
                 "flops_breakdown_per_sample": flops.to_dict(),

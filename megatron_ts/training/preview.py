@@ -50,13 +50,19 @@ def write_previews(
         vq_downsample=tokenizer.downsample,
     )
     vq = load_vq(tokenizer.vq_format, tokenizer.vq_checkpoint)
-    sampling = SamplingConfig(cfg=3.0, temperature=1.0, top_k=0, seed=step, resolution=stage.resolution)
-    result = generate(model, vq, load_text_tokenizer(tokenizer.text), prompts, sampling, batch_size=len(prompts))
+    sampling = SamplingConfig(
+        cfg=3.0, temperature=1.0, top_k=0, seed=step, resolution=stage.resolution
+    )
+    result = generate(
+        model, vq, load_text_tokenizer(tokenizer.text), prompts, sampling, batch_size=len(prompts)
+    )
     out_dir = Path(out_dir) / f"step_{step:08d}"
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (image, prompt) in enumerate(zip(result.images, result.prompts)):
-        paths.append(save_png(image, out_dir / f"{i:02d}.png", prompt, {**result.settings, "step": step}))
+        paths.append(
+            save_png(image, out_dir / f"{i:02d}.png", prompt, {**result.settings, "step": step})
+        )
         if metrics is not None:
             metrics.image(f"preview/{i:02d}", np.asarray(image.convert("RGB")), step)
     log.info("wrote %d preview images to %s", len(paths), out_dir)

@@ -126,7 +126,9 @@ class Trainer:
             from megatron_ts.checkpoint.model_files import read_meta
 
             state = TrainState(**read_meta(latest)["train_state"])
-            log.info("resuming from %s (stage %d, step %d)", latest, state.stage_index, state.global_step)
+            log.info(
+                "resuming from %s (stage %d, step %d)", latest, state.stage_index, state.global_step
+            )
         try:
             for stage in self.stages[state.stage_index :]:
                 code = self._run_stage(stage, state, latest)
@@ -144,7 +146,11 @@ class Trainer:
         cfg = self.cfg
         init_model_parallel(stage.tensor, stage.pipeline)
         spec = ModelSpec.from_config(
-            cfg.model, self.vocab, stage.shuffle_window, stage.tensor, cfg.parallel.activation_checkpointing
+            cfg.model,
+            self.vocab,
+            stage.shuffle_window,
+            stage.tensor,
+            cfg.parallel.activation_checkpointing,
         )
         torch.manual_seed(cfg.job.seed)
         engine = StageEngine(
@@ -173,7 +179,14 @@ class Trainer:
             )
         return engine, loader
 
-    def _restore(self, stage: ResolvedStage, engine: StageEngine, loader, state: TrainState, latest: Path | None) -> TrainState:
+    def _restore(
+        self,
+        stage: ResolvedStage,
+        engine: StageEngine,
+        loader,
+        state: TrainState,
+        latest: Path | None,
+    ) -> TrainState:
         cfg = self.cfg
         if latest is not None and state.stage_index == stage.index and state.stage_step > 0:
             restored, loader_state, mode = load_checkpoint(latest, engine, load_optimizer=True)
@@ -206,7 +219,12 @@ class Trainer:
         batches = iter(loader) if loader is not None else None
         shape = resolve_model_shape(cfg.model)
         flops_per_sample = sample_flops(
-            shape, engine.spec.padded_vocab, stage.caption_len, stage.grid(ds), stage.shuffle_window, cfg.model.shuffle_mlp_blocks
+            shape,
+            engine.spec.padded_vocab,
+            stage.caption_len,
+            stage.grid(ds),
+            stage.shuffle_window,
+            cfg.model.shuffle_mlp_blocks,
         ).training
         seq_len = stage.seq_len(ds)
         meta_extra = {"config": cfg.to_dict(), "stage": _stage_meta(stage, ds)}
@@ -267,16 +285,28 @@ class Trainer:
                         )
                 else:
                     state.nonfinite_in_row = 0
-                    if loss_ema is not None and state.stage_step > 10 and result.loss > 1.5 * loss_ema:
-                        log.warning("step %d: loss spike %.4f (running mean %.4f)", state.global_step, result.loss, loss_ema)
-                    loss_ema = result.loss if loss_ema is None else 0.9 * loss_ema + 0.1 * result.loss
+                    if (
+                        loss_ema is not None
+                        and state.stage_step > 10
+                        and result.loss > 1.5 * loss_ema
+                    ):
+                        log.warning(
+                            "step %d: loss spike %.4f (running mean %.4f)",
+                            state.global_step,
+                            result.loss,
+                            loss_ema,
+                        )
+                    loss_ema = (
+                        result.loss if loss_ema is None else 0.9 * loss_ema + 0.1 * result.loss
+                    )
 
                 if state.global_step % cfg.logging.interval == 0 or state.stage_step == stage.steps:
                     self._log(state, stage, result, lr, elapsed, flops_per_sample, seq_len, loader)
 
                 stop = self.signals.any_rank()
                 due = (
-                    cfg.checkpoint.interval_steps > 0 and state.global_step % cfg.checkpoint.interval_steps == 0
+                    cfg.checkpoint.interval_steps > 0
+                    and state.global_step % cfg.checkpoint.interval_steps == 0
                 ) or (
                     cfg.checkpoint.interval_minutes > 0
                     and time.monotonic() - last_save > 60 * cfg.checkpoint.interval_minutes
@@ -302,7 +332,11 @@ class Trainer:
                             self.metrics,
                         )
                 if stop:
-                    log.warning("signal received: checkpointed at step %d, exiting %d for requeue", state.global_step, EXIT_REQUEUE)
+                    log.warning(
+                        "signal received: checkpointed at step %d, exiting %d for requeue",
+                        state.global_step,
+                        EXIT_REQUEUE,
+                    )
                     return EXIT_REQUEUE
             # End of stage: the next stage (or a later resume) starts from this checkpoint.
             state.stage_index += 1
@@ -364,10 +398,9 @@ class Trainer:
 def run(cfg: Config) -> int:
     """Trains `cfg` to the end (or to a signal); returns the process exit code."""
     from megatron_ts.checkpoint.model_files import CheckpointError
+    from megatron_ts.config import ConfigError
     from megatron_ts.data.sources import DataSourceError
     from megatron_ts.vocab import VocabMismatchError
-
-    from megatron_ts.config import ConfigError
 
     try:
         return Trainer(cfg).run()

@@ -23,7 +23,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, outdir: str, fn: Callable, args: tuple, env: dict) -> None:
+def _entry(
+    rank: int, world: int, port: int, outdir: str, fn: Callable, args: tuple, env: dict
+) -> None:
     os.environ.update(env)
     os.environ.update(
         {
@@ -53,7 +55,9 @@ def _entry(rank: int, world: int, port: int, outdir: str, fn: Callable, args: tu
         pass
 
 
-def run_distributed(fn: Callable, world: int, *args: Any, env: dict | None = None, timeout: float = 600) -> list[Any]:
+def run_distributed(
+    fn: Callable, world: int, *args: Any, env: dict | None = None, timeout: float = 600
+) -> list[Any]:
     """Runs fn(rank, world, *args) on `world` spawned ranks; returns results in rank order.
 
     Raises:
@@ -62,7 +66,11 @@ def run_distributed(fn: Callable, world: int, *args: Any, env: dict | None = Non
     port = _free_port()
     with tempfile.TemporaryDirectory() as outdir:
         ctx = mp.start_processes(
-            _entry, args=(world, port, outdir, fn, args, env or {}), nprocs=world, join=False, start_method="spawn"
+            _entry,
+            args=(world, port, outdir, fn, args, env or {}),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
         )
         while not ctx.join(timeout=timeout):
             pass

@@ -82,7 +82,9 @@ def _loss_curve(
     spec = ModelSpec.from_config(cfg.model, vocab, 2, tp)
     engine = StageEngine(spec, stage, cfg.parallel, cfg.optim, 1.0, 7, torch.device(device), False)
     batches = _micro_batches(
-        vocab, parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        vocab,
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(),
     )
     curve = []
     for _ in range(STEPS):
@@ -108,7 +110,9 @@ def reference_curve():
 def _assert_close(curve, reference, what):
     for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(curve, reference)):
         assert abs(loss - ref_loss) < 1e-5, f"{what} step {step}: loss {loss} vs {ref_loss}"
-        assert abs(norm - ref_norm) < 1e-4 * max(1.0, ref_norm), f"{what} step {step}: grad norm {norm} vs {ref_norm}"
+        assert abs(norm - ref_norm) < 1e-4 * max(1.0, ref_norm), (
+            f"{what} step {step}: grad norm {norm} vs {ref_norm}"
+        )
 
 
 def test_two_rank_layouts_match_single_rank(reference_curve):
@@ -138,8 +142,17 @@ def _debug_config(run_dir: Path, steps: int, extra: list[str]):
     root = Path(__file__).resolve().parents[2]
     return load_config(
         root / "pretrain/configs/debug.toml",
-        ["--job.run_dir", str(run_dir), "--train.steps", str(steps), "--checkpoint.interval_steps", "3",
-         "--data.num_workers", "0", *extra],
+        [
+            "--job.run_dir",
+            str(run_dir),
+            "--train.steps",
+            str(steps),
+            "--checkpoint.interval_steps",
+            "3",
+            "--data.num_workers",
+            "0",
+            *extra,
+        ],
     )
 
 
@@ -195,12 +208,16 @@ def _reshard_world(rank: int, world: int, run_dir: str) -> tuple[str, dict]:
     cfg = _debug_config(Path(run_dir), 6, ["--parallel.tensor", "2"])
     stage = validate(cfg, world)[0]
     init_model_parallel(2, 1)
-    spec = ModelSpec.from_config(cfg.model, vocab_from_config(cfg.tokenizer), stage.shuffle_window, 2)
+    spec = ModelSpec.from_config(
+        cfg.model, vocab_from_config(cfg.tokenizer), stage.shuffle_window, 2
+    )
     engine = StageEngine(spec, stage, cfg.parallel, cfg.optim, 1.0, 99, torch.device("cpu"), False)
     _, _, mode = load_checkpoint(latest_checkpoint(run_dir), engine, load_optimizer=True)
     local = {}
     for idx, module in engine.local_layers.items():
-        prefix = "input_stage." if idx == 0 else "output_stage." if idx == 3 else f"blocks.{idx - 1}."
+        prefix = (
+            "input_stage." if idx == 0 else "output_stage." if idx == 3 else f"blocks.{idx - 1}."
+        )
         for name, tensor in module.state_dict().items():
             if torch.is_tensor(tensor):
                 local[prefix + name] = tensor.detach().clone()
@@ -212,7 +229,10 @@ def _reshard_world(rank: int, world: int, run_dir: str) -> tuple[str, dict]:
 def test_resume_into_another_layout_reshards_weights(tmp_path):
     """A DP=2 checkpoint loaded into a TP=2 engine holds exactly the saved weights."""
     run_dir = tmp_path / "run"
-    assert run_distributed(_train_world, 2, str(run_dir), 3, ["--parallel.zero_stage", "1"]) == [0, 0]
+    assert run_distributed(_train_world, 2, str(run_dir), 3, ["--parallel.zero_stage", "1"]) == [
+        0,
+        0,
+    ]
     from megatron_ts.checkpoint.model_files import load_full_state_dict
 
     saved = load_full_state_dict(run_dir / "checkpoints/step_00000003")

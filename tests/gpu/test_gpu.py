@@ -42,9 +42,8 @@ def test_sdpa_uses_the_flash_kernel_in_bf16():
 
 
 def _nccl_curve(rank: int, world: int, tp: int) -> list[float]:
-    from tests.distributed.test_engine import _loss_curve
-
     import megatron_ts.distributed.init as init
+    from tests.distributed.test_engine import _loss_curve
 
     init.init_distributed("nccl")
     torch.cuda.set_device(rank)

@@ -111,7 +111,9 @@ def _write_config(tmp_path: Path, run_dir: Path, sources: Path) -> Path:
 
 
 def _metrics(run_dir: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    return {
+        r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    }
 
 
 @pytest.fixture(scope="module")

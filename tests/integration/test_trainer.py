@@ -20,19 +20,35 @@ ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 def _cmd(run_dir: Path, *overrides: str) -> list[str]:
     return [
-        sys.executable, "-m", "pretrain.train", "--config", str(DEBUG),
-        "--job.run_dir", str(run_dir), "--data.num_workers", "0", *overrides,
+        sys.executable,
+        "-m",
+        "pretrain.train",
+        "--config",
+        str(DEBUG),
+        "--job.run_dir",
+        str(run_dir),
+        "--data.num_workers",
+        "0",
+        *overrides,
     ]
 
 
 def _train(run_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        _cmd(run_dir, *overrides), cwd=ROOT, capture_output=True, text=True, timeout=600, env=env or ENV
+        _cmd(run_dir, *overrides),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env or ENV,
     )
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    return {
+        r["step"]: r["loss"]
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    }
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +67,18 @@ def test_tensorboard_has_the_documented_metrics(reference):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     for tag in (
-        "train/loss", "train/loss_image", "train/loss_text", "train/z_loss", "train/grad_norm",
-        "train/lr", "train/skipped_steps", "perf/tokens_per_s", "perf/images_per_s",
-        "perf/tflops_per_device", "perf/peak_memory_gb", "data/wait_fraction",
+        "train/loss",
+        "train/loss_image",
+        "train/loss_text",
+        "train/z_loss",
+        "train/grad_norm",
+        "train/lr",
+        "train/skipped_steps",
+        "perf/tokens_per_s",
+        "perf/images_per_s",
+        "perf/tflops_per_device",
+        "perf/peak_memory_gb",
+        "data/wait_fraction",
     ):
         assert tag in tags, f"{tag} missing from TensorBoard (has {sorted(tags)})"
     losses = [e.value for e in acc.Scalars("train/loss")]
@@ -87,13 +112,25 @@ def test_kill_during_a_save_resumes_from_the_previous_checkpoint(reference, tmp_
 def test_sigusr1_checkpoints_and_exits_for_requeue(reference, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        _cmd(run_dir, "--train.steps", "12", "--checkpoint.interval_steps", "4",
-             "--train.global_batch", "4"),
-        cwd=ROOT, env={**ENV, "MEGATRON_TS_STEP_DELAY": "0.5"}, stderr=subprocess.PIPE, text=True,
+        _cmd(
+            run_dir,
+            "--train.steps",
+            "12",
+            "--checkpoint.interval_steps",
+            "4",
+            "--train.global_batch",
+            "4",
+        ),
+        cwd=ROOT,
+        env={**ENV, "MEGATRON_TS_STEP_DELAY": "0.5"},
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 300
     metrics = run_dir / "metrics.jsonl"
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < 2
+    ):
         time.sleep(0.2)
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=300)
