@@ -192,7 +192,7 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> RGB PIL images."""
     arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     arr = arr.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
-    return [Image.fromarray(np.ascontiguousarray(a), mode="RGB") for a in arr]
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]  # RGB from (H, W, 3) uint8
 
 
 def resolve_resolution(config, resolution: int | None) -> int:
