@@ -14,7 +14,7 @@ Output directory:
     generation_config.json           sampling defaults, caption_len, resolutions
     vocab_layout.json                the combined vocabulary (megatron_ts.vocab.VocabLayout)
     text_tokenizer.json              {"type": "byte"} or {"type": "tokenizers", "file": ...}
-    tokenizer.json                   the text tokenizer's JSON (tokenizers type only)
+    text_tokenizer/<name>.json       the text tokenizer's JSON (tokenizers type only)
     vq/config.json, vq/<checkpoint>  the VQ tokenizer weights and config
 """
 
@@ -55,6 +55,7 @@ AUTO_MAP = {
 }
 INDEX_FILE = "model.safetensors.index.json"
 TEXT_TOKENIZER_FILE = "text_tokenizer.json"
+TEXT_TOKENIZER_DIR = "text_tokenizer"
 VOCAB_FILE = "vocab_layout.json"
 VQ_DIR = "vq"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -132,7 +133,12 @@ def write_weights(
 
 
 def write_text_tokenizer(spec_text: str, identity: str, text_size: int, out_dir: Path) -> None:
-    """Byte tokenizer: a small JSON saying so; a `tokenizers` JSON: copied as tokenizer.json."""
+    """Byte tokenizer: a small JSON saying so; a `tokenizers` JSON: copied next to it.
+
+    The JSON keeps its file name (under `text_tokenizer/`): a JSON tokenizer's identity is its
+    name plus a hash of its bytes, and the identity recorded in the vocabulary must still match
+    when the export is imported back for training.
+    """
     if spec_text == "byte":
         info = {"type": "byte", "vocab_size": text_size, "identity": identity}
     else:
@@ -142,10 +148,11 @@ def write_text_tokenizer(spec_text: str, identity: str, text_size: int, out_dir:
                 f"text tokenizer {src} (from the checkpoint's [tokenizer] text) does not exist; "
                 "pass --text-tokenizer PATH"
             )
-        shutil.copyfile(src, out_dir / "tokenizer.json")
+        (out_dir / TEXT_TOKENIZER_DIR).mkdir(exist_ok=True)
+        shutil.copyfile(src, out_dir / TEXT_TOKENIZER_DIR / src.name)
         info = {
             "type": "tokenizers",
-            "file": "tokenizer.json",
+            "file": f"{TEXT_TOKENIZER_DIR}/{src.name}",
             "vocab_size": text_size,
             "identity": identity,
         }

@@ -123,7 +123,7 @@ def load_text_tokenizer_dir(model_dir: Path, config: TokenShuffleConfig):
     if kind == "byte":
         spec = "byte"
     elif kind == "tokenizers":
-        path = model_dir / info.get("file", "tokenizer.json")
+        path = model_dir / info.get("file", "")
         if not path.is_file():
             raise ModelDirError(
                 f"{path} is missing (the text tokenizer named in text_tokenizer.json)"
@@ -134,6 +134,11 @@ def load_text_tokenizer_dir(model_dir: Path, config: TokenShuffleConfig):
     from megatron_ts.tokenizers.text import load_text_tokenizer
 
     tokenizer = load_text_tokenizer(spec)
+    if tokenizer.identity != config.text_tokenizer:
+        raise ModelDirError(
+            f"text tokenizer {spec} has identity {tokenizer.identity!r} but the model was trained "
+            f"with {config.text_tokenizer!r} (config.json text_tokenizer): wrong tokenizer file"
+        )
     if tokenizer.vocab_size != config.text_vocab_size:
         raise ModelDirError(
             f"text tokenizer in {model_dir} has {tokenizer.vocab_size} ids but config.json "

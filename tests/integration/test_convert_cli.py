@@ -76,7 +76,7 @@ def test_to_hf_and_back(tmp_path: Path, capsys):
     out = tmp_path / "hf"
     config = json.loads((out / "config.json").read_text())
     assert config["caption_len"] == 12 and config["resolutions"] == [256, 128]
-    assert (out / "tokenizer.json").read_text() == tok_file.read_text()
+    assert (out / "text_tokenizer/tok.json").read_text() == tok_file.read_text()
     assert json.loads((out / "text_tokenizer.json").read_text())["type"] == "tokenizers"
     vq = json.loads((out / "vq/config.json").read_text())
     assert vq == {
