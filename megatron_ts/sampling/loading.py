@@ -147,12 +147,12 @@ def load_text_tokenizer_dir(model_dir: Path, config: TokenShuffleConfig):
     return tokenizer
 
 
-def load_vq_dir(model_dir: Path, config: TokenShuffleConfig):
+def load_vq_dir(model_dir: Path, config: TokenShuffleConfig, device: str | torch.device = "cpu"):
     """The VQ tokenizer stored under `vq/` of an export."""
     vq_dir = model_dir / "vq"
     info = _read_json(vq_dir / "config.json", "the VQ tokenizer config")
     ckpt = vq_dir / info.get("checkpoint", "")
-    if not info.get("checkpoint") or not ckpt.exists():
+    if not info.get("checkpoint") or not ckpt.is_file():
         raise ModelDirError(f"VQ checkpoint {ckpt} named in {vq_dir / 'config.json'} is missing")
     for key, want in (
         ("codebook_size", config.codebook_size),
@@ -163,12 +163,22 @@ def load_vq_dir(model_dir: Path, config: TokenShuffleConfig):
                 f"{vq_dir / 'config.json'}: {key} {info[key]} but config.json has {want}: the VQ "
                 "tokenizer does not belong to this model"
             )
-    from megatron_ts.tokenizers.vq import load_vq
+    from megatron_ts.tokenizers.vq import VQCheckpointError, load_vq
 
-    vq = load_vq(info.get("format", "native"), str(ckpt))
-    if int(vq.codebook_size) != config.codebook_size:
+    try:
+        vq = load_vq(info.get("format", "native"), str(ckpt), device=device)
+    except VQCheckpointError as err:
+        raise ModelDirError(str(err)) from None
+    if int(vq.codebook_size) != config.codebook_size or int(vq.downsample) != config.vq_downsample:
         raise ModelDirError(
-            f"VQ checkpoint {ckpt} has {vq.codebook_size} codes, the model {config.codebook_size}"
+            f"VQ checkpoint {ckpt} has {vq.codebook_size} codes at {vq.downsample}x, the model "
+            f"{config.codebook_size} codes at {config.vq_downsample}x"
+        )
+    # the vocabulary records `format:sha256-prefix` when training had the VQ file at hand
+    if ":" in config.vq_tokenizer and vq.identity != config.vq_tokenizer:
+        raise ModelDirError(
+            f"VQ checkpoint {ckpt} has identity {vq.identity!r} but the model was trained with "
+            f"{config.vq_tokenizer!r} (config.json vq_tokenizer): wrong VQ file"
         )
     return vq
 
@@ -204,9 +214,7 @@ def load_model_dir(
     tokenizer = load_text_tokenizer_dir(model_dir, config)
     vq = None
     if need_vq or (model_dir / "vq" / "config.json").exists():
-        vq = load_vq_dir(model_dir, config)
-        if hasattr(vq, "to"):
-            vq = vq.to(device)
+        vq = load_vq_dir(model_dir, config, device)
     generation = {}
     if (model_dir / "generation_config.json").is_file():
         generation = _read_json(model_dir / "generation_config.json", "sampling defaults")

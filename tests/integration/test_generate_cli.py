@@ -25,9 +25,20 @@ def single_rank():
     init_model_parallel(1, 1)
 
 
-def export(root: Path, vq_checkpoint: str | None = None, codebook: int = 64) -> Path:
+def make_vq(path: Path, codebook: int = 64, seed: int = 0) -> Path:
+    """A small random native VQ (16x downsampling), saved as `ts-data train-vq` saves one."""
+    from megatron_ts.tokenizers.vq import NativeVQ, NativeVQConfig, save_native
+
+    torch.manual_seed(seed)
+    vq = NativeVQ(NativeVQConfig(codebook_size=codebook, downsample=16, channels=[8, 8, 8, 8]))
+    save_native(vq, path)
+    return path
+
+
+def export(root: Path, vq_checkpoint: str | None = None, vq_identity: str = "native") -> Path:
     """A randomised debug model (s = 2, 64 px at 16x -> 4x4 codes) exported to root/hf."""
-    spec = ModelSpec.from_config(ModelConfig(flavor="debug"), VocabLayout(256, codebook), 2)
+    vocab = VocabLayout(256, 64, vq_tokenizer=vq_identity)
+    spec = ModelSpec.from_config(ModelConfig(flavor="debug"), vocab, 2)
     model = TokenShuffleLM(spec, seed=3)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -82,3 +93,54 @@ def test_broken_model_dirs_fail_with_the_file_named(tmp_path: Path, capsys):
         assert code == 2, model_dir.name
         assert message in err, (model_dir.name, err)
     assert not (tmp_path / "o").exists()
+
+
+def _pngs(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}
+
+
+def test_generate_writes_reproducible_pngs(tmp_path: Path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from megatron_ts.tokenizers.vq import vq_identity
+
+    vq_path = make_vq(tmp_path / "vq.safetensors")
+    model_dir = export(tmp_path, str(vq_path), vq_identity("native", vq_path))
+    base = ["--model", str(model_dir), "--prompt", "a red square", "--prompt", "blue sky"]
+    base += ["--num-images", "2", "--seed", "5", "--batch-size", "3", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--out", str(tmp_path / "b")]) == 0
+    a, b = _pngs(tmp_path / "a"), _pngs(tmp_path / "b")
+    assert list(a) == [
+        "0000-00-a-red-square.png",
+        "0000-01-a-red-square.png",
+        "0001-00-blue-sky.png",
+        "0001-01-blue-sky.png",
+    ]
+    assert a == b  # same seed and settings -> the same bytes
+    assert len(set(a.values())) == 4  # every image has its own seed
+    image = Image.open(tmp_path / "a" / "0001-01-blue-sky.png")
+    assert image.size == (64, 64) and image.mode == "RGB"
+    settings = json.loads(image.text["settings"])
+    assert image.text["prompt"] == "blue sky"
+    assert settings["seed"] == 8 and settings["resolution"] == 64  # seed 5 + image index 3
+    assert settings["cfg"] == 7.5 and settings["cfg_schedule"] == "half-linear"
+    # greedy: KV-cache decoding and full recomputation give the same PNG bytes
+    greedy = ["--model", str(model_dir), "--prompt", "x", "--temperature", "0", "--no-progress"]
+    assert main([*greedy, "--out", str(tmp_path / "kv")]) == 0
+    assert main([*greedy, "--no-kv-cache", "--out", str(tmp_path / "nokv")]) == 0
+    pixels = [np.asarray(Image.open(tmp_path / d / "0000-00-x.png")) for d in ("kv", "nokv")]
+    assert np.array_equal(*pixels)  # (the settings chunk differs: use_kv_cache)
+    capsys.readouterr()
+
+    # a VQ file that is not the one the model was trained with, or has another codebook
+    make_vq(model_dir / "vq" / "vq.safetensors", seed=1)
+    assert main([*greedy, "--out", str(tmp_path / "c")]) == 2
+    assert "wrong VQ file" in capsys.readouterr().err
+    make_vq(model_dir / "vq" / "vq.safetensors", codebook=128)
+    assert main([*greedy, "--out", str(tmp_path / "c")]) == 2
+    assert "128 codes at 16x, the model 64 codes" in capsys.readouterr().err
+    (model_dir / "vq" / "config.json").unlink()
+    assert main([*greedy, "--out", str(tmp_path / "c")]) == 2
+    assert "vq/config.json is missing" in capsys.readouterr().err
