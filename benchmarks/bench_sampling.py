@@ -116,6 +116,24 @@ def run_case(model, resolution: int, kv: bool, device: str, max_full_steps: int)
     }
 
 
+@torch.no_grad()
+def time_vq_decode(resolution: int, device: str) -> float:
+    """Seconds to decode one image's codes with LlamaGen's VQ-16 decoder (random weights)."""
+    from megatron_ts.tokenizers.vq import LlamaGenVQ
+
+    torch.manual_seed(0)
+    vq = LlamaGenVQ().to(device).eval()
+    grid = resolution // vq.downsample
+    codes = torch.randint(0, vq.codebook_size, (1, grid, grid), device=device)
+    vq.decode(codes[:, :2, :2])  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    images = vq.decode(codes)
+    _sync(device)
+    assert images.shape == (1, 3, resolution, resolution)
+    return time.perf_counter() - t0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--flavor", default="demo")
@@ -128,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--max-full-steps", type=int, default=1100)
+    p.add_argument(
+        "--vq",
+        choices=["none", "llamagen"],
+        default="none",
+        help="also time VQ decoding of one image (llamagen: VQ-16 architecture, random weights)",
+    )
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     if args.threads:
@@ -153,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
             del model
+    if args.vq == "llamagen":
+        print("\n| px | VQ decode s / image |\n|---|---|")
+        for res in args.resolutions:
+            seconds = time_vq_decode(res, args.device)
+            rows.append({"resolution": res, "vq": "llamagen", "vq_decode_s": round(seconds, 3)})
+            print(f"| {res} | {seconds:.3f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -16,18 +16,10 @@ from megatron_ts.sampling.sampler import (
     sample_step,
 )
 from megatron_ts.sampling.schedules import guidance_scale
+from megatron_ts.tokenizers.text import ByteTokenizer as Bytes
 from megatron_ts.vocab import VocabLayout
 
 VOCAB = VocabLayout(text_size=256, codebook_size=64)
-
-
-class Bytes:
-    """Stand-in text tokenizer: UTF-8 bytes are the ids."""
-
-    vocab_size = 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode())
 
 
 @pytest.fixture(scope="module", autouse=True)
