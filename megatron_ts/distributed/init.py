@@ -60,17 +60,12 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> tuple[
     if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
     else:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
+        # A world of one needs no rendezvous: an in-memory store cannot collide on a port
+        # with other processes on the machine (a TCP store on a "free" port can).
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)
         dist.init_process_group(
-            backend=backend,
-            init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}",
-            rank=0,
-            world_size=1,
-            timeout=timeout,
+            backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
         )
     import deepspeed
 
