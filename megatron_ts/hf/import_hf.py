@@ -363,5 +363,6 @@ def import_from_hf(
             identity,
         )
     raise HFImportError(
-        f"{cfg_path}: model_type {kind!r}; from-hf reads token_shuffle exports and llama checkpoints"
+        f"{cfg_path}: model_type {kind!r}; from-hf reads token_shuffle exports and llama "
+        "checkpoints"
     )

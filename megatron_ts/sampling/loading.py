@@ -99,7 +99,8 @@ def load_weights_strict(model: TokenShuffleForCausalLM, files: list[Path]) -> No
             if shape != tuple(expected[key].shape):
                 raise ModelDirError(
                     f"{path.name}: {key} has shape {shape} but config.json implies "
-                    f"{tuple(expected[key].shape)} (weights and config come from different exports?)"
+                    f"{tuple(expected[key].shape)} (weights and config come from different "
+                    "exports?)"
                 )
             try:
                 tensor = handle.get_tensor(key)
