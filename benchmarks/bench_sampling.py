@@ -76,8 +76,8 @@ def estimate_no_cache(model, prompt: torch.Tensor, steps: int, s: int, device: s
         _sync(device)
         times.append(time.perf_counter() - t0)
     total = 0.0  # trapezoid over steps 0..steps-1
-    for (k0, t0), (k1, t1) in zip(zip(points, times), zip(points[1:], times[1:]), strict=False):
-        total += (t0 + t1) / 2 * (k1 - k0)
+    for i in range(len(points) - 1):
+        total += (times[i] + times[i + 1]) / 2 * (points[i + 1] - points[i])
     return total + times[-1]  # the segment sums cover steps-1 intervals; add the last step
 
 
