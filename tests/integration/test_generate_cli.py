@@ -132,6 +132,26 @@ def test_generate_writes_reproducible_pngs(tmp_path: Path, capsys):
     assert main([*greedy, "--no-kv-cache", "--out", str(tmp_path / "nokv")]) == 0
     pixels = [np.asarray(Image.open(tmp_path / d / "0000-00-x.png")) for d in ("kv", "nokv")]
     assert np.array_equal(*pixels)  # (the settings chunk differs: use_kv_cache)
+    (tmp_path / "prompts.txt").write_text("a cat\n\n  a dog  \n")
+    assert (
+        main(
+            [
+                *greedy[:2],
+                "--prompts-file",
+                str(tmp_path / "prompts.txt"),
+                "--cfg",
+                "1",
+                "--cfg-schedule",
+                "constant",
+                "--top-k",
+                "5",
+                "--out",
+                str(tmp_path / "f"),
+            ]
+        )
+        == 0
+    )
+    assert list(_pngs(tmp_path / "f")) == ["0000-00-a-cat.png", "0001-00-a-dog.png"]
     capsys.readouterr()
 
     # a VQ file that is not the one the model was trained with, or has another codebook
