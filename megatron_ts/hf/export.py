@@ -189,6 +189,33 @@ def write_vq(
     return True
 
 
+def _model_card(spec: ModelSpec, caption_len: int, resolutions: list[int], meta: dict) -> str:
+    shape = spec.shape
+    return f"""# Token-Shuffle text-to-image model
+
+Exported by megatron_ts `ts-convert to-hf` from step {meta.get("step")}.
+
+- Llama decoder: hidden {shape.hidden_size}, {shape.num_layers} blocks, {shape.num_heads} heads
+  ({shape.num_kv_heads} kv), SwiGLU {shape.ffn_hidden_size}, RoPE theta {spec.rope_theta}
+- token-shuffle window s = {spec.shuffle_window}: {spec.shuffle_window**2} VQ codes per position
+- vocabulary: {spec.vocab.text_size} text ids ({spec.vocab.text_tokenizer}), 5 special tokens,
+  {spec.vocab.codebook_size} VQ codes ({spec.vocab.vq_tokenizer}), padded to {spec.padded_vocab}
+- trained at {", ".join(f"{r} px" for r in resolutions)}, captions of {caption_len} tokens
+
+```python
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("THIS_DIR", trust_remote_code=True)
+```
+
+Sampling (classifier-free guidance, KV cache, VQ decoding to PNG) needs megatron_ts:
+
+```bash
+ts-generate --model THIS_DIR --prompt "a photo of a red bicycle" --out samples/
+```
+"""
+
+
 def export_to_hf(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -259,5 +286,6 @@ def export_to_hf(
         downsample,
         out,
     )
+    (out / "README.md").write_text(_model_card(spec, caption_len, resolutions, meta))
     log.info("export done: %s", ", ".join(weight_files))
     return out
