@@ -16,6 +16,7 @@ Output directory:
     text_tokenizer.json              {"type": "byte"} or {"type": "tokenizers", "file": ...}
     text_tokenizer/<name>.json       the text tokenizer's JSON (tokenizers type only)
     vq/config.json, vq/<checkpoint>  the VQ tokenizer weights and config
+    README.md                        a short model card
 """
 
 from __future__ import annotations
