@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, else float32"
     )
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the prefix every step")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -67,6 +68,8 @@ def _slug(text: str, n: int = 40) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prompts = _prompts(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -255,7 +255,8 @@ def generate(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps * len(jobs), unit="step", desc="decoding")
+        batches = -(-len(jobs) // batch_size)
+        bar = tqdm(total=steps * batches, unit="step", desc="decoding")
     all_codes, images = [], []
     t_decode = t_vq = 0.0
     uncond_row = caption_ids(text_tokenizer, "", caption_len, cfg)
