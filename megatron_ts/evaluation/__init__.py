@@ -1,0 +1,1 @@
+"""Evaluation of generated images: the demo-grammar analyser and `ts-eval`."""

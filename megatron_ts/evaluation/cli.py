@@ -1,0 +1,158 @@
+"""`ts-eval`: score generated images of demo-grammar prompts with a deterministic analyser.
+
+ts-eval shapes --model EXPORT_DIR --out DIR [--prompts-file F] [sampling flags]
+ts-eval analyse --data DEMO_SHARDS_DIR [--limit N]     # the analyser on ground-truth images
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from megatron_ts.evaluation.analyser import analyse, score
+from megatron_ts.evaluation.shapes import (
+    ATTRS,
+    default_prompts,
+    read_prompts,
+    score_images,
+    summarise,
+    write_report,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ts-eval", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    shapes = sub.add_parser("shapes", help="generate and score demo-grammar prompts")
+    shapes.add_argument("--model", required=True, help="export directory (ts-convert to-hf)")
+    shapes.add_argument("--out", required=True, help="directory for images and the report")
+    shapes.add_argument("--prompts-file", help="one demo-grammar caption per line")
+    shapes.add_argument("--limit", type=int, help="score only the first N prompts")
+    shapes.add_argument("--cfg", type=float, help="guidance scale (default: the model's)")
+    shapes.add_argument("--cfg-schedule", help="constant, linear or half-linear")
+    shapes.add_argument("--temperature", type=float, help="softmax temperature (0 = greedy)")
+    shapes.add_argument("--top-k", type=int, help="keep the k most likely codes")
+    shapes.add_argument("--top-p", type=float, help="nucleus mass")
+    shapes.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    shapes.add_argument("--batch-size", type=int, default=8, help="images decoded together")
+    shapes.add_argument("--resolution", type=int, help="image side (a trained one)")
+    shapes.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    check = sub.add_parser("analyse", help="score ground-truth demo shards (analyser check)")
+    check.add_argument("--data", required=True, help="directory of make-demo .tar shards")
+    check.add_argument("--limit", type=int, default=1000, help="samples to score")
+    return parser
+
+
+def _shapes(args: argparse.Namespace) -> int:
+    import torch
+
+    from megatron_ts.sampling.loading import ModelDirError, load_model_dir
+    from megatron_ts.sampling.sampler import SamplingConfig, generate, save_png
+
+    prompts = read_prompts(args.prompts_file) if args.prompts_file else default_prompts()
+    if args.limit:
+        prompts = prompts[: args.limit]
+    device = (
+        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    try:
+        loaded = load_model_dir(args.model, device=device, need_vq=True)
+    except ModelDirError as err:
+        print(f"ts-eval: {err}", file=sys.stderr)
+        return 2
+    gen = loaded.generation
+
+    def pick(flag, key, default):
+        return flag if flag is not None else gen.get(key, default)
+
+    sampling = SamplingConfig(
+        cfg=pick(args.cfg, "cfg_scale", 3.0),
+        cfg_schedule=pick(args.cfg_schedule, "cfg_schedule", "half-linear"),
+        temperature=pick(args.temperature, "temperature", 1.0),
+        top_k=pick(args.top_k, "top_k", 0),
+        top_p=pick(args.top_p, "top_p", 1.0),
+        seed=args.seed,
+        resolution=args.resolution,
+    )
+    start = time.perf_counter()
+    result = generate(
+        loaded.model,
+        loaded.vq,
+        loaded.text_tokenizer,
+        [p.text for p in prompts],
+        sampling,
+        batch_size=args.batch_size,
+    )
+    seconds = time.perf_counter() - start
+    out = Path(args.out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, (image, prompt) in enumerate(zip(result.images, prompts)):
+        name = f"images/{i:03d}.png"
+        save_png(image, out / name, prompt.text, result.settings)
+        names.append(name)
+    rows = score_images(prompts, result.images, names)
+    meta = {
+        "model": str(Path(args.model).resolve()),
+        "settings": result.settings,
+        "generate_s": seconds,
+    }
+    json_path, html_path = write_report(out, rows, meta)
+    print(json.dumps(summarise(rows), indent=2))
+    print(f"report: {json_path}\npage:   {html_path}\nimages: {out / 'images'}")
+    return 0
+
+
+def _ground_truth(data: Path, limit: int):
+    """(image, objects) pairs from make-demo shards."""
+    from PIL import Image
+
+    shards = sorted(data.glob("*.tar"))
+    if not shards:
+        raise FileNotFoundError(f"{data} holds no .tar shards; make them with ts-data make-demo")
+    n = 0
+    for shard in shards:
+        members: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(shard) as tar:
+            for info in tar:
+                key, _, ext = info.name.partition(".")
+                members.setdefault(key, {})[ext] = tar.extractfile(info).read()
+        for key in sorted(members):
+            m = members[key]
+            image_ext = next((e for e in ("png", "jpg", "webp") if e in m), None)
+            if image_ext is None or "json" not in m:
+                continue
+            yield Image.open(io.BytesIO(m[image_ext])), json.loads(m["json"])["objects"]
+            n += 1
+            if n >= limit:
+                return
+
+
+def _analyse(args: argparse.Namespace) -> int:
+    totals = dict.fromkeys(ATTRS, 0.0)
+    n = 0
+    for image, objects in _ground_truth(Path(args.data), args.limit):
+        s = score(objects, analyse(image))
+        for a in ATTRS:
+            totals[a] += s[a]
+        n += 1
+    print(json.dumps({a: totals[a] / max(n, 1) for a in ATTRS} | {"n": n}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _shapes(args) if args.command == "shapes" else _analyse(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"ts-eval: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
