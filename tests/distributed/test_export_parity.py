@@ -156,17 +156,14 @@ def _worker(rank: int, world: int, root: str, trained: list) -> dict:
         layout = {"tensor": tp, "pipeline": 2 // tp, "data": 1}
         _save(stages, ckpt, tp_rank, spec, layout, rank)
 
-    # runs trained by the real trainer (ts-train's `run`), then reloaded into the same layout
+    # runs trained by ts-train (its `main` on every rank), then reloaded into the same layout
     for kind, run_dir, overrides in trained:
-        from megatron_ts.config import load_config
-        from megatron_ts.training.trainer import run
+        from pretrain.train import main as ts_train  # the `ts-train` console script
 
-        cfg = load_config(
-            Path(__file__).resolve().parents[2] / "pretrain/configs/debug.toml",
-            ["--job.run_dir", run_dir, "--data.num_workers", "0", *overrides],
-        )
-        if run(cfg) != 0:
-            raise RuntimeError(f"training {run_dir} failed")
+        config = Path(__file__).resolve().parents[2] / "pretrain/configs/debug.toml"
+        argv = ["--config", str(config), "--job.run_dir", run_dir, "--data.num_workers", "0"]
+        if ts_train([*argv, *overrides]) != 0:
+            raise RuntimeError(f"ts-train {run_dir} failed")
         ckpt = resolve_checkpoint(run_dir)
         meta = read_meta(ckpt)
         spec = ModelSpec.from_dict(meta["model_spec"])
