@@ -39,3 +39,23 @@ def test_paper_recipe_matches_the_paper():
     # 2.7B: hidden 3072, 20 blocks
     assert report["shape"]["hidden_size"] == 3072 and report["shape"]["num_layers"] == 20
     assert 2.5e9 < report["parameters"]["total"] < 2.8e9
+
+
+def test_demo_recipe_text_size_matches_the_demo_tokenizer(tmp_path):
+    from data_tools.demo import HELD_OUT, SHAPES, caption, make_sample
+    from data_tools.demo_tokenizer import write_demo_tokenizer
+    from megatron_ts.tokenizers.text import load_text_tokenizer
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "pretrain/configs/demo.toml")
+    tok = load_text_tokenizer(str(write_demo_tokenizer(tmp_path / "tok.json")))
+    assert tok.vocab_size == cfg.tokenizer.text_size
+    longest = 0
+    for i in range(300):
+        _, text, _ = make_sample(i, 0, 32, HELD_OUT, two_object_prob=0.5)
+        ids = tok.encode(text)
+        assert 0 not in ids, f"unknown word in {text!r}"
+        longest = max(longest, len(ids))
+    # every caption fits the stages' caption_len, so no two-object caption is truncated
+    stages = validate(cfg, world_size=None)
+    assert longest <= min(s.caption_len for s in stages)
+    assert SHAPES and caption  # grammar imported, not re-declared
