@@ -137,6 +137,47 @@ def test_auto_model_trust_remote_code_and_shards(tmp_path: Path):
     assert max(max_diffs(model, hf.eval(), 2)) < TOL
 
 
+_NO_MEGATRON = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("megatron_ts", "megatron", "deepspeed"):
+            raise ImportError(f"{name} is blocked: the export must not need it")
+sys.meta_path.insert(0, Block())
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+ids = torch.tensor([[257, 65, 66, 256, 256, 256, 256, 259]])
+windows = torch.arange(16 * 4).reshape(1, 16, 4) % 64
+with torch.no_grad():
+    out = model(input_ids=ids, image_windows=windows)
+print(repr(out.image_logits.double().sum().item()))
+"""
+
+
+def test_export_loads_without_megatron_ts(tmp_path: Path):
+    import subprocess
+    import sys
+
+    make_checkpoint(tmp_path / "run", 2)
+    export_to_hf(tmp_path / "run", tmp_path / "hf")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_MEGATRON, str(tmp_path / "hf")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    hf = TokenShuffleForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    ids = torch.tensor([[257, 65, 66, 256, 256, 256, 256, 259]])
+    windows = torch.arange(16 * 4).reshape(1, 16, 4) % 64
+    with torch.no_grad():
+        expected = hf(input_ids=ids, image_windows=windows).image_logits.double().sum().item()
+    assert float(proc.stdout.strip().splitlines()[-1]) == pytest.approx(expected, abs=1e-3)
+
+
 def test_kv_cache_forward_equals_full_forward(tmp_path: Path):
     make_checkpoint(tmp_path / "run", 2)
     export_to_hf(tmp_path / "run", tmp_path / "hf")
