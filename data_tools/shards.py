@@ -1,0 +1,120 @@
+"""Input shards in img2dataset layout: expanding URL patterns and reading samples from tars.
+
+An input is a local tar, a local directory (its `*.tar`), a brace pattern
+(`data/{00000..00099}.tar`, `s3://b/p/{00000..00009}.tar`) or an `s3://bucket/prefix/` (its
+`*.tar`). A sample is the group of consecutive tar members sharing a key (the file name up to its
+first dot): `KEY.jpg|png|webp`, `KEY.txt`, `KEY.json`.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from braceexpand import braceexpand
+
+from megatron_ts import storage
+from megatron_ts.s3 import is_s3_url
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class InputError(ValueError):
+    """An input pattern that matches nothing; names the pattern."""
+
+
+def expand_inputs(specs: list[str], endpoint_url: str | None = None) -> list[str]:
+    """Expands input patterns into a sorted, de-duplicated list of tar URLs.
+
+    Raises:
+        InputError: a pattern that names no tar.
+    """
+    urls: list[str] = []
+    for spec in specs:
+        for item in braceexpand(spec):
+            if item.endswith(".tar"):
+                urls.append(item)
+                continue
+            found = (
+                storage.list_prefix(item, endpoint_url, ".tar")
+                if is_s3_url(item)
+                else sorted(str(p) for p in Path(item).glob("*.tar"))
+            )
+            if not found:
+                raise InputError(
+                    f"input {item!r} is neither a .tar nor a directory/prefix holding .tar "
+                    "shards; check the path or URL"
+                )
+            urls += found
+    return sorted(set(urls))
+
+
+@dataclass
+class RawSample:
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)
+
+    def image_member(self) -> tuple[str, bytes] | None:
+        for ext in IMAGE_EXTS:
+            if ext in self.members:
+                return ext, self.members[ext]
+        return None
+
+
+@dataclass
+class ShardReadError:
+    """A tar that broke off: the key being read (or None) and the error."""
+
+    key: str | None
+    error: str
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    base = name.rsplit("/", 1)[-1]
+    prefix = name[: len(name) - len(base)]
+    if "." not in base:
+        return prefix + base, ""
+    stem, ext = base.split(".", 1)
+    return prefix + stem, ext.lower()
+
+
+def iter_samples(url: str, endpoint_url: str | None = None) -> Iterator[RawSample | ShardReadError]:
+    """Samples of one input tar in order; a truncated or corrupt tar ends with a ShardReadError.
+
+    Raises:
+        FileNotFoundError, OSError: the shard cannot be opened at all.
+    """
+    stream = storage.open_url_for_read(url, endpoint_url)
+    current: RawSample | None = None
+    try:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|*")
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            yield ShardReadError(None, f"not a readable tar: {exc}")
+            return
+        try:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, ext = _split_name(info.name)
+                if current is not None and key != current.key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = RawSample(key)
+                f = tar.extractfile(info)
+                data = f.read() if f is not None else b""
+                if len(data) != info.size:
+                    raise EOFError(
+                        f"member {info.name} truncated ({len(data)} of {info.size} bytes)"
+                    )
+                current.members[ext] = data
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            yield ShardReadError(current.key if current else None, f"truncated or corrupt: {exc}")
+            return
+        if current is not None:
+            yield current
+    finally:
+        stream.close()

@@ -1,0 +1,516 @@
+"""`ts-data tokenize` and `ts-data merge`: image/caption shards to token shards.
+
+Every input shard (sorted input list, index i) becomes one or more output shards
+`tokens-{i:06d}-{part:03d}.tar`, cut at `shard_bytes` / `shard_samples`; the names do not depend
+on the number of workers, so a job may be resumed with another world size. After an input shard's
+outputs are written (and, on S3, verified), a record `_done/{i:06d}.json` lists them with sizes and
+sha256s plus the per-shard report of skipped samples. A re-run skips inputs whose record exists
+and whose listed outputs exist with the recorded sizes; any other input is redone from scratch
+(its partial outputs are overwritten). Each rank writes `_ranks/rank-{r:03d}-of-{w:03d}.json`;
+`merge` (run automatically when world size is 1) writes `manifest.json` from the done records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data_tools.images import ImageSkip, decode_image, resize_center_crop, to_tensor_batch
+from data_tools.shards import RawSample, ShardReadError, expand_inputs, iter_samples
+from megatron_ts import storage
+from megatron_ts.data.manifest import Manifest, ShardEntry, save_manifest
+from megatron_ts.logging import get_logger
+from megatron_ts.s3 import is_s3_url
+from megatron_ts.vocab import VocabLayout
+
+log = get_logger(__name__)
+
+DONE_DIR = "_done"
+RANKS_DIR = "_ranks"
+
+
+@dataclass
+class TokenizeOptions:
+    resolution: int
+    """Stage resolution: images are resized and centre-cropped to this square."""
+    min_size: int | None = None
+    """Drop images whose short side is below this (default: resolution // 2)."""
+    batch_size: int = 32
+    """Images per VQ encode call."""
+    shard_bytes: int = 256 * 1024 * 1024
+    """Start a new output shard after this many bytes."""
+    shard_samples: int = 100_000
+    """... or after this many samples."""
+    workers: int = 2
+    """Threads decoding and resizing images (PIL releases the GIL)."""
+    rank: int = 0
+    """This worker's index."""
+    world_size: int = 1
+    """Number of workers splitting the input shards."""
+    endpoint_url: str | None = None
+    """S3 endpoint for inputs and output."""
+    tmp_dir: str | None = None
+    """Where shards are staged before upload (default: the system temp dir)."""
+    max_samples_per_input: int | None = None
+    """Stop each input after this many samples (benchmarks)."""
+
+    def __post_init__(self):
+        if self.min_size is None:
+            self.min_size = self.resolution // 2
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"--rank {self.rank} must be in [0, --world-size {self.world_size})")
+
+
+@dataclass
+class Timings:
+    read: float = 0.0
+    decode: float = 0.0
+    resize: float = 0.0
+    encode: float = 0.0
+    text: float = 0.0
+    write: float = 0.0
+    images: int = 0
+
+    def add(self, other: Timings) -> None:
+        for k in self.__dataclass_fields__:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+@dataclass
+class InputReport:
+    index: int
+    url: str
+    samples: int = 0
+    skipped: list[dict] = field(default_factory=list)
+    failed: str | None = None
+    shards: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "index": self.index,
+            "url": self.url,
+            "samples": self.samples,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "shards": self.shards,
+        }
+
+
+def output_name(input_index: int, part: int) -> str:
+    return f"tokens-{input_index:06d}-{part:03d}.tar"
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # reproducible bytes: the same input gives the same sha256
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def rank_from_env(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """--rank/--world-size, else SLURM array variables, else (0, 1)."""
+    if rank is not None or world_size is not None:
+        return rank or 0, world_size or 1
+    if "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
+        task = int(os.environ["SLURM_ARRAY_TASK_ID"])
+        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return task - first, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+    return 0, 1
+
+
+class _ShardWriter:
+    """Writes output shards of one input to a staging dir, then copies them to the output."""
+
+    def __init__(self, output: str, index: int, opts: TokenizeOptions, stage: Path):
+        self.output, self.index, self.opts, self.stage = output, index, opts, stage
+        self.part = -1
+        self.tar: tarfile.TarFile | None = None
+        self.path: Path | None = None
+        self.samples = 0
+        self.entries: list[dict] = []
+
+    def _open(self) -> None:
+        self.part += 1
+        self.path = self.stage / output_name(self.index, self.part)
+        self.tar = tarfile.open(self.path, "w", format=tarfile.GNU_FORMAT)
+        self.samples = 0
+
+    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
+        if self.tar is None:
+            self._open()
+        for suffix, data in members:
+            _add(self.tar, f"{key}.{suffix}", data)
+        self.samples += 1
+        if (
+            self.samples >= self.opts.shard_samples
+            or self.tar.fileobj.tell() >= self.opts.shard_bytes
+        ):
+            self.close()
+
+    def close(self) -> None:
+        if self.tar is None:
+            return
+        self.tar.close()
+        name = self.path.name
+        url = storage.join(self.output, name)
+        sha = storage.upload_file(self.path, url, self.opts.endpoint_url)
+        self.entries.append(
+            {
+                "name": name,
+                "samples": self.samples,
+                "bytes": self.path.stat().st_size,
+                "sha256": sha,
+            }
+        )
+        self.path.unlink()
+        self.tar = None
+
+
+def _prepare(sample: RawSample, opts: TokenizeOptions) -> tuple:
+    """Decode + resize in a worker thread: (array | None, reason | None, meta, t_dec, t_res)."""
+    t0 = time.perf_counter()
+    found = sample.image_member()
+    if found is None:
+        return None, "missing image (.jpg/.png/.webp)", None, 0.0, 0.0
+    if "txt" not in sample.members:
+        return None, "missing caption (.txt)", None, 0.0, 0.0
+    try:
+        img, width, height = decode_image(found[1], opts.resolution, opts.min_size)
+    except ImageSkip as exc:
+        return None, str(exc), None, time.perf_counter() - t0, 0.0
+    t1 = time.perf_counter()
+    try:
+        arr = resize_center_crop(img, opts.resolution)
+    except Exception as exc:  # noqa: BLE001 - a broken image must not stop the shard
+        return None, f"undecodable image: {exc}", None, t1 - t0, 0.0
+    return arr, None, (width, height), t1 - t0, time.perf_counter() - t1
+
+
+def tokenize_input(
+    index: int,
+    url: str,
+    output: str,
+    vq,
+    text_tok,
+    opts: TokenizeOptions,
+    pool: ThreadPoolExecutor,
+    timings: Timings,
+) -> InputReport:
+    """Tokenizes one input shard into output shard(s); returns its report."""
+    report = InputReport(index, url)
+    stage = Path(tempfile.mkdtemp(prefix="ts-tokenize-", dir=opts.tmp_dir))
+    writer = _ShardWriter(output, index, opts, stage)
+
+    def flush(batch: list[tuple[RawSample, np.ndarray, tuple[int, int]]]) -> None:
+        if not batch:
+            return
+        t0 = time.perf_counter()
+        codes = vq.encode(to_tensor_batch([a for _, a, _ in batch])).cpu().numpy()
+        t1 = time.perf_counter()
+        timings.encode += t1 - t0
+        for (sample, _, (w, h)), grid in zip(batch, codes):
+            text = sample.members["txt"].decode("utf-8", errors="replace").strip()
+            t2 = time.perf_counter()
+            ids = np.asarray(text_tok.encode(text), dtype=np.int32)
+            timings.text += time.perf_counter() - t2
+            try:
+                meta = json.loads(sample.members.get("json", b"{}") or b"{}")
+                if not isinstance(meta, dict):
+                    meta = {"json": meta}
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                meta = {}
+            meta.update({"source_shard": url, "original_width": w, "original_height": h})
+            t3 = time.perf_counter()
+            writer.add(
+                sample.key,
+                [
+                    ("codes.npy", _npy(grid.astype(np.uint16))),
+                    ("ids.npy", _npy(ids)),
+                    ("txt", text.encode("utf-8")),
+                    ("json", json.dumps(meta, sort_keys=True).encode()),
+                ],
+            )
+            timings.write += time.perf_counter() - t3
+            report.samples += 1
+        timings.images += len(batch)
+
+    def consume(pending: list) -> None:
+        batch = []
+        for sample, fut in pending:
+            arr, reason, size, t_dec, t_res = fut.result()
+            timings.decode += t_dec
+            timings.resize += t_res
+            if arr is None:
+                report.skipped.append({"key": sample.key, "reason": reason})
+                continue
+            batch.append((sample, arr, size))
+            if len(batch) == opts.batch_size:
+                flush(batch)
+                batch = []
+        flush(batch)
+
+    try:
+        pending: list = []
+        t_read = time.perf_counter()
+        seen = 0
+        for item in iter_samples(url, opts.endpoint_url):
+            if isinstance(item, ShardReadError):
+                report.skipped.append({"key": item.key, "reason": item.error})
+                log.warning(
+                    "%s: %s (key %s); samples before it are kept", url, item.error, item.key
+                )
+                break
+            timings.read += time.perf_counter() - t_read
+            pending.append((item, pool.submit(_prepare, item, opts)))
+            seen += 1
+            if len(pending) >= opts.batch_size * 2:
+                consume(pending)
+                pending = []
+            if opts.max_samples_per_input and seen >= opts.max_samples_per_input:
+                break
+            t_read = time.perf_counter()
+        consume(pending)
+        t3 = time.perf_counter()
+        writer.close()
+        timings.write += time.perf_counter() - t3
+    except (FileNotFoundError, OSError) as exc:
+        report.failed = f"{type(exc).__name__}: {exc}"
+        log.error("input shard %s is unreadable: %s", url, report.failed)
+        writer.tar = None
+    finally:
+        for p in stage.iterdir():
+            p.unlink()
+        stage.rmdir()
+    report.shards = writer.entries if report.failed is None else []
+    if report.skipped:
+        log.warning(
+            "%s: skipped %d sample(s): %s",
+            url,
+            len(report.skipped),
+            "; ".join(f"{s['key']}: {s['reason']}" for s in report.skipped[:10]),
+        )
+    return report
+
+
+def _is_done(output: str, index: int, url: str, endpoint_url: str | None) -> dict | None:
+    """The done record of input `index` if it and every output it lists are present."""
+    rec_url = storage.join(output, f"{DONE_DIR}/{index:06d}.json")
+    if not storage.exists(rec_url, endpoint_url):
+        return None
+    try:
+        rec = json.loads(storage.read_bytes(rec_url, endpoint_url))
+    except (json.JSONDecodeError, OSError):
+        return None
+    if rec.get("url") != url:
+        return None
+    for shard in rec.get("shards", []):
+        size = storage.stat_size(storage.join(output, shard["name"]), endpoint_url)
+        if size != shard["bytes"]:
+            return None
+    return rec
+
+
+def header(vq, text_tok, resolution: int) -> dict:
+    """The manifest fields that identify the tokenizers and resolution."""
+    vocab = VocabLayout(
+        text_size=text_tok.vocab_size,
+        codebook_size=vq.codebook_size,
+        text_tokenizer=text_tok.identity,
+        vq_tokenizer=vq.identity,
+    )
+    sha = vq.identity.split(":", 1)[1] if ":" in vq.identity else None
+    return {
+        "resolution": resolution,
+        "grid": resolution // vq.downsample,
+        "downsample": vq.downsample,
+        "vocab": vocab.to_dict(),
+        "vq": {
+            "format": vq.format,
+            "checkpoint_sha256": getattr(vq, "checkpoint_sha256", sha),
+            "codebook_size": vq.codebook_size,
+            "downsample": vq.downsample,
+            "identity": vq.identity,
+        },
+        "text_tokenizer": {
+            "spec": "byte" if text_tok.identity == "byte" else Path(text_tok.path).name,
+            "identity": text_tok.identity,
+            "vocab_size": text_tok.vocab_size,
+        },
+    }
+
+
+def tokenize(
+    inputs: list[str], output: str, vq, text_tok, opts: TokenizeOptions, merge_after: bool = True
+) -> dict:
+    """Tokenizes this rank's share of the input shards.
+
+    Args:
+        inputs: input patterns (see `data_tools.shards.expand_inputs`).
+        output: output directory or s3:// prefix.
+        vq: a loaded VQ tokenizer.
+        text_tok: a loaded text tokenizer.
+        opts: options.
+        merge_after: write manifest.json when world_size is 1.
+
+    Returns:
+        The rank summary (also written to `_ranks/`), with timings.
+    """
+    if opts.resolution % vq.downsample:
+        raise ValueError(
+            f"--resolution {opts.resolution} is not a multiple of the VQ downsampling "
+            f"{vq.downsample}"
+        )
+    urls = expand_inputs(inputs, opts.endpoint_url)
+    mine = [(i, u) for i, u in enumerate(urls) if i % opts.world_size == opts.rank]
+    log.info(
+        "tokenize: rank %d/%d takes %d of %d input shards -> %s",
+        opts.rank,
+        opts.world_size,
+        len(mine),
+        len(urls),
+        output,
+    )
+    if not is_s3_url(output):
+        Path(output).mkdir(parents=True, exist_ok=True)
+    timings = Timings()
+    reports, skipped_inputs = [], 0
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max(1, opts.workers)) as pool:
+        for index, url in mine:
+            rec = _is_done(output, index, url, opts.endpoint_url)
+            if rec is not None:
+                reports.append(rec)
+                skipped_inputs += 1
+                continue
+            report = tokenize_input(index, url, output, vq, text_tok, opts, pool, timings)
+            rec = report.to_dict()
+            storage.write_bytes(
+                storage.join(output, f"{DONE_DIR}/{index:06d}.json"),
+                json.dumps(rec, indent=1).encode(),
+                opts.endpoint_url,
+            )
+            reports.append(rec)
+    seconds = time.perf_counter() - t0
+    summary = {
+        **header(vq, text_tok, opts.resolution),
+        "rank": opts.rank,
+        "world_size": opts.world_size,
+        "num_inputs": len(urls),
+        "inputs": [r["index"] for r in reports],
+    }
+    storage.write_bytes(
+        storage.join(output, f"{RANKS_DIR}/rank-{opts.rank:03d}-of-{opts.world_size:03d}.json"),
+        json.dumps(summary, indent=1).encode(),
+        opts.endpoint_url,
+    )
+    done_now = len(reports) - skipped_inputs
+    log.info(
+        "tokenize: rank %d wrote %d input(s), skipped %d finished, %d images in %.1fs",
+        opts.rank,
+        done_now,
+        skipped_inputs,
+        timings.images,
+        seconds,
+    )
+    result = {
+        "inputs_done": done_now,
+        "inputs_skipped": skipped_inputs,
+        "images": timings.images,
+        "seconds": seconds,
+        "timings": {k: getattr(timings, k) for k in timings.__dataclass_fields__},
+        "samples_skipped": sum(len(r["skipped"]) for r in reports),
+        "failed_inputs": [r["url"] for r in reports if r.get("failed")],
+    }
+    if merge_after and opts.world_size == 1:
+        result["manifest"] = merge(output, opts.endpoint_url)
+    return result
+
+
+def merge(output: str, endpoint_url: str | None = None) -> str:
+    """Writes manifest.json of `output` from its rank summaries and per-input done records.
+
+    Raises:
+        ValueError: a rank summary is missing, ranks disagree on tokenizers or resolution, or an
+            input shard has no done record (naming it and the rank to re-run).
+    """
+    rank_urls = storage.list_prefix(storage.join(output, RANKS_DIR), endpoint_url, ".json")
+    if not rank_urls:
+        raise ValueError(f"{output}: no rank summaries under {RANKS_DIR}/; run `ts-data tokenize`")
+    summaries = [json.loads(storage.read_bytes(u, endpoint_url)) for u in rank_urls]
+    world = max(s["world_size"] for s in summaries)
+    latest = {s["rank"]: s for s in summaries if s["world_size"] == world}
+    missing = sorted(set(range(world)) - set(latest))
+    if missing:
+        raise ValueError(
+            f"{output}: no summary from rank {missing[0]} of {world}; run "
+            f"`ts-data tokenize ... --rank {missing[0]} --world-size {world}` first"
+        )
+    ident_keys = ("resolution", "grid", "downsample", "vocab", "vq", "text_tokenizer")
+    first = latest[0]
+    for r, s in latest.items():
+        for k in ident_keys:
+            if s[k] != first[k]:
+                raise ValueError(
+                    f"{output}: rank {r} has {k} {s[k]!r} but rank 0 has {first[k]!r}; all ranks "
+                    "must use the same tokenizers and resolution"
+                )
+    num_inputs = first["num_inputs"]
+    shards, inputs, reasons = [], [], Counter()
+    for index in range(num_inputs):
+        rec_url = storage.join(output, f"{DONE_DIR}/{index:06d}.json")
+        if not storage.exists(rec_url, endpoint_url):
+            raise ValueError(
+                f"{output}: input shard #{index} has no done record ({rec_url}); re-run rank "
+                f"{index % world} of {world}"
+            )
+        rec = json.loads(storage.read_bytes(rec_url, endpoint_url))
+        shards += [ShardEntry(**s) for s in rec["shards"]]
+        for s in rec["skipped"]:
+            reasons[s["reason"].split(":")[0]] += 1
+        inputs.append(
+            {
+                "url": rec["url"],
+                "samples": rec["samples"],
+                "skipped": len(rec["skipped"]),
+                "failed": rec["failed"],
+            }
+        )
+    manifest = Manifest(
+        resolution=first["resolution"],
+        grid=first["grid"],
+        downsample=first["downsample"],
+        vocab=VocabLayout.from_dict(first["vocab"]),
+        vq=first["vq"],
+        text_tokenizer=first["text_tokenizer"],
+        shards=sorted(shards, key=lambda s: s.name),
+        extra={
+            "inputs": inputs,
+            "skipped": dict(sorted(reasons.items())),
+            "failed_inputs": [i["url"] for i in inputs if i["failed"]],
+        },
+    )
+    url = save_manifest(manifest, output, endpoint_url)
+    log.info("merge: %s lists %d shards, %d samples", url, len(shards), manifest.total_samples)
+    return url
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

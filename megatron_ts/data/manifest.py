@@ -1,0 +1,204 @@
+"""The token-shard manifest (`manifest.json`): reading, writing and validation.
+
+A token-shard directory (local or `s3://bucket/prefix/`) holds tar shards and one manifest:
+
+    {"format": "megatron_ts.tokens/1", "resolution": R, "grid": G, "downsample": D,
+     "vocab": VocabLayout.to_dict(),
+     "vq": {"format", "checkpoint_sha256", "codebook_size", "downsample", "identity"},
+     "text_tokenizer": {"spec", "identity", "vocab_size"},
+     "shards": [{"name", "samples", "bytes", "sha256"}], "total_samples": N,
+     "inputs": [...per input shard report...], "skipped": {...reason: count...}}
+
+`ts-data tokenize` writes it; the loader and `ts-data inspect` read it through `load_manifest`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from megatron_ts import storage
+from megatron_ts.vocab import VocabLayout
+
+MANIFEST_FORMAT = "megatron_ts.tokens/1"
+MANIFEST_NAME = "manifest.json"
+REQUIRED = ("format", "resolution", "grid", "downsample", "vocab", "vq", "shards", "total_samples")
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, malformed or inconsistent; names the URL and field."""
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    name: str
+    """File name of the shard, relative to the manifest's directory."""
+    samples: int
+    """Samples in the shard."""
+    bytes: int
+    """Size of the tar in bytes."""
+    sha256: str
+    """sha256 hex digest of the tar."""
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "samples": self.samples,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+        }
+
+
+@dataclass
+class Manifest:
+    resolution: int
+    """Image side in pixels the codes were made at."""
+    grid: int
+    """Codes per image side (resolution / downsample)."""
+    downsample: int
+    """VQ downsampling factor."""
+    vocab: VocabLayout
+    """The combined vocabulary layout the shards were tokenized for."""
+    vq: dict[str, Any]
+    """VQ tokenizer: format, checkpoint_sha256, codebook_size, downsample, identity."""
+    text_tokenizer: dict[str, Any]
+    """Text tokenizer: spec (file name or byte), identity, vocab_size."""
+    shards: list[ShardEntry] = field(default_factory=list)
+    """Shards in name order."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Other fields (inputs, skipped counts, rank) carried through unchanged."""
+    url: str | None = None
+    """Where it was read from (not written)."""
+
+    @property
+    def total_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.vq.get("codebook_size", self.vocab.codebook_size))
+
+    def base_url(self) -> str:
+        """Directory URL holding the shards (with a trailing slash)."""
+        if self.url is None:
+            raise ManifestError("manifest was not read from a URL; pass the directory explicitly")
+        return self.url.rsplit("/", 1)[0] + "/"
+
+    def shard_urls(self) -> list[str]:
+        base = self.base_url()
+        return [base + s.name for s in self.shards]
+
+    def to_dict(self) -> dict:
+        out = {
+            "format": MANIFEST_FORMAT,
+            "resolution": self.resolution,
+            "grid": self.grid,
+            "downsample": self.downsample,
+            "vocab": self.vocab.to_dict(),
+            "vq": self.vq,
+            "text_tokenizer": self.text_tokenizer,
+            "shards": [s.to_dict() for s in self.shards],
+            "total_samples": self.total_samples,
+        }
+        out.update({k: v for k, v in self.extra.items() if k not in out})
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict, url: str | None = None) -> Manifest:
+        where = url or "manifest"
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where}: not a JSON object")
+        for key in REQUIRED:
+            if key not in data:
+                raise ManifestError(f"{where}: missing field {key!r}; re-run `ts-data tokenize`")
+        if data["format"] != MANIFEST_FORMAT:
+            raise ManifestError(
+                f"{where}: format {data['format']!r}, expected {MANIFEST_FORMAT!r}; re-tokenize "
+                "with this version of ts-data"
+            )
+        shards = []
+        for i, s in enumerate(data["shards"]):
+            try:
+                shards.append(
+                    ShardEntry(str(s["name"]), int(s["samples"]), int(s["bytes"]), str(s["sha256"]))
+                )
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ManifestError(f"{where}: shards[{i}] is malformed ({exc!r})") from exc
+        m = cls(
+            resolution=int(data["resolution"]),
+            grid=int(data["grid"]),
+            downsample=int(data["downsample"]),
+            vocab=VocabLayout.from_dict(data["vocab"]),
+            vq=dict(data["vq"]),
+            text_tokenizer=dict(data.get("text_tokenizer", {})),
+            shards=shards,
+            extra={k: v for k, v in data.items() if k not in REQUIRED and k != "text_tokenizer"},
+            url=url,
+        )
+        m.validate(int(data["total_samples"]))
+        return m
+
+    def validate(self, total_samples: int | None = None) -> None:
+        """Checks internal consistency; raises ManifestError naming the field."""
+        where = self.url or "manifest"
+        if self.grid * self.downsample != self.resolution:
+            raise ManifestError(
+                f"{where}: grid {self.grid} x downsample {self.downsample} != resolution "
+                f"{self.resolution}"
+            )
+        if self.vocab.codebook_size != self.codebook_size:
+            raise ManifestError(
+                f"{where}: vocab.codebook_size {self.vocab.codebook_size} != vq.codebook_size "
+                f"{self.codebook_size}"
+            )
+        names = [s.name for s in self.shards]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ManifestError(f"{where}: shard {dup!r} is listed twice")
+        if total_samples is not None and total_samples != self.total_samples:
+            raise ManifestError(
+                f"{where}: total_samples {total_samples} but the shards hold {self.total_samples}"
+            )
+
+
+def manifest_url(url: str) -> str:
+    """The manifest URL of a token-shard directory (or the URL itself if it names a .json)."""
+    if url.endswith(".json"):
+        return url
+    return storage.join(url, MANIFEST_NAME)
+
+
+def load_manifest(url: str, endpoint_url: str | None = None) -> Manifest:
+    """Reads and validates a manifest.
+
+    Args:
+        url: token-shard directory or manifest URL, local or s3://.
+        endpoint_url: S3 endpoint.
+
+    Raises:
+        ManifestError: missing, unreadable or inconsistent manifest (naming the URL and field).
+    """
+    murl = manifest_url(url)
+    try:
+        raw = storage.read_bytes(murl, endpoint_url)
+    except FileNotFoundError as exc:
+        raise ManifestError(
+            f"{murl} not found; run `ts-data tokenize` (and `ts-data merge` for multi-rank runs)"
+        ) from exc
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{murl} is not valid JSON: {exc}") from exc
+    return Manifest.from_dict(data, murl)
+
+
+def save_manifest(manifest: Manifest, url: str, endpoint_url: str | None = None) -> str:
+    """Writes `manifest` as the manifest of directory `url` (atomically); returns its URL."""
+    manifest.validate()
+    murl = manifest_url(url)
+    storage.write_bytes(murl, manifest.to_json().encode(), endpoint_url)
+    return murl

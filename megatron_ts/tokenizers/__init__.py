@@ -1,0 +1,1 @@
+"""Tokenizers: the text tokenizer (`text.py`) and the VQ image tokenizers (`vq.py`)."""
