@@ -210,7 +210,8 @@ def test_round_trip_export_import(tmp_path: Path):
     assert meta["stage"]["caption_len"] == 6 and meta["model_spec"]["shuffle_window"] == 2
 
 
-def test_llama_import_keeps_text_logits(tmp_path: Path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama_import_keeps_text_logits(tmp_path: Path, tied: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -222,7 +223,7 @@ def test_llama_import_keeps_text_logits(tmp_path: Path):
         num_attention_heads=4,
         num_key_value_heads=2,
         rope_theta=50000.0,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     llama = LlamaForCausalLM(cfg).eval()
     llama.save_pretrained(tmp_path / "llama")
