@@ -42,3 +42,11 @@ def write_demo_tokenizer(path: str | Path) -> Path:
     tmp.write_text(tokenizer.to_str(pretty=True))
     tmp.replace(path)
     return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m data_tools.demo_tokenizer OUT.json")
+    print(write_demo_tokenizer(sys.argv[1]))

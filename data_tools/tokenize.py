@@ -272,6 +272,8 @@ def tokenize_input(
         t_read = time.perf_counter()
         seen = 0
         for item in iter_samples(url, opts.endpoint_url):
+            if isinstance(item, ShardReadError) and seen == 0 and item.key is None:
+                raise OSError(item.error)  # nothing readable: the whole shard failed
             if isinstance(item, ShardReadError):
                 report.skipped.append({"key": item.key, "reason": item.error})
                 log.warning(
