@@ -169,6 +169,13 @@ class _S3RawReader(io.RawIOBase):
         self.pos += len(data)
         return len(data)
 
+    def readall(self) -> bytes:
+        # io's default readall reads 8 KiB at a time: one GET per 8 KiB of the object
+        chunks = []
+        while data := self.read(READ_CHUNK):
+            chunks.append(data)
+        return b"".join(chunks)
+
 
 def stat_size(url: str, endpoint_url: str | None = None) -> int | None:
     """Size in bytes of a file or object; None when it does not exist."""
