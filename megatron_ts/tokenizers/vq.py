@@ -128,6 +128,7 @@ class VQTokenizer(nn.Module):
         codebook_size: number of codes.
         downsample: pixels per code along each side.
         identity: `format:sha256-prefix` of the checkpoint (recorded in manifests).
+        checkpoint_sha256: full sha256 of the checkpoint file (set by `load_vq`).
     """
 
     format = "base"
@@ -137,6 +138,7 @@ class VQTokenizer(nn.Module):
         self.codebook_size = int(codebook_size)
         self.downsample = int(downsample)
         self.identity = self.format
+        self.checkpoint_sha256: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -716,6 +718,7 @@ def load_vq(
         check_state_dict(model.flat_state_dict(), state, path, format)
         model.load_flat_state_dict(state)
     model.identity = vq_identity(format, path)
+    model.checkpoint_sha256 = file_sha256(path)  # cached: the identity just hashed the file
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()

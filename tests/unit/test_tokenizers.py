@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -52,8 +53,6 @@ def test_json_tokenizer_identity_and_ids(tmp_path: Path):
     tok = load_text_tokenizer(str(path))
     assert tok.vocab_size == 6
     assert tok.encode("a red circle in the sky") == [1, 2, 3, 4, 5, 0]
-    import hashlib
-
     assert tok.identity == f"tok.json:{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
     with pytest.raises(FileNotFoundError, match="nope.json.*neither 'byte'"):
         load_text_tokenizer(str(tmp_path / "nope.json"))
@@ -71,6 +70,8 @@ def test_native_round_trip(tmp_path: Path):
     vq = load_vq("native", str(path), device="cpu")
     assert (vq.codebook_size, vq.downsample) == (128, 8)
     assert vq.identity == vq_identity("native", path) and vq.identity.startswith("native:")
+    assert vq.checkpoint_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert vq.identity == "native:" + vq.checkpoint_sha256[:16]
     x = torch.rand(3, 3, 32, 48) * 2 - 1
     codes = vq.encode(x)
     assert codes.shape == (3, 4, 6) and codes.dtype == torch.long
@@ -139,12 +140,16 @@ def test_llamagen_load_encode_decode_and_mismatch(tmp_path: Path):
     renamed = dict(state)
     renamed["decoder.conv_out.weigth"] = renamed.pop("decoder.conv_out.weight")
     torch.save({"model": renamed}, path)
-    with pytest.raises(VQCheckpointError, match=r"vq_ds16_t2i.pt: missing key 'decoder.conv_out.weight'"):
+    with pytest.raises(
+        VQCheckpointError, match=r"vq_ds16_t2i.pt: missing key 'decoder.conv_out.weight'"
+    ):
         load_vq("llamagen", str(path), config=SMALL_LLAMAGEN)
     wrong = dict(state)
     wrong["quantize.embedding.weight"] = torch.zeros(64, 16)
     torch.save({"model": wrong}, path)
-    with pytest.raises(VQCheckpointError, match=r"'quantize.embedding.weight' has shape \(64, 16\)"):
+    with pytest.raises(
+        VQCheckpointError, match=r"'quantize.embedding.weight' has shape \(64, 16\)"
+    ):
         load_vq("llamagen", str(path), config=SMALL_LLAMAGEN)
     extra = dict(state, **{"encoder.extra.weight": torch.zeros(1)})
     torch.save({"model": extra}, path)
