@@ -8,10 +8,12 @@ first dot): `KEY.jpg|png|webp`, `KEY.txt`, `KEY.json`.
 
 from __future__ import annotations
 
+import io
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from braceexpand import braceexpand
 
@@ -80,17 +82,40 @@ def _split_name(name: str) -> tuple[str, str]:
     return prefix + stem, ext.lower()
 
 
+class _Counted(io.RawIOBase):
+    """A read-only stream that counts the bytes read through it."""
+
+    def __init__(self, inner: BinaryIO):
+        self.inner, self.count = inner, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        n = self.inner.readinto(buf)
+        self.count += n
+        return n
+
+    def close(self) -> None:
+        self.inner.close()
+        super().close()
+
+
 def iter_samples(url: str, endpoint_url: str | None = None) -> Iterator[RawSample | ShardReadError]:
     """Samples of one input tar in order; a truncated or corrupt tar ends with a ShardReadError.
 
     Raises:
         FileNotFoundError, OSError: the shard cannot be opened at all.
+        storage.StorageError: an S3 read still failing after its retries (not a truncation: the
+            caller fails the input so that a re-run retries it).
     """
-    stream = storage.open_url_for_read(url, endpoint_url)
+    stream = _Counted(storage.open_url_for_read(url, endpoint_url))
     current: RawSample | None = None
     try:
         try:
             tar = tarfile.open(fileobj=stream, mode="r|*")
+        except storage.StorageError:
+            raise
         except (tarfile.TarError, EOFError, OSError) as exc:
             yield ShardReadError(None, f"not a readable tar: {exc}")
             return
@@ -111,6 +136,17 @@ def iter_samples(url: str, endpoint_url: str | None = None) -> Iterator[RawSampl
                         f"member {info.name} truncated ({len(data)} of {info.size} bytes)"
                     )
                 current.members[ext] = data
+            # tarfile ends quietly when the file stops right before a member header; a whole tar
+            # has its end-of-archive zero block there (uncompressed tars only: offsets differ)
+            if tar.fileobj.comptype == "tar":
+                while stream.read(1 << 20):
+                    pass
+                if stream.count < tar.offset + tarfile.BLOCKSIZE:
+                    raise EOFError(
+                        f"the tar stops at byte {stream.count} without its end-of-archive block"
+                    )
+        except storage.StorageError:
+            raise  # the store failed after its retries: the shard is not truncated, retry later
         except (tarfile.TarError, EOFError, OSError) as exc:
             yield ShardReadError(current.key if current else None, f"truncated or corrupt: {exc}")
             return

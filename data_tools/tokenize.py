@@ -4,9 +4,10 @@ Every input shard (sorted input list, index i) becomes one or more output shards
 `tokens-{i:06d}-{part:03d}.tar`, cut at `shard_bytes` / `shard_samples`; the names do not depend
 on the number of workers, so a job may be resumed with another world size. After an input shard's
 outputs are written (and, on S3, verified), a record `_done/{i:06d}.json` lists them with sizes and
-sha256s plus the per-shard report of skipped samples. A re-run skips inputs whose record exists
-and whose listed outputs exist with the recorded sizes; any other input is redone from scratch
-(its partial outputs are overwritten). Each rank writes `_ranks/rank-{r:03d}-of-{w:03d}.json`;
+sha256s plus the per-shard report of skipped samples. A re-run skips inputs whose record exists,
+records no failure and lists outputs that exist with the recorded sizes; any other input is redone
+from scratch (its partial outputs are overwritten), so an input that failed because the store
+was unreachable is retried by the next run. Each rank writes `_ranks/rank-{r:03d}-of-{w:03d}.json`;
 `merge` (run automatically when world size is 1) writes `manifest.json` from the done records.
 """
 
@@ -38,6 +39,8 @@ log = get_logger(__name__)
 
 DONE_DIR = "_done"
 RANKS_DIR = "_ranks"
+CODE_LIMIT = 1 << 16
+"""Codes are stored as uint16: codebooks of up to 65536 codes."""
 
 
 @dataclass
@@ -126,14 +129,19 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def rank_from_env(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """--rank/--world-size, else SLURM array variables, else (0, 1)."""
-    if rank is not None or world_size is not None:
-        return rank or 0, world_size or 1
-    if "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
-        task = int(os.environ["SLURM_ARRAY_TASK_ID"])
-        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return task - first, int(os.environ["SLURM_ARRAY_TASK_COUNT"])
-    return 0, 1
+    """(rank, world size): each from its flag, else from the SLURM array variables, else (0, 1).
+
+    Rank is `SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN` and the world size
+    `SLURM_ARRAY_TASK_COUNT`, so an array `--array=0-63` (or `1-64`, with or without a `%N`
+    throttle) gives ranks 0..63 of 64. Each value falls back on its own: `--world-size 64` in an
+    array job still takes the rank from the task id instead of making every task rank 0.
+    """
+    env = os.environ
+    if rank is None and "SLURM_ARRAY_TASK_ID" in env:
+        rank = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+    if world_size is None and "SLURM_ARRAY_TASK_COUNT" in env:
+        world_size = int(env["SLURM_ARRAY_TASK_COUNT"])
+    return (0 if rank is None else rank), (1 if world_size is None else world_size)
 
 
 class _ShardWriter:
@@ -295,7 +303,12 @@ def tokenize_input(
         timings.write += time.perf_counter() - t3
     except (FileNotFoundError, OSError) as exc:
         report.failed = f"{type(exc).__name__}: {exc}"
-        log.error("input shard %s is unreadable: %s", url, report.failed)
+        log.error(
+            "input shard %s is unreadable or its output could not be written: %s; a re-run "
+            "retries it",
+            url,
+            report.failed,
+        )
         writer.tar = None
     finally:
         for p in stage.iterdir():
@@ -321,8 +334,8 @@ def _is_done(output: str, index: int, url: str, endpoint_url: str | None) -> dic
         rec = json.loads(storage.read_bytes(rec_url, endpoint_url))
     except (json.JSONDecodeError, OSError):
         return None
-    if rec.get("url") != url:
-        return None
+    if rec.get("url") != url or rec.get("failed"):
+        return None  # another input list, or a failure that may have been transient: redo it
     for shard in rec.get("shards", []):
         size = storage.stat_size(storage.join(output, shard["name"]), endpoint_url)
         if size != shard["bytes"]:
@@ -346,7 +359,7 @@ def header(vq, text_tok, resolution: int) -> dict:
         "vocab": vocab.to_dict(),
         "vq": {
             "format": vq.format,
-            "checkpoint_sha256": getattr(vq, "checkpoint_sha256", sha),
+            "checkpoint_sha256": getattr(vq, "checkpoint_sha256", None) or sha,
             "codebook_size": vq.codebook_size,
             "downsample": vq.downsample,
             "identity": vq.identity,
@@ -375,6 +388,11 @@ def tokenize(
     Returns:
         The rank summary (also written to `_ranks/`), with timings.
     """
+    if vq.codebook_size > CODE_LIMIT:
+        raise ValueError(
+            f"VQ codebook of {vq.codebook_size} codes does not fit the uint16 codes.npy of token "
+            f"shards (at most {CODE_LIMIT})"
+        )
     if opts.resolution % vq.downsample:
         raise ValueError(
             f"--resolution {opts.resolution} is not a multiple of the VQ downsampling "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -76,7 +77,8 @@ def test_round_trip_read_with_plain_webdataset(demo, tmp_path, capsys):
     assert m.vocab.codebook_size == 64 and m.vocab.text_size == 256
     assert m.vq["format"] == "native" and m.vocab.vq_tokenizer.startswith("native:")
     raw = json.loads((out / "manifest.json").read_text())
-    assert raw["format"] == "megatron_ts.tokens/1" and raw["vq"]["checkpoint_sha256"]
+    assert raw["format"] == "megatron_ts.tokens/1"
+    assert raw["vq"]["checkpoint_sha256"] == hashlib.sha256(demo["vq"].read_bytes()).hexdigest()
 
     urls = [str(out / s.name) for s in m.shards]
     samples = list(wds.WebDataset(urls, shardshuffle=False).decode())
@@ -226,12 +228,52 @@ def test_corrupt_inputs_are_reported_and_skipped(demo, tmp_path, logged):
     got = {s["__key__"]: s for s in wds.WebDataset([str(out / n.name) for n in m.shards]).decode()}
     assert set(got) == {"good", "cmyk", "grey", "alpha", "pal", "s0", "s1"}
     assert got["good"]["json"]["url"] == "x"
-    # a re-run does not redo the failed input unless its record is removed
+    # a re-run retries the failed input (it fails again) and rewrites no token shard
     before = _files(out)
     assert _tokenize(demo, out, "--min-size", "16", inputs=[str(src)]) == 1
     assert {k: v for k, v in _files(out).items() if "tokens" in k} == {
         k: v for k, v in before.items() if "tokens" in k
     }
+
+
+def test_store_failure_fails_the_input_and_the_next_run_retries_it(demo, tmp_path, monkeypatch):
+    from megatron_ts import storage
+
+    clean = tmp_path / "clean"
+    assert _tokenize(demo, clean) == 0
+    real_open = storage.open_url_for_read
+    bad = str(demo["raw"] / "00001.tar")
+
+    class _Outage(io.RawIOBase):  # the store answers 2 KiB, then stays unreachable
+        def __init__(self, url):
+            self.inner, self.left = real_open(url), 2048
+
+        def readable(self):
+            return True
+
+        def readinto(self, buf):
+            if self.left <= 0:
+                raise storage.StorageError(f"{bad}: failed after 6 attempts: connection reset")
+            n = self.inner.readinto(memoryview(buf)[: min(len(buf), self.left)])
+            self.left -= n
+            return n
+
+    def flaky_open(url, endpoint_url=None):
+        return io.BufferedReader(_Outage(url)) if url == bad else real_open(url, endpoint_url)
+
+    monkeypatch.setattr(storage, "open_url_for_read", flaky_open)
+    out = tmp_path / "tok"
+    assert _tokenize(demo, out) == 1
+    record = json.loads((out / "_done/000001.json").read_text())
+    assert "StorageError" in record["failed"] and record["shards"] == []
+    assert not record["skipped"]  # not mistaken for a truncated shard
+    assert load_manifest(str(out)).extra["failed_inputs"] == [bad]
+
+    monkeypatch.setattr(storage, "open_url_for_read", real_open)  # the store is back
+    kept = _files(out)["tokens-000000-000.tar"]
+    assert _tokenize(demo, out) == 0
+    assert _files(out)["tokens-000000-000.tar"] == kept  # finished inputs are not redone
+    assert (out / "manifest.json").read_bytes() == (clean / "manifest.json").read_bytes()
 
 
 def test_inspect_flags_corrupt_sets(demo, tmp_path, capsys):
