@@ -210,7 +210,8 @@ def open_url_for_read(url: str, endpoint_url: str | None = None) -> BinaryIO:
     size = stat_size(url, endpoint_url)
     if size is None:
         raise FileNotFoundError(f"{url} does not exist (check the bucket, key and endpoint)")
-    return io.BufferedReader(_S3RawReader(url, endpoint_url, size), buffer_size=1 << 20)
+    # one GET per READ_CHUNK: small reads (tarfile asks for 10 KiB) come from the buffer
+    return io.BufferedReader(_S3RawReader(url, endpoint_url, size), buffer_size=READ_CHUNK)
 
 
 def read_bytes(url: str, endpoint_url: str | None = None) -> bytes:

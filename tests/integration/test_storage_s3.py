@@ -50,6 +50,10 @@ def test_multipart_upload_verifies_and_reads_back(s3_bucket, big_file, monkeypat
     monkeypatch.setattr(storage, "client", lambda e=None: _Proxy(real, get_object=get_object))
     assert storage.read_bytes(url, endpoint) == data
     assert ranges == ["bytes=0-8388607", f"bytes=8388608-{11 * MIB - 1}"]  # READ_CHUNK = 8 MiB
+    ranges.clear()
+    with storage.open_url_for_read(url, endpoint) as f:  # streamed in tarfile-sized reads
+        assert b"".join(iter(lambda: f.read(10240), b"")) == data
+    assert ranges == ["bytes=0-8388607", f"bytes=8388608-{11 * MIB - 1}"]
     assert storage.stat_size(url, endpoint) == 11 * MIB
     assert storage.list_prefix(f"s3://{bucket}/out", endpoint) == [url]
 
