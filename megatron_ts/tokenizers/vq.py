@@ -8,7 +8,8 @@ Three checkpoint layouts, chosen with `--vq-format`:
 - `chameleon`: the Chameleon VQGAN used by Lumina-mGPT and Anole (`vqgan.ckpt`,
   `{"state_dict": ...}` in taming-transformers naming): 8192 x 256 codebook, 16x. The encoder and
   quantizer are `transformers`' `ChameleonVQVAE`; `transformers` ships no decoder, so the
-  taming decoder (`decoder.up.{i}.block/attn/upsample`) is written here.
+  taming decoder (`decoder.up.{i}.block/attn/upsample`) is written here. A `transformers`
+  checkpoint (the shard holding `model.vqmodel.*`) has no decoder weights: it loads to encode.
 - `native`: a small conv VQ-VAE trained with `ts-data train-vq`, stored as safetensors (or a torch
   file) with its config inside, so the bundled demo needs no download.
 
@@ -526,12 +527,14 @@ class ChameleonVQ(VQTokenizer):
         dec = {k[len("decoder.") :]: v for k, v in state.items() if k.startswith("decoder.")}
         rest = {k: v for k, v in state.items() if not k.startswith("decoder.")}
         self.hf.load_state_dict(rest, strict=True)
-        self.decoder.load_state_dict(dec, strict=True)
+        if self.decoder is not None:
+            self.decoder.load_state_dict(dec, strict=True)
 
     def flat_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state in the checkpoint's (taming) key names."""
         out = dict(self.hf.state_dict())
-        out.update({f"decoder.{k}": v for k, v in self.decoder.state_dict().items()})
+        if self.decoder is not None:
+            out.update({f"decoder.{k}": v for k, v in self.decoder.state_dict().items()})
         return out
 
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
@@ -546,6 +549,11 @@ class ChameleonVQ(VQTokenizer):
         return self.hf.quantize.embedding(codes).permute(0, 3, 1, 2)
 
     def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
+        if self.decoder is None:
+            raise VQCheckpointError(
+                "this Chameleon VQ was loaded without a decoder (transformers' converted "
+                "checkpoints drop it); load the original vqgan.ckpt to decode images"
+            )
         return self.decoder(self.hf.post_quant_conv(z_q))
 
 
@@ -715,7 +723,13 @@ def load_vq(
                 state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         # the taming training checkpoint also holds the discriminator/perceptual loss
         state = {k: v for k, v in state.items() if not k.startswith("loss.")}
-        check_state_dict(model.flat_state_dict(), state, path, format)
+        expected = model.flat_state_dict()
+        if not any(k.startswith("decoder.") for k in state):
+            # transformers' converted Chameleon files drop the decoder: enough to tokenize
+            expected = {k: v for k, v in expected.items() if not k.startswith("decoder.")}
+            model.decoder = None
+            log.warning("VQ checkpoint %s has no decoder: it can encode, not decode", path)
+        check_state_dict(expected, state, path, format)
         model.load_flat_state_dict(state)
     model.identity = vq_identity(format, path)
     model.checkpoint_sha256 = file_sha256(path)  # cached: the identity just hashed the file

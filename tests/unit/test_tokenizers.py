@@ -209,3 +209,25 @@ def test_native_checkpoint_records_config(tmp_path: Path):
         meta = f.metadata()
     assert json.loads(meta["megatron_ts.vq_config"])["codebook_size"] == 64
     assert json.loads(meta["megatron_ts.vq_train"]) == {"psnr": 1}
+
+
+def test_chameleon_transformers_file_encodes_without_decoder(tmp_path: Path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    full = ChameleonVQ(ChameleonConfig(**SMALL_CHAMELEON))
+    # transformers' conversion nests the VQ under model.vqmodel. and drops the decoder
+    hf = {f"model.vqmodel.{k}": v for k, v in full.hf.state_dict().items()}
+    hf["model.embed_tokens.weight"] = torch.zeros(4, 2)
+    path = tmp_path / "model-00001-of-00002.safetensors"
+    save_file({k: v.contiguous() for k, v in hf.items()}, str(path))
+    vq = load_vq("chameleon", str(path), device="cpu", config=SMALL_CHAMELEON)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(vq.encode(x), full.encode(x))
+    with pytest.raises(VQCheckpointError, match="loaded without a decoder.*vqgan.ckpt"):
+        vq.decode(vq.encode(x))
+    # a decoder that is only partly there is still a mismatch
+    hf["model.vqmodel.decoder.conv_in.weight"] = full.decoder.conv_in.weight.detach()
+    save_file({k: v.contiguous() for k, v in hf.items()}, str(path))
+    with pytest.raises(VQCheckpointError, match="missing key 'decoder.conv_in.bias'"):
+        load_vq("chameleon", str(path), config=SMALL_CHAMELEON)
