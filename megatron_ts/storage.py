@@ -70,6 +70,7 @@ def _retryable(exc: Exception) -> bool:
     from botocore.exceptions import (
         ClientError,
         ConnectionClosedError,
+        ConnectTimeoutError,
         EndpointConnectionError,
         IncompleteReadError,
         ReadTimeoutError,
@@ -84,6 +85,7 @@ def _retryable(exc: Exception) -> bool:
         exc,
         (
             ConnectionClosedError,
+            ConnectTimeoutError,  # not a builtin TimeoutError
             EndpointConnectionError,
             IncompleteReadError,
             ReadTimeoutError,

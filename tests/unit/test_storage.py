@@ -6,7 +6,12 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from botocore.exceptions import ClientError
+from botocore.exceptions import (
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
 
 from megatron_ts import storage
 
@@ -61,6 +66,29 @@ def test_retries_give_up_with_the_url_and_other_errors_are_not_retried(sleeps):
     with pytest.raises(ClientError, match="AccessDenied"):
         storage.with_retries(denied, "s3://b/k")
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ConnectTimeoutError(endpoint_url="http://127.0.0.1:1"),
+        EndpointConnectionError(endpoint_url="http://127.0.0.1:1"),
+        ReadTimeoutError(endpoint_url="http://127.0.0.1:1"),
+        _client_error("InternalError", 500),
+        _client_error("Whatever", 502),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_network_and_server_errors_are_transient(exc, sleeps):
+    calls = []
+
+    def once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise exc
+        return "ok"
+
+    assert storage.with_retries(once, "s3://b/k") == "ok" and len(sleeps) == 1
 
 
 def test_local_write_and_upload_are_atomic_and_return_sha256(tmp_path: Path):
