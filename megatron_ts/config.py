@@ -261,6 +261,24 @@ class LoggingConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """Sampling defaults of this model: `ts-convert to-hf` writes them into the export's
+    generation_config.json (what ts-generate and ts-eval use unless told otherwise), and the
+    trainer's preview images use them."""
+
+    cfg_scale: float = 7.5
+    """Classifier-free guidance scale (1 = no guidance)."""
+    cfg_schedule: str = "half-linear"
+    """Guidance over the decoding steps: constant, linear or half-linear (the paper's)."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 decodes greedily."""
+    top_k: int = 0
+    """Sample from the k most likely codes (0 = all)."""
+    top_p: float = 1.0
+    """Nucleus mass (1 = all)."""
+
+
+@dataclass
 class Config:
     job: JobConfig = field(default_factory=JobConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -272,6 +290,7 @@ class Config:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -580,6 +599,7 @@ _CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant", "wsd"),
     "train.precision": ("auto", "bf16", "fp32"),
     "data.on_dp_change": ("error", "next_epoch"),
+    "sampling.cfg_schedule": ("constant", "linear", "half-linear"),
 }
 
 
@@ -648,6 +668,15 @@ def validate(cfg: Config, world_size: int | None = 1) -> list[ResolvedStage]:
     choice("optim.schedule", cfg.optim.schedule)
     choice("train.precision", cfg.train.precision)
     choice("data.on_dp_change", cfg.data.on_dp_change)
+    choice("sampling.cfg_schedule", cfg.sampling.cfg_schedule)
+    sampling = cfg.sampling
+    if sampling.temperature < 0 or sampling.top_k < 0 or not 0 < sampling.top_p <= 1:
+        raise ConfigError(
+            f"sampling: temperature = {sampling.temperature}, top_k = {sampling.top_k}, "
+            f"top_p = {sampling.top_p}; use temperature >= 0, top_k >= 0, 0 < top_p <= 1"
+        )
+    if sampling.cfg_scale < 1:
+        raise ConfigError(f"sampling.cfg_scale = {sampling.cfg_scale}; use 1 (none) or more")
 
     shape = resolve_model_shape(cfg.model)
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):

@@ -21,6 +21,7 @@ Output directory:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -33,6 +34,7 @@ from megatron_ts.checkpoint.model_files import (
     read_meta,
     resolve_checkpoint,
 )
+from megatron_ts.config import SamplingConfig
 from megatron_ts.hf.build import attention_shape, hf_config_from_spec
 from megatron_ts.hf.safetensors_stream import (
     ShardWriter,
@@ -61,16 +63,13 @@ VOCAB_FILE = "vocab_layout.json"
 VQ_DIR = "vq"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Sampling defaults written into generation_config.json (LlamaGen-style: full-vocabulary
-# sampling at temperature 1 with strong guidance, the paper's half-linear schedule).
-GENERATION_DEFAULTS = {
-    "do_sample": True,
-    "temperature": 1.0,
-    "top_k": 0,
-    "top_p": 1.0,
-    "cfg_scale": 7.5,
-    "cfg_schedule": "half-linear",
-}
+
+def generation_defaults(config: dict) -> dict:
+    """generation_config.json's sampling fields from the run's [sampling] section (its defaults
+    when the checkpoint predates the section: LlamaGen-style full-vocabulary sampling at
+    temperature 1 with strong, half-linear guidance)."""
+    sampling = {**dataclasses.asdict(SamplingConfig()), **(config.get("sampling") or {})}
+    return {"do_sample": sampling["temperature"] > 0, **sampling}
 
 
 def _stage_info(meta: dict) -> tuple[int, list[int], dict]:
@@ -263,7 +262,7 @@ def export_to_hf(
         shutil.copyfile(HF_DIR / name, out / name)
 
     generation = {
-        **GENERATION_DEFAULTS,
+        **generation_defaults(meta.get("config") or {}),
         "caption_len": caption_len,
         "resolution": resolutions[0],
         "resolutions": resolutions,

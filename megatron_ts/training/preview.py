@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatron_ts.config import ResolvedStage, TokenizerConfig
+from megatron_ts.config import SamplingConfig as SamplingDefaults
 from megatron_ts.logging import get_logger
 
 log = get_logger(__name__)
@@ -18,13 +19,15 @@ log = get_logger(__name__)
 def write_previews(
     ckpt_dir: Path,
     tokenizer: TokenizerConfig,
+    defaults: SamplingDefaults,
     prompts: list[str],
     stage: ResolvedStage,
     out_dir: Path,
     step: int,
     metrics=None,
 ) -> list[Path]:
-    """Samples one image per prompt from `ckpt_dir`; writes PNGs and TensorBoard images.
+    """Samples one image per prompt from `ckpt_dir` with the run's [sampling] settings; writes
+    PNGs and TensorBoard images.
 
     Returns:
         The PNG paths (empty when no VQ checkpoint is configured to decode codes).
@@ -51,7 +54,13 @@ def write_previews(
     )
     vq = load_vq(tokenizer.vq_format, tokenizer.vq_checkpoint)
     sampling = SamplingConfig(
-        cfg=3.0, temperature=1.0, top_k=0, seed=step, resolution=stage.resolution
+        cfg=defaults.cfg_scale,
+        cfg_schedule=defaults.cfg_schedule,
+        temperature=defaults.temperature,
+        top_k=defaults.top_k,
+        top_p=defaults.top_p,
+        seed=step,
+        resolution=stage.resolution,
     )
     result = generate(
         model, vq, load_text_tokenizer(tokenizer.text), prompts, sampling, batch_size=len(prompts)

@@ -325,6 +325,7 @@ class Trainer:
                         write_previews(
                             saved,
                             cfg.tokenizer,
+                            cfg.sampling,
                             cfg.logging.preview_prompts,
                             stage,
                             self.run_dir / "previews",

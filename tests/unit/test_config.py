@@ -295,6 +295,10 @@ INVALID = {
     ),
     "backend": (["--parallel.backend", "mpi"], 1, "parallel.backend"),
     "precision": (["--train.precision", "fp16"], 1, "train.precision"),
+    "cfg-schedule": (["--sampling.cfg_schedule", "cosine"], 1, "sampling.cfg_schedule"),
+    "cfg-scale": (["--sampling.cfg_scale", "0.5"], 1, "sampling.cfg_scale"),
+    "temperature": (["--sampling.temperature", "-1"], 1, "temperature = -1"),
+    "top-p": (["--sampling.top_p", "0"], 1, "top_p = 0"),
 }
 
 

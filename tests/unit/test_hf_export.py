@@ -243,3 +243,13 @@ def test_llama_import_keeps_text_logits(tmp_path: Path, tied: bool):
         ref = llama(input_ids=text).logits  # (B, T, 300)
     diff = (ours.transpose(0, 1)[..., :300] - ref[:, :9]).abs().max().item()
     assert diff < TOL, diff
+
+
+def test_generation_config_takes_the_runs_sampling_section():
+    from megatron_ts.hf.export import generation_defaults
+
+    default = generation_defaults({})
+    assert default["do_sample"] and default["cfg_scale"] == 7.5
+    assert default["cfg_schedule"] == "half-linear"
+    greedy = generation_defaults({"sampling": {"cfg_scale": 2.0, "temperature": 0.0}})
+    assert not greedy["do_sample"] and greedy["cfg_scale"] == 2.0 and greedy["top_p"] == 1.0
