@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     vq.add_argument("--channels", default=None, help="widths per level, e.g. 32,64,64")
     vq.add_argument("--embed-dim", type=int, default=16)
     vq.add_argument("--max-images", type=int, default=4000)
+    vq.add_argument(
+        "--foreground-weight",
+        type=float,
+        default=0.0,
+        help="extra loss weight of pixels away from the image's median colour (demo: 8)",
+    )
     vq.add_argument("--seed", type=int, default=0)
     vq.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
 
@@ -131,6 +137,7 @@ def _run(args: argparse.Namespace) -> int:
             channels=channels,
             embed_dim=args.embed_dim,
             max_images=args.max_images,
+            foreground_weight=args.foreground_weight,
             seed=args.seed,
             endpoint_url=args.endpoint_url,
         )

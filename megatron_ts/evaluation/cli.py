@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("analyse", help="score ground-truth demo shards (analyser check)")
     check.add_argument("--data", required=True, help="directory of make-demo .tar shards")
     check.add_argument("--limit", type=int, default=1000, help="samples to score")
+    check.add_argument(
+        "--vq-checkpoint",
+        help="score VQ reconstructions instead (encode + decode): the ceiling for any generator "
+        "on this tokenizer",
+    )
+    check.add_argument("--vq-format", default="native", help="native, llamagen or chameleon")
+    check.add_argument("--resolution", type=int, help="resize to this side before the VQ")
     return parser
 
 
@@ -133,11 +140,38 @@ def _ground_truth(data: Path, limit: int):
                 return
 
 
+def _vq_round_trip(vq_format: str, checkpoint: str, resolution: int | None):
+    """A function image -> the image after VQ encode and decode at `resolution`."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from megatron_ts.tokenizers.vq import load_vq
+
+    vq = load_vq(vq_format, checkpoint, device="cpu")
+
+    @torch.no_grad()
+    def round_trip(image):
+        image = image.convert("RGB")
+        if resolution and image.size != (resolution, resolution):
+            image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+        x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+        y = vq.decode(vq.encode(x))[0].permute(1, 2, 0)
+        return Image.fromarray(((y + 1) * 127.5).round().clamp(0, 255).byte().numpy())
+
+    return round_trip
+
+
 def _analyse(args: argparse.Namespace) -> int:
     totals = dict.fromkeys(ATTRS, 0.0)
     n = 0
+    prepare = (
+        _vq_round_trip(args.vq_format, args.vq_checkpoint, args.resolution)
+        if args.vq_checkpoint
+        else (lambda image: image)
+    )
     for image, objects in _ground_truth(Path(args.data), args.limit):
-        s = score(objects, analyse(image))
+        s = score(objects, analyse(prepare(image)))
         for a in ATTRS:
             totals[a] += s[a]
         n += 1
