@@ -44,7 +44,8 @@ def decode_image(data: bytes, resolution: int, min_size: int) -> tuple[Image.Ima
         img = Image.open(io.BytesIO(data))
         width, height = img.size
         if min(width, height) < min_size:
-            raise ImageSkip(f"image {width}x{height} below --min-size {min_size}")
+            # the size after the colon: the manifest counts reasons up to the first colon
+            raise ImageSkip(f"image below --min-size {min_size}: {width}x{height}")
         if img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK"):
             scale = min(width, height) / resolution
             if scale >= 2:

@@ -209,13 +209,14 @@ def test_corrupt_inputs_are_reported_and_skipped(demo, tmp_path, logged):
     skipped_a = {s["key"]: s["reason"] for s in done[0]["skipped"]}
     assert set(skipped_a) == {"broken", "tiny", "nocap"}
     assert skipped_a["broken"].startswith("undecodable image")
-    assert "below --min-size 16" in skipped_a["tiny"] and "missing caption" in skipped_a["nocap"]
+    assert skipped_a["tiny"] == "image below --min-size 16: 8x8"
+    assert "missing caption" in skipped_a["nocap"]
     assert done[0]["samples"] == 5  # good, cmyk, grey, alpha, palette converted to RGB
     assert done[1]["samples"] == 2 and done[1]["skipped"][0]["key"] == "s2"
     assert done[2]["failed"] and "c.tar" in done[2]["url"]
     assert m.total_samples == 7 and m.extra["failed_inputs"] == [str(src / "c.tar")]
     assert m.extra["skipped"] == {
-        "image 8x8 below --min-size 16": 1,
+        "image below --min-size 16": 1,
         "missing caption (.txt)": 1,
         "truncated or corrupt": 1,
         "undecodable image": 1,
