@@ -33,3 +33,7 @@ def test_every_command_and_flag_is_documented_in_its_section():
                         f"docs/data.md does not document `ts-data {name} {flag}`; add it to the "
                         f"table of its section"
                     )
+        # and the other way round: every flag row of the section's table exists
+        known = {f for a in sub._actions for f in a.option_strings}
+        for flag in re.findall(r"^\| `(--[a-z-]+)`", sections[name], re.M):
+            assert flag in known, f"docs/data.md documents `ts-data {name} {flag}`, which is gone"
