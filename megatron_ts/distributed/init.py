@@ -1,8 +1,11 @@
 """Process-group set-up shared by training, conversion and tests.
 
-Launch modes: a plain process (world of one on a loopback TCP store), `torchrun` (RANK,
-WORLD_SIZE, MASTER_ADDR/PORT set), or `srun` (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID mapped
-to the torch variables; the sbatch script exports MASTER_ADDR/PORT of the head node).
+Launch modes: a plain process (world of one on an in-memory store), `torchrun` (RANK,
+WORLD_SIZE, MASTER_ADDR/PORT set), or one `srun` task per device (SLURM_PROCID /
+SLURM_STEP_NUM_TASKS / SLURM_LOCALID mapped to the torch variables; MASTER_ADDR/PORT as exported by
+slurm/train.sbatch, else the step's first node and a port derived from the job id). A process in
+an sbatch script but outside any srun step is a world of one: SLURM_NTASKS there describes the
+allocation, not the processes that were started (docs/slurm.md).
 Then megatron-core's parallel state is created (tp fastest, then dp, then pp), and DeepSpeed
 gets an `mpu` view of the same groups.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import subprocess
 
 import torch
 import torch.distributed as dist
@@ -28,18 +32,71 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _tasks_on_node(spec: str, node_index: int) -> int:
+    """SLURM_STEP_TASKS_PER_NODE ('4(x2),3') -> the task count of node `node_index`."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts[min(node_index, len(counts) - 1)]
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host name of a Slurm node list ('gpu[003-004,9]' -> 'gpu003')."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.split()
+    except (OSError, subprocess.SubprocessError) as err:
+        raise RuntimeError(
+            f"MASTER_ADDR is not set and `scontrol show hostnames {nodelist}` failed ({err}); "
+            "export MASTER_ADDR (the first node's address) before srun, as slurm/train.sbatch does"
+        ) from err
+    if not out:
+        raise RuntimeError(
+            f"`scontrol show hostnames {nodelist}` printed no host; export MASTER_ADDR"
+        )
+    return out[0]
+
+
 def _map_slurm_env() -> None:
-    """Fills torch.distributed variables from SLURM's when launched by srun without torchrun."""
+    """Fills torch.distributed variables from SLURM's in a task started by srun (not torchrun)."""
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
         return
-    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1 and "MASTER_ADDR" not in os.environ:
+    if "SLURM_STEP_ID" not in os.environ:
+        # The batch script itself (or an salloc shell): one process, whatever the allocation.
+        if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+            log.warning(
+                "started outside srun in a %s-task allocation: this is a world of one process; "
+                "launch one task per device with srun (slurm/train.sbatch)",
+                os.environ["SLURM_NTASKS"],
+            )
+        return
+    world = int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1")))
+    if world <= 1 and "MASTER_ADDR" not in os.environ:
         return
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["WORLD_SIZE"] = str(world)
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault(
-        "LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]
-    )
+    per_node = os.environ.get("SLURM_STEP_TASKS_PER_NODE", os.environ.get("SLURM_TASKS_PER_NODE"))
+    if per_node:
+        node = int(os.environ.get("SLURM_NODEID", "0"))
+        os.environ.setdefault("LOCAL_WORLD_SIZE", str(_tasks_on_node(per_node, node)))
+    if "MASTER_ADDR" not in os.environ:
+        # Every task computes the same head and port; without this each task would be a world
+        # of one (the "silent single-process world").
+        nodelist = os.environ.get("SLURM_STEP_NODELIST", os.environ.get("SLURM_JOB_NODELIST"))
+        if not nodelist:
+            raise RuntimeError("srun task without SLURM_STEP_NODELIST: export MASTER_ADDR")
+        os.environ["MASTER_ADDR"] = _first_host(nodelist)
+    if "MASTER_PORT" not in os.environ:
+        job = int(os.environ.get("SLURM_JOB_ID", "0"))
+        step = int(os.environ.get("SLURM_STEP_ID", "0"))
+        os.environ["MASTER_PORT"] = str(20000 + (job * 7 + step) % 20000)
 
 
 def resolve_backend(backend: str) -> str:
@@ -48,14 +105,28 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+def _local_device(local_rank: int) -> int:
+    """The CUDA device of this process: its local rank, or 0 where each task sees one GPU."""
+    count = torch.cuda.device_count()
+    if local_rank < count:
+        return local_rank
+    if count == 1:  # srun --gpus-per-task=1 / a per-task CUDA_VISIBLE_DEVICES
+        return 0
+    raise RuntimeError(
+        f"LOCAL_RANK {local_rank} but this process sees {count} GPUs "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}); start one task per "
+        "GPU and give each task either all GPUs of its node or exactly one (docs/slurm.md)"
+    )
+
+
 def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> tuple[int, int]:
     """Initialises torch.distributed once; returns (rank, world_size)."""
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     _map_slurm_env()
     backend = resolve_backend(backend)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available() and backend != "gloo":
+        torch.cuda.set_device(_local_device(int(os.environ.get("LOCAL_RANK", "0"))))
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
