@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from megatron_ts.sampling.loading import ModelDirError, load_model_dir
-from megatron_ts.sampling.sampler import SamplingConfig, generate, save_png
+from megatron_ts.sampling.sampler import generate, sampling_from_flags, save_png
 from megatron_ts.sampling.schedules import SCHEDULES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -79,17 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     except ModelDirError as err:
         print(f"ts-generate: {err}", file=sys.stderr)
         return 2
-    gen = loaded.generation
-
-    def pick(flag, key, default):
-        return flag if flag is not None else gen.get(key, default)
-
-    sampling = SamplingConfig(
-        cfg=pick(args.cfg, "cfg_scale", 7.5),
-        cfg_schedule=pick(args.cfg_schedule, "cfg_schedule", "half-linear"),
-        temperature=pick(args.temperature, "temperature", 1.0),
-        top_k=pick(args.top_k, "top_k", 0),
-        top_p=pick(args.top_p, "top_p", 1.0),
+    sampling = sampling_from_flags(
+        loaded.generation,
+        cfg=args.cfg,
+        cfg_schedule=args.cfg_schedule,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
         seed=args.seed,
         resolution=args.resolution,
         use_kv_cache=not args.no_kv_cache,

@@ -53,6 +53,24 @@ class SamplingConfig:
     """Decode with the KV cache; False recomputes the whole prefix every step (slow, a check)."""
 
 
+def sampling_from_flags(generation: dict, **flags) -> SamplingConfig:
+    """SamplingConfig from an export's generation_config.json with CLI flags on top.
+
+    Args:
+        generation: generation_config.json's contents (cfg_scale, cfg_schedule, temperature,
+            top_k, top_p); a missing field takes SamplingConfig's default.
+        flags: cfg, cfg_schedule, temperature, top_k, top_p (None = from `generation`) and any
+            other SamplingConfig field, taken as given.
+    """
+    stored = {
+        "cfg": generation.get("cfg_scale"),
+        **{k: generation.get(k) for k in ("cfg_schedule", "temperature", "top_k", "top_p")},
+    }
+    values = {k: v for k, v in stored.items() if v is not None}
+    values.update({k: v for k, v in flags.items() if v is not None or k not in stored})
+    return SamplingConfig(**values)
+
+
 @dataclass
 class GenerationResult:
     """Output of `generate`: one entry per image, prompts repeated num_images times."""

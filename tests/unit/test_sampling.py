@@ -135,3 +135,13 @@ def test_cfg_one_equals_plain_conditional_sampling():
 def test_resolution_must_be_trained():
     with pytest.raises(ValueError, match=r"trained at \[128\]"):
         generate(plain_model(2), None, Bytes(), ["x"], SamplingConfig(resolution=256))
+
+
+def test_sampling_from_flags_prefers_flags_then_the_export():
+    from megatron_ts.sampling.sampler import SamplingConfig, sampling_from_flags
+
+    gen = {"cfg_scale": 2.0, "temperature": 0.0, "top_k": 5, "caption_len": 16}
+    s = sampling_from_flags(gen, cfg=None, temperature=0.7, top_k=None, seed=3)
+    assert (s.cfg, s.temperature, s.top_k, s.seed) == (2.0, 0.7, 5, 3)
+    assert s.cfg_schedule == SamplingConfig().cfg_schedule and s.top_p == 1.0
+    assert sampling_from_flags({}, cfg=None).cfg == SamplingConfig().cfg
