@@ -304,24 +304,23 @@ def iter_full_state_dict(ckpt_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     Args:
         ckpt_dir: a run, checkpoints or step directory (see `resolve_checkpoint`).
     """
-    ckpt_dir = resolve_checkpoint(ckpt_dir)
-    num_layers = num_model_layers(ckpt_dir)
-    files = layer_files(ckpt_dir, num_layers)
-    for layer in range(num_layers + 2):
-        reader = _LayerReader(files[layer], ckpt_dir)
-        prefix = layer_prefix(layer, num_layers)
+    for prefix, reader in _layer_readers(ckpt_dir):
         for key in reader.keys:
             yield prefix + key, reader.full(key)
 
 
-def iter_full_shapes(ckpt_dir: Path) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """Yields (TokenShuffleLM name, full shape) in `iter_full_state_dict` order, headers only."""
+def _layer_readers(ckpt_dir: Path) -> Iterator[tuple[str, _LayerReader]]:
+    """(name prefix, reader) of each layer file of a checkpoint, in model order."""
     ckpt_dir = resolve_checkpoint(ckpt_dir)
     num_layers = num_model_layers(ckpt_dir)
     files = layer_files(ckpt_dir, num_layers)
     for layer in range(num_layers + 2):
-        reader = _LayerReader(files[layer], ckpt_dir)
-        prefix = layer_prefix(layer, num_layers)
+        yield layer_prefix(layer, num_layers), _LayerReader(files[layer], ckpt_dir)
+
+
+def iter_full_shapes(ckpt_dir: Path) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """Yields (TokenShuffleLM name, full shape) in `iter_full_state_dict` order, headers only."""
+    for prefix, reader in _layer_readers(ckpt_dir):
         for key in reader.keys:
             shapes = reader.shapes(key)
             rule = tp_rule(key)
