@@ -96,7 +96,8 @@ def _map_slurm_env() -> None:
     if "MASTER_PORT" not in os.environ:
         job = int(os.environ.get("SLURM_JOB_ID", "0"))
         step = int(os.environ.get("SLURM_STEP_ID", "0"))
-        os.environ["MASTER_PORT"] = str(20000 + (job * 7 + step) % 20000)
+        # below Linux's ephemeral range (32768-60999), where other sockets take their ports
+        os.environ["MASTER_PORT"] = str(10000 + (job * 7 + step) % 20000)
 
 
 def resolve_backend(backend: str) -> str:
