@@ -55,7 +55,7 @@ fi
 
 # --- slurm.conf ---------------------------------------------------------------------------------
 node=$(hostname -s)
-cpus=$(nproc)
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) # nproc obeys OMP_NUM_THREADS
 mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
 real_mb=$((mem_mb * 9 / 10)) # below the machine's, or slurmd drains the node ("Low RealMemory")
 def_mem=$((real_mb / cpus))  # per CPU, so jobs without --mem share the node

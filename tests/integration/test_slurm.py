@@ -27,6 +27,8 @@ STEPS = 8
 # the overrides every training job and the torchrun reference share
 OVERRIDES = ["--train.steps", str(STEPS), "--checkpoint.interval_steps", "4"]
 OVERRIDES += ["--data.num_workers", "0"]
+# pending reasons of a job the cluster cannot run (e.g. more CPUs than the node has)
+NEVER = {"PartitionConfig", "PartitionNodeLimit", "BadConstraints"}
 TERMINAL = {
     "COMPLETED",
     "FAILED",
@@ -86,6 +88,9 @@ def _wait(job: int, timeout: float = 300) -> dict[str, str]:
         info = _job(job)
         if info["JobState"] in TERMINAL:
             return info
+        if info["JobState"] == "PENDING" and info["Reason"] in NEVER:
+            subprocess.run(["scancel", str(job)])
+            raise AssertionError(f"job {job} can never start on this cluster: {info}")
         time.sleep(0.5)
     subprocess.run(["scancel", str(job)])
     raise AssertionError(f"job {job} not finished after {timeout}s: {_job(job)}")
