@@ -226,11 +226,9 @@ def _corrupt_source(tmp_path: Path) -> Path:
     return write_source(tmp_path, shards=2, per_shard=60, name="c", corrupt={"c-000-0003": bad})
 
 
-def test_corrupt_sample_is_skipped_and_counted_then_stops_past_the_rate(tmp_path):
-    src = _corrupt_source(tmp_path)
-    stage = make_stage([(str(src), 1.0)])
-    loader = build_loader(
-        make_data_cfg(num_workers=1, max_error_rate=0.05),
+def _single_rank_loader(stage, max_error_rate: float):
+    return build_loader(
+        make_data_cfg(num_workers=1, max_error_rate=max_error_rate),
         stage,
         VOCAB,
         seed=0,
@@ -238,19 +236,17 @@ def test_corrupt_sample_is_skipped_and_counted_then_stops_past_the_rate(tmp_path
         dp_size=1,
         downsample=DOWNSAMPLE,
     )
+
+
+def test_corrupt_sample_is_skipped_and_counted_then_stops_past_the_rate(tmp_path):
+    src = _corrupt_source(tmp_path)
+    stage = make_stage([(str(src), 1.0)])
+    loader = _single_rank_loader(stage, max_error_rate=0.05)
     keys = _keys(_take(loader, 30))  # the whole epoch of 120 samples, 119 of them good
     good = {f"c-{s:03d}-{j:04d}" for s in range(2) for j in range(60)} - {"c-000-0003"}
     assert set(keys[:119]) == good and "c-000-0003" not in keys
     assert loader.metrics()["skipped_samples"] >= 1
-    strict = build_loader(
-        make_data_cfg(num_workers=1, max_error_rate=0.0),
-        stage,
-        VOCAB,
-        seed=0,
-        dp_rank=0,
-        dp_size=1,
-        downsample=DOWNSAMPLE,
-    )
+    strict = _single_rank_loader(stage, max_error_rate=0.0)
     with pytest.raises(CorruptDataError, match=r"shard .*shard-00000.tar key c-000-0003.*codebook"):
         _take(strict, 30)
 
@@ -278,15 +274,7 @@ def test_resume_is_exact_with_corrupt_samples_in_the_replayed_window(tmp_path):
 def test_worker_process_error_reaches_the_trainer_naming_shard_and_key(tmp_path):
     src = _corrupt_source(tmp_path)
     stage = make_stage([(str(src), 1.0)])
-    loader = build_loader(
-        make_data_cfg(num_workers=1, max_error_rate=0.0),
-        stage,
-        VOCAB,
-        seed=0,
-        dp_rank=0,
-        dp_size=1,
-        downsample=DOWNSAMPLE,
-    )
+    loader = _single_rank_loader(stage, max_error_rate=0.0)
     with pytest.raises(Exception, match=r"key c-000-0003"):
         _take(loader, 30)
     loader.close()
