@@ -53,6 +53,28 @@ def test_every_colour_shape_and_position_is_recognised_alone():
                 assert [(d.color, d.shape, d.position) for d in found] == [(color, shape, position)]
 
 
+def test_squares_with_rounded_corners_stay_squares():
+    """An 8x VQ rounds a square's corners off; it is still not a circle (nor a circle a square)."""
+    from PIL import ImageDraw
+
+    def drawn(radius: int | None) -> str:
+        img = Image.new("RGB", (128, 128), (128, 128, 128))
+        box = [46, 46, 81, 81]  # a 36 px object, the demo's square at 128 px
+        draw = ImageDraw.Draw(img)
+        if radius is None:
+            draw.ellipse(box, fill=COLORS["red"])
+        else:
+            draw.rounded_rectangle(box, radius=radius, fill=COLORS["red"])
+        (found,) = analyse(img)
+        return found.shape, found.corners, found.fill
+
+    for radius in (0, 5, 8):  # corner coverage 1.0, 0.91, 0.75
+        shape, corners, _ = drawn(radius)
+        assert shape == "square" and corners > 0.6, (radius, corners)
+    shape, corners, fill = drawn(None)
+    assert shape == "circle" and corners < 0.1 and 0.7 < fill < 0.85
+
+
 def test_scoring_rules():
     want = [{"color": "red", "shape": "circle", "position": "top left"}]
     right = analyse(render([DemoObject("red", "circle", "top left")], "gray", 64))
