@@ -49,20 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     vq.add_argument("--resolution", type=int, default=64)
     vq.add_argument("--batch-size", type=int, default=32)
     vq.add_argument("--lr", type=float, default=2e-3)
-    vq.add_argument(
-        "--codebook-size", type=int, default=None, help="codes (default 512; FSQ: from the levels)"
-    )
+    vq.add_argument("--codebook-size", type=int, default=512)
     vq.add_argument("--downsample", type=int, default=8)
     vq.add_argument("--channels", default=None, help="widths per level, e.g. 32,64,64")
-    vq.add_argument(
-        "--embed-dim", type=int, default=None, help="code vector size (default 16; FSQ: levels)"
-    )
-    vq.add_argument(
-        "--fsq-levels",
-        default=None,
-        help="finite scalar quantization with these odd levels per channel instead of a learned "
-        "codebook, e.g. 7,5,5,5 (875 codes; the demo)",
-    )
+    vq.add_argument("--embed-dim", type=int, default=16)
     vq.add_argument("--max-images", type=int, default=4000)
     vq.add_argument(
         "--foreground-weight",
@@ -71,7 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra loss weight of pixels away from the image's median colour (demo: 8)",
     )
     vq.add_argument("--seed", type=int, default=0)
-    vq.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
     vq.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
 
     tok = sub.add_parser("tokenize", help="image/caption shards -> token shards + manifest")
@@ -136,12 +125,6 @@ def _run(args: argparse.Namespace) -> int:
         from data_tools.train_vq import train_vq
 
         channels = [int(c) for c in args.channels.split(",")] if args.channels else None
-        try:
-            fsq_levels = [int(n) for n in args.fsq_levels.split(",")] if args.fsq_levels else None
-        except ValueError as err:
-            raise ValueError(
-                f"--fsq-levels {args.fsq_levels!r}: give integers like 7,5,5,5"
-            ) from err
         result = train_vq(
             args.inputs,
             args.out,
@@ -155,10 +138,8 @@ def _run(args: argparse.Namespace) -> int:
             embed_dim=args.embed_dim,
             max_images=args.max_images,
             foreground_weight=args.foreground_weight,
-            fsq_levels=fsq_levels,
             seed=args.seed,
             endpoint_url=args.endpoint_url,
-            threads=args.threads,
         )
         print(json.dumps(result.to_dict()))
         return 0

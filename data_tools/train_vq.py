@@ -1,11 +1,10 @@
 """`ts-data train-vq`: trains the small native VQ-VAE on image shards (the bundled demo).
 
-Loss: reconstruction (MSE + L1, optionally weighting pixels off the background up), plus, for
-the default l2 quantizer, codebook loss + beta * commitment loss (codes l2-normalised, as in
-LlamaGen, which keeps codebook usage high); codes unused over the last `restart_every` steps are
-re-seeded from current encoder outputs. With `--fsq-levels` the quantizer is FSQ (rounding
-bounded latents, nothing to learn or re-seed). Reports PSNR and codebook usage on held-out images
-and stores them in the checkpoint's header.
+Loss: reconstruction (MSE + L1, optionally weighting pixels off the background up) + codebook
+loss + beta * commitment loss (codes l2-normalised, as in
+LlamaGen, which keeps codebook usage high). Codes unused over the last `restart_every` steps are
+re-seeded from current encoder outputs. Reports PSNR and codebook usage on held-out images and
+stores them in the checkpoint's header.
 """
 
 from __future__ import annotations
@@ -119,15 +118,14 @@ def train_vq(
     resolution: int = 64,
     batch_size: int = 32,
     lr: float = 2e-3,
-    codebook_size: int | None = None,
+    codebook_size: int = 512,
     downsample: int = 8,
     channels: list[int] | None = None,
-    embed_dim: int | None = None,
+    embed_dim: int = 16,
     max_images: int = 4000,
     eval_images: int = 256,
     restart_every: int = 100,
     foreground_weight: float = 0.0,
-    fsq_levels: list[int] | None = None,
     seed: int = 0,
     endpoint_url: str | None = None,
     threads: int | None = None,
@@ -141,17 +139,15 @@ def train_vq(
         resolution: training crop size.
         batch_size: images per step.
         lr: Adam learning rate (cosine decay to 10%).
-        codebook_size: codes (default 512; with fsq_levels their product).
+        codebook_size: codes.
         downsample: pixels per code side.
         channels: conv widths per level (default 32, 64, 128... one per level).
-        embed_dim: code vector size (default 16; with fsq_levels their count).
+        embed_dim: code vector size.
         max_images: images read from the inputs.
         eval_images: images held out for PSNR and usage.
         restart_every: re-seed codes unused in this many steps (0 disables).
         foreground_weight: extra loss weight of pixels away from each image's median colour
             (0: plain MSE + L1).
-        fsq_levels: quantize with FSQ at these levels per channel instead of a learned
-            l2 codebook (see NativeVQConfig.quantizer).
         seed: init and batch-order seed.
         endpoint_url: S3 endpoint.
         threads: torch CPU threads (default: all cores).
@@ -164,23 +160,9 @@ def train_vq(
     torch.manual_seed(seed)
     levels = int(round(math.log2(downsample)))
     channels = channels or [min(32 * 2**i, 128) for i in range(levels)]
-    if fsq_levels:
-        n_codes = math.prod(fsq_levels)
-        if codebook_size not in (None, n_codes) or embed_dim not in (None, len(fsq_levels)):
-            raise ValueError(
-                f"--fsq-levels {','.join(map(str, fsq_levels))} means {n_codes} codes of "
-                f"{len(fsq_levels)} channels; drop --codebook-size / --embed-dim or match them"
-            )
-        codebook_size, embed_dim = n_codes, len(fsq_levels)
     config = NativeVQConfig(
-        codebook_size=codebook_size or 512,
-        downsample=downsample,
-        channels=channels,
-        embed_dim=embed_dim or 16,
-        quantizer="fsq" if fsq_levels else "l2",
-        fsq_levels=list(fsq_levels or []),
+        codebook_size=codebook_size, downsample=downsample, channels=channels, embed_dim=embed_dim
     )
-    codebook_size, embed_dim = config.codebook_size, config.embed_dim
     data = load_images(inputs, resolution, max_images + eval_images, endpoint_url)
     n_eval = min(eval_images, max(1, len(data) // 10))
     images = to_tensor_batch(list(data))
@@ -215,12 +197,7 @@ def train_vq(
         loss.backward()
         opt.step()
         used[codes.flatten()] = True
-        if (
-            not model.is_fsq
-            and restart_every
-            and (step + 1) % restart_every == 0
-            and step + 1 < steps * 0.8
-        ):
+        if restart_every and (step + 1) % restart_every == 0 and step + 1 < steps * 0.8:
             dead = (~used).nonzero().flatten()
             if len(dead):
                 with torch.no_grad():
@@ -257,12 +234,6 @@ def train_vq(
             "foreground_weight": foreground_weight,
         },
     )
-    if usage < 0.05:
-        log.warning(
-            "train-vq: only %.1f%% of the codes are used: the quantizer collapsed; retrain with a "
-            "lower --lr (or more --steps)",
-            100 * usage,
-        )
     log.info(
         "train-vq: PSNR %.2f dB, codebook usage %.1f%% (perplexity %.0f), %.0f s -> %s",
         p,

@@ -221,15 +221,7 @@ class NativeVQConfig:
     embed_dim: int = 16
     """Codebook vector size; codes are l2-normalised (as LlamaGen) for high codebook usage."""
     beta: float = 0.25
-    """Commitment loss weight (l2 quantizer)."""
-    quantizer: str = "l2"
-    """`l2`: a learned codebook searched by nearest neighbour. `fsq`: finite scalar
-    quantization (Mentzer et al., 2023): each of `len(fsq_levels)` latent channels is bounded
-    and rounded to one of its levels, and the code is the mixed-radix number of the digits; no
-    codebook to learn, so no dead codes and no auxiliary losses."""
-    fsq_levels: list[int] = field(default_factory=list)
-    """Levels per latent channel (odd, >= 3) for `fsq`; codebook_size = their product and
-    embed_dim = their count."""
+    """Commitment loss weight."""
 
     def __post_init__(self):
         levels = int(round(math.log2(self.downsample)))
@@ -242,23 +234,6 @@ class NativeVQConfig:
                 f"native VQ channels {self.channels} needs one width per level "
                 f"({levels} for downsample {self.downsample})"
             )
-        if self.quantizer not in ("l2", "fsq"):
-            raise ValueError(f"native VQ quantizer {self.quantizer!r}: use 'l2' or 'fsq'")
-        if self.quantizer == "fsq":
-            if not self.fsq_levels or any(n < 3 or n % 2 == 0 for n in self.fsq_levels):
-                raise ValueError(
-                    f"fsq_levels {self.fsq_levels}: give one odd level count >= 3 per latent "
-                    "channel, e.g. 7,5,5,5 (875 codes)"
-                )
-            if self.codebook_size != math.prod(self.fsq_levels):
-                raise ValueError(
-                    f"codebook_size {self.codebook_size} != product of fsq_levels "
-                    f"{self.fsq_levels} ({math.prod(self.fsq_levels)})"
-                )
-            if self.embed_dim != len(self.fsq_levels):
-                raise ValueError(
-                    f"embed_dim {self.embed_dim} != number of fsq_levels ({len(self.fsq_levels)})"
-                )
 
 
 class _PlainRes(nn.Module):
@@ -274,7 +249,7 @@ class _PlainRes(nn.Module):
 
 
 class NativeVQ(VQTokenizer):
-    """Conv encoder -> quantizer (l2-normalised codebook, or FSQ) -> conv decoder."""
+    """Conv encoder -> l2-normalised codebook -> conv decoder."""
 
     format = "native"
 
@@ -289,17 +264,8 @@ class NativeVQ(VQTokenizer):
         enc += [_PlainRes(ch[-1]), _PlainRes(ch[-1]), nn.SiLU()]
         enc += [nn.Conv2d(ch[-1], config.embed_dim, 1)]
         self.encoder = nn.Sequential(*enc)
-        if config.quantizer == "fsq":
-            # half-width of each channel's levels and the mixed-radix place value of its digit;
-            # derived from the config, so not part of the checkpoint
-            levels = torch.tensor(config.fsq_levels)
-            self.register_buffer("fsq_half", ((levels - 1) / 2).view(1, -1, 1, 1), False)
-            place = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.long), levels[:-1]]), 0)
-            self.register_buffer("fsq_place", place.view(1, -1, 1, 1), False)
-            self.register_buffer("fsq_levels", levels.view(1, -1, 1, 1), False)
-        else:
-            self.embedding = nn.Embedding(config.codebook_size, config.embed_dim)
-            nn.init.normal_(self.embedding.weight)
+        self.embedding = nn.Embedding(config.codebook_size, config.embed_dim)
+        nn.init.normal_(self.embedding.weight)
         dec: list[nn.Module] = [nn.Conv2d(config.embed_dim, ch[-1], 3, 1, 1)]
         dec += [_PlainRes(ch[-1]), _PlainRes(ch[-1])]
         for i in reversed(range(1, len(ch))):
@@ -307,35 +273,18 @@ class NativeVQ(VQTokenizer):
         dec += [nn.SiLU(), nn.ConvTranspose2d(ch[0], 3, 4, 2, 1)]
         self.decoder = nn.Sequential(*dec)
 
-    @property
-    def is_fsq(self) -> bool:
-        return self.config.quantizer == "fsq"
-
     def codebook(self) -> torch.Tensor:
-        """(codebook_size, embed_dim) code vectors (for FSQ the implicit grid)."""
-        if self.is_fsq:
-            codes = torch.arange(self.codebook_size, device=self.fsq_half.device)
-            return self.embed_codes(codes.view(1, -1, 1))[0, :, :, 0].t()
         return F.normalize(self.embedding.weight, dim=1)
 
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
-        """Continuous latents: l2-normalised, or for FSQ bounded to +-(levels-1)/2."""
-        z = self.encoder(images)
-        return torch.tanh(z) * self.fsq_half if self.is_fsq else F.normalize(z, dim=1)
+        return F.normalize(self.encoder(images), dim=1)
 
     def quantize_latents(self, z: torch.Tensor) -> torch.Tensor:
-        if self.is_fsq:
-            digits = (z.round() + self.fsq_half).long().clamp_min(0)
-            digits = torch.minimum(digits, self.fsq_levels - 1)
-            return (digits * self.fsq_place).sum(1)
         b, d, h, w = z.shape
         flat = F.normalize(z, dim=1).permute(0, 2, 3, 1).reshape(-1, d)  # (B*h*w, D)
         return _nearest_codes(flat, self.codebook()).view(b, h, w)
 
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        if self.is_fsq:  # digits of the mixed-radix code, scaled to [-1, 1]
-            digits = (codes[:, None] // self.fsq_place) % self.fsq_levels
-            return (digits.to(self.fsq_half.dtype) - self.fsq_half) / self.fsq_half
         return F.embedding(codes, self.codebook()).permute(0, 3, 1, 2)  # (B, D, h, w)
 
     def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
@@ -345,9 +294,6 @@ class NativeVQ(VQTokenizer):
         """Training pass: (reconstruction, codebook + commitment loss, codes)."""
         z = self.encode_latents(images)
         codes = self.quantize_latents(z.detach())
-        if self.is_fsq:  # round with a straight-through gradient; nothing else to learn
-            z_q = (z + (z.round() - z).detach()) / self.fsq_half
-            return self.decoder(z_q), z.new_zeros(()), codes
         z_q = self.embed_codes(codes)
         vq_loss = F.mse_loss(z_q, z.detach()) + self.config.beta * F.mse_loss(z, z_q.detach())
         z_st = z + (z_q - z).detach()  # straight-through gradient to the encoder

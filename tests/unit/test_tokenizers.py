@@ -85,52 +85,6 @@ def test_native_round_trip(tmp_path: Path):
         vq.decode(torch.full((1, 2, 2), 128))
 
 
-def test_native_fsq_codes_and_round_trip(tmp_path: Path):
-    torch.manual_seed(0)
-    cfg = NativeVQConfig(
-        codebook_size=75, downsample=8, channels=[8, 8, 8], embed_dim=3,
-        quantizer="fsq", fsq_levels=[5, 5, 3],
-    )  # fmt: skip
-    model = NativeVQ(cfg)
-    # every code's grid vector quantizes back to the same code; the grid spans [-1, 1]
-    every = torch.arange(75).view(1, 75, 1)
-    grid = model.embed_codes(every)
-    assert torch.equal(model.quantize_latents(grid * model.fsq_half), every)
-    assert model.codebook().shape == (75, 3) and grid.abs().max() == 1
-    assert len({tuple(v.tolist()) for v in model.codebook()}) == 75
-    # no codebook tensor: the checkpoint holds the convs only, and loads back exactly
-    assert not any("embedding" in k or "fsq" in k for k in model.state_dict())
-    path = tmp_path / "fsq.safetensors"
-    save_native(model, path)
-    vq = load_vq("native", str(path), device="cpu")
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
-    codes = vq.encode(x)
-    assert torch.equal(codes, model.encode(x)) and 0 <= int(codes.min()) <= int(codes.max()) < 75
-    assert torch.equal(vq.decode(codes), model.decode(codes))
-    # training pass: straight-through rounding, no auxiliary loss
-    rec, aux, train_codes = model(x)
-    assert aux == 0 and torch.equal(train_codes, codes)
-    rec.sum().backward()
-    assert model.encoder[0].weight.grad.abs().sum() > 0
-
-
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        ({"fsq_levels": [7, 4]}, "odd level count"),
-        ({"fsq_levels": []}, "odd level count"),
-        ({"fsq_levels": [5, 5], "codebook_size": 24}, "product of fsq_levels"),
-        ({"fsq_levels": [5, 5], "codebook_size": 25, "embed_dim": 3}, "number of fsq_levels"),
-    ],
-)
-def test_native_fsq_config_errors(kwargs, message):
-    base = {"codebook_size": 35, "embed_dim": 2, "channels": [8, 8, 8], "quantizer": "fsq"}
-    with pytest.raises(ValueError, match=message):
-        NativeVQConfig(**(base | kwargs))
-    with pytest.raises(ValueError, match="use 'l2' or 'fsq'"):
-        NativeVQConfig(channels=[8, 8, 8], quantizer="kmeans")
-
-
 def test_native_rejects_foreign_checkpoint(tmp_path: Path):
     path = tmp_path / "lg.pt"
     torch.save({"model": LlamaGenVQ(LlamaGenConfig(**SMALL_LLAMAGEN)).state_dict()}, path)
