@@ -10,7 +10,7 @@
 #   DEMO_OUT=demo_out        data, tokenizers, export, images and report
 #   DEMO_RUN=runs/demo       training run directory (checkpoints, TensorBoard, metrics.jsonl)
 #   DEMO_IMAGES=4000         make-demo samples
-#   DEMO_VQ_STEPS=400        train-vq steps
+#   DEMO_VQ_STEPS=800        train-vq steps
 #   DEMO_EVAL_LIMIT=         score only the first N prompts of ts-eval's default set
 #   DEMO_SKIP_INSTALL=1      use the installed package as it is
 #   DEMO_TRAIN_ARGS="..."    extra ts-train overrides, e.g. "--curriculum.stages.2.steps 100"
@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 OUT=${DEMO_OUT:-demo_out}
 RUN=${DEMO_RUN:-runs/demo}
 IMAGES=${DEMO_IMAGES:-4000}
-VQ_STEPS=${DEMO_VQ_STEPS:-400}
+VQ_STEPS=${DEMO_VQ_STEPS:-800}
 EVAL_LIMIT=${DEMO_EVAL_LIMIT:-}
 read -r -a TRAIN_ARGS <<< "${DEMO_TRAIN_ARGS:-}"
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
