@@ -8,8 +8,8 @@ those far from it, connected components are the objects, and each object is desc
 - shape: from three scale-free measures of its mask: the ratio of mass in the upper and lower
   halves of its bounding box (a triangle pointing up has ~1/3, the symmetric shapes ~1); the
   corner coverage, the share of the box's four corner regions (outside the ellipse inscribed in
-  the box) that the mask covers (square ~1, circle and cross ~0; a square whose corners an 8x VQ
-  rounded off still ~0.8); and the fill of the box (circle ~0.79, cross ~0.58).
+  the box) that the mask covers (square ~1, circle and cross ~0; a square with corners rounded to
+  a quarter of its side still ~0.75); and the fill of the box (circle ~0.79, cross ~0.58).
 
 It must score ground-truth demo images near 100% (tests/unit/test_evaluation.py checks it);
 generated images are fuzzier, and the thresholds sit between the shapes' ideal values. An earlier
