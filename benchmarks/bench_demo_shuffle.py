@@ -1,7 +1,7 @@
 """Token-shuffle's claim at demo scale: s = 2 against s = 1 at matched training compute.
 
     bash scripts/demo.sh                                  # makes demo_out/ (data, VQ, tokens)
-    python benchmarks/bench_demo_shuffle.py [--s2-steps 300] [--eval-limit 42]
+    python benchmarks/bench_demo_shuffle.py [--s2-steps 600] [--eval-limit 42]
 
 Trains pretrain/configs/demo_ablation.toml (one 128 px stage from scratch) twice: with s = 2 for
 --s2-steps steps, and with s = 1 for as many steps as cost the same training FLOPs (from
@@ -76,7 +76,7 @@ def train_and_score(name: str, window: int, steps: int, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--s2-steps", type=int, default=300)
+    parser.add_argument("--s2-steps", type=int, default=600)
     parser.add_argument("--eval-limit", type=int, default=None, help="prompts (default: all)")
     parser.add_argument("--work", default="runs/bench_demo_shuffle")
     args = parser.parse_args()
