@@ -146,6 +146,10 @@ class TrainConfig:
     """Weight of the caption next-token loss beside the image-code loss."""
     max_nonfinite_in_row: int = 5
     """Stop after this many consecutive steps with non-finite loss or gradients."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights with this decay (e.g. 0.99; 0 = off).
+    Checkpoints store it in `model_ema/`, `ts-convert to-hf` exports it; each stage starts its
+    own average from the weights it begins with. Not with parallel.zero_stage = 3."""
 
 
 @dataclass
@@ -681,6 +685,15 @@ def validate(cfg: Config, world_size: int | None = 1) -> list[ResolvedStage]:
     shape = resolve_model_shape(cfg.model)
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage = {cfg.parallel.zero_stage}; use 0, 1, 2 or 3")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ConfigError(
+            f"train.ema_decay = {cfg.train.ema_decay}; use 0 (off) or a decay in (0, 1), e.g. 0.99"
+        )
+    if cfg.train.ema_decay and cfg.parallel.zero_stage == 3:
+        raise ConfigError(
+            "train.ema_decay with parallel.zero_stage = 3: the weight average is not supported "
+            "with partitioned parameters; use parallel.zero_stage = 1 or 2, or train.ema_decay = 0"
+        )
     if cfg.parallel.sequence_parallel and cfg.parallel.tensor == 1:
         raise ConfigError("parallel.sequence_parallel = true needs parallel.tensor > 1")
     if cfg.tokenizer.downsample <= 0 or cfg.tokenizer.codebook_size <= 0:

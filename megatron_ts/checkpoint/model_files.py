@@ -6,6 +6,7 @@ Layout written by the training engine (this module writes the model files, the e
     RUN_DIR/checkpoints/step_00000100/
         meta.json                              format, step, model_spec, layout, stage, config
         model/layer_000-tp00.safetensors       layer 0 = InputStage, 1..L = blocks, L+1 = Output
+        model_ema/layer_000-tp00.safetensors   the weights' moving average (train.ema_decay > 0)
         deepspeed/...                          optimizer state (DeepSpeed's own format)
         COMPLETE                               written last
 
@@ -38,6 +39,9 @@ META_FILE = "meta.json"
 COMPLETE_FILE = "COMPLETE"
 LATEST_FILE = "latest"
 MODEL_DIR = "model"
+EMA_DIR = "model_ema"
+WEIGHTS = {"raw": MODEL_DIR, "ema": EMA_DIR}
+"""Weight sets a checkpoint can hold: the trained weights and their moving average."""
 _LAYER_RE = re.compile(r"layer_(\d{3,})-tp(\d{2,})\.safetensors")
 
 
@@ -209,14 +213,40 @@ def _previous_hint(ckpt_dir: Path) -> str:
     return "re-save the checkpoint or use an earlier one"
 
 
-def layer_files(ckpt_dir: Path, num_layers: int | None = None) -> dict[int, list[Path]]:
+def has_ema(ckpt_dir: Path) -> bool:
+    """Whether a step directory holds the weights' moving average (`model_ema/`)."""
+    return (Path(ckpt_dir) / EMA_DIR).is_dir()
+
+
+def choose_weights(ckpt_dir: Path, weights: str) -> str:
+    """The weight set to read: `raw`, `ema`, or `auto` (the average when the checkpoint has one).
+
+    Raises:
+        CheckpointError: `ema` asked of a checkpoint without an average, or an unknown name.
+    """
+    if weights == "auto":
+        return "ema" if has_ema(ckpt_dir) else "raw"
+    if weights not in WEIGHTS:
+        raise CheckpointError(f"weights {weights!r}; choose auto, raw or ema")
+    if weights == "ema" and not has_ema(ckpt_dir):
+        raise CheckpointError(
+            f"{ckpt_dir} holds no {EMA_DIR}/ (the run had train.ema_decay = 0); export the trained "
+            "weights with --weights raw, or train with train.ema_decay > 0"
+        )
+    return weights
+
+
+def layer_files(
+    ckpt_dir: Path, num_layers: int | None = None, weights: str = "raw"
+) -> dict[int, list[Path]]:
     """{layer index: [file of TP rank 0, 1, ...]} of a checkpoint, checked for gaps.
 
     Args:
         ckpt_dir: the step directory.
         num_layers: transformer blocks L; when given, layers 0..L+1 must all be present.
+        weights: `raw` (model/) or `ema` (model_ema/).
     """
-    model_dir = Path(ckpt_dir) / MODEL_DIR
+    model_dir = Path(ckpt_dir) / WEIGHTS[weights]
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir} is missing: the checkpoint holds no model weights")
     found: dict[int, dict[int, Path]] = {}
@@ -296,31 +326,34 @@ def num_model_layers(ckpt_dir: Path) -> int:
     return int(read_meta(ckpt_dir)["model_spec"]["shape"]["num_layers"])
 
 
-def iter_full_state_dict(ckpt_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_full_state_dict(
+    ckpt_dir: Path, weights: str = "raw"
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (TokenShuffleLM name, full tensor), one layer at a time, TP shards merged.
 
     Only one parameter's shards and its merged copy are in memory at a time.
 
     Args:
         ckpt_dir: a run, checkpoints or step directory (see `resolve_checkpoint`).
+        weights: `raw`, `ema` or `auto` (see `choose_weights`).
     """
-    for prefix, reader in _layer_readers(ckpt_dir):
+    for prefix, reader in _layer_readers(ckpt_dir, weights):
         for key in reader.keys:
             yield prefix + key, reader.full(key)
 
 
-def _layer_readers(ckpt_dir: Path) -> Iterator[tuple[str, _LayerReader]]:
+def _layer_readers(ckpt_dir: Path, weights: str) -> Iterator[tuple[str, _LayerReader]]:
     """(name prefix, reader) of each layer file of a checkpoint, in model order."""
     ckpt_dir = resolve_checkpoint(ckpt_dir)
     num_layers = num_model_layers(ckpt_dir)
-    files = layer_files(ckpt_dir, num_layers)
+    files = layer_files(ckpt_dir, num_layers, choose_weights(ckpt_dir, weights))
     for layer in range(num_layers + 2):
         yield layer_prefix(layer, num_layers), _LayerReader(files[layer], ckpt_dir)
 
 
-def iter_full_shapes(ckpt_dir: Path) -> Iterator[tuple[str, tuple[int, ...]]]:
+def iter_full_shapes(ckpt_dir: Path, weights: str = "raw") -> Iterator[tuple[str, tuple[int, ...]]]:
     """Yields (TokenShuffleLM name, full shape) in `iter_full_state_dict` order, headers only."""
-    for prefix, reader in _layer_readers(ckpt_dir):
+    for prefix, reader in _layer_readers(ckpt_dir, weights):
         for key in reader.keys:
             shapes = reader.shapes(key)
             rule = tp_rule(key)
@@ -330,9 +363,9 @@ def iter_full_shapes(ckpt_dir: Path) -> Iterator[tuple[str, tuple[int, ...]]]:
             yield prefix + key, tuple(full)
 
 
-def load_full_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+def load_full_state_dict(ckpt_dir: Path, weights: str = "raw") -> dict[str, torch.Tensor]:
     """The whole TP-merged state dict in TokenShuffleLM names (small models, tests, previews)."""
-    return dict(iter_full_state_dict(ckpt_dir))
+    return dict(iter_full_state_dict(ckpt_dir, weights))
 
 
 def _stage_modules(model_or_stage_modules, num_layers: int) -> dict[int, nn.Module]:
@@ -364,6 +397,7 @@ def load_into_model(
     tp_rank: int,
     tp_world: int,
     allow_missing: tuple[str, ...] = (),
+    weights: str = "raw",
 ) -> list[str]:
     """Loads a checkpoint into a model of any TP size and pipeline layout.
 
@@ -378,6 +412,7 @@ def load_into_model(
         tp_world: the model's tensor-parallel size.
         allow_missing: name substrings of parameters the checkpoint may lack (they keep their
             initial values), e.g. ("shuffle.",) when a stage turns token-shuffle on.
+        weights: `raw`, `ema` or `auto` (see `choose_weights`).
 
     Returns:
         Names (TokenShuffleLM style) of parameters left at their initial values.
@@ -390,7 +425,7 @@ def load_into_model(
     meta = read_meta(ckpt_dir)
     num_layers = int(meta["model_spec"]["shape"]["num_layers"])
     modules = _stage_modules(model_or_stage_modules, num_layers)
-    files = layer_files(ckpt_dir, num_layers)
+    files = layer_files(ckpt_dir, num_layers, choose_weights(ckpt_dir, weights))
     ckpt_tp = len(files[0])
     left: list[str] = []
     for layer, module in sorted(modules.items()):

@@ -26,6 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     to.add_argument("--vq-format", help="override the VQ layout (native, llamagen, chameleon)")
     to.add_argument("--max-shard-size", default="5GB", help="safetensors shard limit (5GB)")
     to.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    to.add_argument(
+        "--weights",
+        default="auto",
+        choices=["auto", "ema", "raw"],
+        help="auto: the weights' moving average when the run kept one (train.ema_decay), else "
+        "the trained weights; ema / raw: that set",
+    )
 
     fr = sub.add_parser("from-hf", help="Hugging Face directory -> checkpoint to train from")
     fr.add_argument("hf_dir", help="an export of ours or a Llama checkpoint in HF layout")
@@ -56,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                 vq_format=args.vq_format,
                 max_shard_size=args.max_shard_size,
                 dtype=args.dtype,
+                weights=args.weights,
             )
         else:
             from megatron_ts.hf.import_hf import HFImportError, import_from_hf

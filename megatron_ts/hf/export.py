@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from megatron_ts.checkpoint.model_files import (
+    choose_weights,
     iter_full_shapes,
     iter_full_state_dict,
     read_meta,
@@ -94,10 +95,10 @@ def _stage_info(meta: dict) -> tuple[int, list[int], dict]:
     return caption_len, resolutions, dict(config.get("tokenizer") or {})
 
 
-def _plan(ckpt_dir: Path, spec: ModelSpec, dtype: torch.dtype) -> list[TensorPlan]:
+def _plan(ckpt_dir: Path, spec: ModelSpec, dtype: torch.dtype, weights: str) -> list[TensorPlan]:
     attn = attention_shape(spec)
     plan = []
-    for name, shape in iter_full_shapes(ckpt_dir):
+    for name, shape in iter_full_shapes(ckpt_dir, weights):
         for hf_name, t in to_hf(name, torch.empty(shape, device="meta"), attn):
             plan.append(TensorPlan(hf_name, tuple(t.shape), dtype))
     return plan
@@ -109,12 +110,14 @@ def write_weights(
     out_dir: Path,
     max_shard_size: str | int,
     dtype: torch.dtype = torch.float32,
+    weights: str = "raw",
 ) -> list[str]:
-    """Streams the checkpoint's weights into HF safetensors shards; returns the file names."""
-    plan = _plan(ckpt_dir, spec, dtype)
+    """Streams the checkpoint's weights (`raw` or `ema`) into HF safetensors shards; returns
+    the file names."""
+    plan = _plan(ckpt_dir, spec, dtype, weights)
     shards = plan_shards(plan, parse_size(max_shard_size))
     names = shard_names(len(shards))
-    stream = iter_to_hf(iter_full_state_dict(ckpt_dir), attention_shape(spec))
+    stream = iter_to_hf(iter_full_state_dict(ckpt_dir, weights), attention_shape(spec))
     for shard, fname in zip(shards, names, strict=True):
         writer = ShardWriter(out_dir / fname, shard)
         for _ in shard:
@@ -189,11 +192,21 @@ def write_vq(
     return True
 
 
-def _model_card(spec: ModelSpec, caption_len: int, resolutions: list[int], meta: dict) -> str:
+def _model_card(
+    spec: ModelSpec, caption_len: int, resolutions: list[int], meta: dict, weights: str
+) -> str:
     shape = spec.shape
+    if weights == "ema":
+        ema = meta.get("ema") or {}
+        source = (
+            f"the moving average of its weights (decay {ema.get('decay')}, "
+            f"{ema.get('updates')} updates)"
+        )
+    else:
+        source = "its trained weights"
     return f"""# Token-Shuffle text-to-image model
 
-Exported by megatron_ts `ts-convert to-hf` from step {meta.get("step")}.
+Exported by megatron_ts `ts-convert to-hf` from step {meta.get("step")}: {source}.
 
 - Llama decoder: hidden {shape.hidden_size}, {shape.num_layers} blocks, {shape.num_heads} heads
   ({shape.num_kv_heads} kv), SwiGLU {shape.ffn_hidden_size}, RoPE theta {spec.rope_theta}
@@ -224,6 +237,7 @@ def export_to_hf(
     vq_format: str | None = None,
     max_shard_size: str | int = "5GB",
     dtype: str = "float32",
+    weights: str = "auto",
 ) -> Path:
     """Converts a training checkpoint into a Hugging Face model directory.
 
@@ -235,6 +249,8 @@ def export_to_hf(
         vq_format: overrides the VQ checkpoint layout (native, llamagen, chameleon).
         max_shard_size: safetensors shard size limit, e.g. "5GB".
         dtype: float32 (exact), bfloat16 or float16.
+        weights: `auto` (the moving average when the checkpoint has one, else the trained
+            weights), `ema` or `raw`.
 
     Returns:
         The output directory.
@@ -248,15 +264,21 @@ def export_to_hf(
     out.mkdir(parents=True, exist_ok=True)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    log.info("exporting %s (step %s) to %s", ckpt_dir, meta.get("step"), out)
+    weights = choose_weights(ckpt_dir, weights)
+    log.info("exporting %s (step %s, %s weights) to %s", ckpt_dir, meta.get("step"), weights, out)
 
-    weight_files = write_weights(ckpt_dir, spec, out, max_shard_size, DTYPES[dtype])
+    weight_files = write_weights(ckpt_dir, spec, out, max_shard_size, DTYPES[dtype], weights)
 
     config = hf_config_from_spec(spec, caption_len, resolutions, downsample)
     config.auto_map = dict(AUTO_MAP)
     config.architectures = ["TokenShuffleForCausalLM"]
     config.dtype = dtype
-    config.source_checkpoint = {"path": str(ckpt_dir), "step": meta.get("step")}
+    config.source_checkpoint = {
+        "path": str(ckpt_dir),
+        "step": meta.get("step"),
+        "weights": weights,
+        **({"ema": meta["ema"]} if weights == "ema" else {}),
+    }
     config.save_pretrained(out)
     for name in MODELING_FILES:
         shutil.copyfile(HF_DIR / name, out / name)
@@ -286,6 +308,6 @@ def export_to_hf(
         downsample,
         out,
     )
-    (out / "README.md").write_text(_model_card(spec, caption_len, resolutions, meta))
+    (out / "README.md").write_text(_model_card(spec, caption_len, resolutions, meta, weights))
     log.info("export done: %s", ", ".join(weight_files))
     return out

@@ -3,7 +3,8 @@
 A save is collective. Every rank writes into `checkpoints/.tmp-step_N/`: DeepSpeed's engine
 checkpoint (model + optimizer, for an exact resume on the same layout), per-(layer, TP rank)
 model files (megatron_ts.checkpoint.model_files, for any other layout, conversion and the next
-curriculum stage), the loader state of each DP rank and every rank's RNG state. Rank 0 then
+curriculum stage) and, with `train.ema_decay`, the same files of the weights' moving average
+(`model_ema/`), the loader state of each DP rank and every rank's RNG state. Rank 0 then
 writes meta.json, renames the directory to `step_N`, writes COMPLETE and moves `latest`. A
 crash at any point leaves `latest` on the previous complete checkpoint; leftovers are removed
 at the next start.
@@ -27,7 +28,10 @@ from megatron.core import parallel_state
 
 from megatron_ts.checkpoint.model_files import (
     COMPLETE_FILE,
+    EMA_DIR,
+    MODEL_DIR,
     CheckpointError,
+    has_ema,
     load_into_model,
     mark_complete,
     read_meta,
@@ -149,7 +153,12 @@ def save_checkpoint(
     with _gathered(params, engine):
         if dp_rank == 0:
             for idx, module in stage_engine.local_layers.items():
-                write_layer_file(module, idx, tp_rank, tmp / "model")
+                write_layer_file(module, idx, tp_rank, tmp / MODEL_DIR)
+    ema = getattr(stage_engine, "ema", None)
+    if ema is not None and dp_rank == 0:  # never ZeRO-3 (validate): every DP rank holds it all
+        with ema.swapped():
+            for idx, module in stage_engine.local_layers.items():
+                write_layer_file(module, idx, tp_rank, tmp / EMA_DIR)
     if (
         loader_state is not None
         and tp_rank == 0
@@ -170,6 +179,7 @@ def save_checkpoint(
                 "train_state": asdict(state),
                 "layout": layout_of(stage_engine),
                 "model_spec": stage_engine.spec.to_dict(),
+                **({"ema": {"decay": ema.decay, "updates": ema.updates}} if ema else {}),
                 **meta_extra,
             },
         )
@@ -225,12 +235,15 @@ def load_checkpoint(
     stage_engine,
     load_optimizer: bool,
     allow_missing: tuple[str, ...] = (),
+    load_average: bool = False,
 ) -> tuple[TrainState, dict | None, str]:
     """Restores weights (and optimizer when possible) into `stage_engine`.
 
     The DeepSpeed engine checkpoint is used when the layout, ZeRO stage and model spec are the
     ones it was saved with; otherwise the per-layer model files are resharded into the new
-    layout and the optimizer starts fresh (logged).
+    layout and the optimizer starts fresh (logged). An engine with a weight average
+    (`stage_engine.ema`) reads it from `model_ema/` when `load_average` (a resume inside a
+    stage) and the checkpoint has one; otherwise the average restarts at the loaded weights.
 
     Returns:
         (train state, this DP rank's loader state or None, "exact" | "weights").
@@ -240,6 +253,20 @@ def load_checkpoint(
     same_spec = meta["model_spec"] == stage_engine.spec.to_dict()
     same_layout = meta["layout"] == layout_of(stage_engine)
     mode = "exact" if (same_spec and same_layout and load_optimizer) else "weights"
+    ema = getattr(stage_engine, "ema", None)
+    average_loaded = False
+    if ema is not None and load_average:
+        if has_ema(ckpt_dir):
+            _load_weights(stage_engine, ckpt_dir, allow_missing, "ema")
+            ema.capture()
+            ema.updates = int((meta.get("ema") or {}).get("updates", 0))
+            average_loaded = True
+        else:
+            log.warning(
+                "%s holds no %s/: the weight average restarts from the resumed weights",
+                ckpt_dir,
+                EMA_DIR,
+            )
     if mode == "exact":
         try:
             path, _ = stage_engine.engine.load_checkpoint(
@@ -265,29 +292,37 @@ def load_checkpoint(
                 meta["layout"],
                 layout_of(stage_engine),
             )
-        params = [p for m in stage_engine.local_layers.values() for p in m.parameters()]
-        import deepspeed
-
-        ctx = (
-            deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-            if stage_engine.engine.zero_optimization_stage() == 3
-            else _gathered([], stage_engine.engine)
-        )
-        with ctx:
-            load_into_model(
-                stage_engine.local_layers,
-                ckpt_dir,
-                parallel_state.get_tensor_model_parallel_rank(),
-                parallel_state.get_tensor_model_parallel_world_size(),
-                allow_missing=allow_missing,
-            )
-        _refresh_optimizer_master(stage_engine.engine)
+        _load_weights(stage_engine, ckpt_dir, allow_missing, "raw")
+    if ema is not None and not average_loaded:
+        ema.capture()
     rng_file = ckpt_dir / "rng" / f"rank_{dist.get_rank():05d}.pt"
     if rng_file.is_file() and mode == "exact":
         _set_rng_state(torch.load(rng_file, weights_only=False))
     loader_file = ckpt_dir / "loader" / f"dp_{parallel_state.get_data_parallel_rank():05d}.json"
     loader_state = json.loads(loader_file.read_text()) if loader_file.is_file() else None
     return state, loader_state, mode
+
+
+def _load_weights(stage_engine, ckpt_dir: Path, allow_missing: tuple[str, ...], weights: str):
+    """Loads one weight set (`raw` or `ema`) of the layer files into the engine's modules."""
+    params = [p for m in stage_engine.local_layers.values() for p in m.parameters()]
+    import deepspeed
+
+    ctx = (
+        deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+        if stage_engine.engine.zero_optimization_stage() == 3
+        else _gathered([], stage_engine.engine)
+    )
+    with ctx:
+        load_into_model(
+            stage_engine.local_layers,
+            ckpt_dir,
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_world_size(),
+            allow_missing=allow_missing,
+            weights=weights,
+        )
+    _refresh_optimizer_master(stage_engine.engine)
 
 
 def _refresh_optimizer_master(engine) -> None:

@@ -33,6 +33,7 @@ from megatron_ts.models.model import (
     transformer_config,
 )
 from megatron_ts.training.ds_config import deepspeed_config
+from megatron_ts.training.ema import WeightAverage
 from megatron_ts.training.optimizer import param_groups
 
 log = get_logger(__name__)
@@ -81,6 +82,7 @@ class StageEngine:
         seed: int,
         device: torch.device,
         bf16: bool,
+        ema_decay: float = 0.0,
     ):
         self.spec = spec
         self.stage = stage
@@ -134,6 +136,7 @@ class StageEngine:
                 idx: getattr(pipe, str(idx)) for idx in range(pipe._local_start, pipe._local_stop)
             }
         self.is_first_stage = 0 in self.local_layers
+        self.ema = WeightAverage(self.local_layers, ema_decay) if ema_decay else None
         self.is_last_stage = (spec.shape.num_layers + 1) in self.local_layers
 
     @staticmethod
@@ -187,6 +190,8 @@ class StageEngine:
 
             self.engine.train_batch(data_iter=micro_batches() if needs_data else None)
         skipped = self.engine.skipped_steps > skipped_before
+        if self.ema is not None and not skipped:
+            self.ema.update()
         grad_norm = self.engine.get_global_grad_norm()
         parts = self._reduce_loss_parts()
         return StepResult(

@@ -47,7 +47,7 @@ def write_previews(
     spec = ModelSpec.from_dict(read_meta(ckpt_dir)["model_spec"])
     model = build_plain_model(
         spec,
-        load_full_state_dict(ckpt_dir),
+        load_full_state_dict(ckpt_dir, "auto"),
         caption_len=stage.caption_len,
         resolutions=(stage.resolution,),
         vq_downsample=tokenizer.downsample,

@@ -162,6 +162,7 @@ class Trainer:
             cfg.job.seed,
             self.device,
             self.bf16,
+            cfg.train.ema_decay,
         )
         loader = None
         if _needs_data(engine):
@@ -189,7 +190,9 @@ class Trainer:
     ) -> TrainState:
         cfg = self.cfg
         if latest is not None and state.stage_index == stage.index and state.stage_step > 0:
-            restored, loader_state, mode = load_checkpoint(latest, engine, load_optimizer=True)
+            restored, loader_state, mode = load_checkpoint(
+                latest, engine, load_optimizer=True, load_average=True
+            )
             if loader is not None and loader_state is not None:
                 loader.load_state_dict(loader_state)
             log.info("resumed stage %s at step %d (%s)", stage.name, restored.stage_step, mode)

@@ -242,3 +242,47 @@ def test_resume_into_another_layout_reshards_weights(tmp_path):
     for name, tensor in saved.items():
         assert loaded[name].shape == tensor.shape, name
         assert (loaded[name] - tensor).abs().max() == 0, name
+
+
+def test_weight_average_with_tp2_and_exact_resume(tmp_path):
+    """train.ema_decay on TP=2: every checkpoint's model_ema/ is the recurrence
+    avg_k = d * avg_(k-1) + (1 - d) * w_k of its model/ files, and a resume restores it exactly."""
+    import torch
+
+    from megatron_ts.checkpoint.model_files import load_full_state_dict
+
+    extra = [
+        "--parallel.tensor",
+        "2",
+        "--train.ema_decay",
+        "0.5",
+        "--checkpoint.interval_steps",
+        "1",
+        "--checkpoint.keep_last",
+        "10",
+    ]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run_distributed(_train_world, 2, str(full), 4, extra) == [0, 0]
+    ckpt = full / "checkpoints"
+    avg = {k: load_full_state_dict(ckpt / f"step_{k:08d}", "ema") for k in range(1, 5)}
+    raw = {k: load_full_state_dict(ckpt / f"step_{k:08d}", "raw") for k in range(1, 5)}
+    for k in range(2, 5):
+        meta = json.loads((ckpt / f"step_{k:08d}/meta.json").read_text())
+        assert meta["ema"] == {"decay": 0.5, "updates": k}
+        moved = 0
+        for name, tensor in avg[k].items():
+            want = 0.5 * avg[k - 1][name] + 0.5 * raw[k][name]
+            assert torch.allclose(tensor, want, atol=1e-6), f"step {k} {name}"
+            moved += int(not torch.equal(tensor, raw[k][name]))
+        assert moved > 0, "the average equals the weights: nothing was averaged"
+
+    import shutil
+
+    shutil.copytree(full, part)
+    for k in (3, 4):
+        shutil.rmtree(part / f"checkpoints/step_{k:08d}")
+    (part / "checkpoints/latest").write_text("step_00000002\n")
+    assert run_distributed(_train_world, 2, str(part), 4, extra) == [0, 0]
+    resumed = load_full_state_dict(part / "checkpoints/step_00000004", "ema")
+    for name, tensor in avg[4].items():
+        assert torch.allclose(resumed[name], tensor, atol=1e-6), name

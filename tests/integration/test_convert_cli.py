@@ -100,6 +100,33 @@ def test_to_hf_and_back(tmp_path: Path, capsys):
     capsys.readouterr()
 
 
+def test_to_hf_exports_the_weight_average_when_the_run_kept_one(tmp_path: Path, capsys):
+    run = tmp_path / "run"
+    model = make_run(run, {"text": "byte"})
+    assert main(["to-hf", str(run), str(tmp_path / "x"), "--weights", "ema"]) == 2
+    assert "--weights raw" in capsys.readouterr().err
+
+    ckpt = run / "checkpoints/step_00000003"
+    average = TokenShuffleLM(model.spec, seed=22)  # any other weights stand in for the average
+    write_model_files(average, ckpt, 0, 2)
+    (ckpt / "model").rename(ckpt / "model_ema")
+    write_model_files(model, ckpt, 0, 2)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    write_meta(ckpt, {**meta, "ema": {"decay": 0.99, "updates": 3}})
+    for weights, want in (("auto", average), ("raw", model)):
+        out = tmp_path / weights
+        assert main(["to-hf", str(run), str(out), "--weights", weights]) == 0
+        assert main(["from-hf", str(out), str(tmp_path / f"{weights}-back")]) == 0
+        back = load_full_state_dict(tmp_path / f"{weights}-back")
+        for name, tensor in want.state_dict().items():
+            if isinstance(tensor, torch.Tensor):
+                assert torch.equal(back[name], tensor), (weights, name)
+        source = json.loads((out / "config.json").read_text())["source_checkpoint"]
+        assert source["weights"] == ("ema" if weights == "auto" else "raw")
+    assert "decay 0.99, 3 updates" in (tmp_path / "auto/README.md").read_text()
+    capsys.readouterr()
+
+
 def test_failures_are_named(tmp_path: Path, capsys):
     make_run(tmp_path / "run", {"text": "byte"})
     (tmp_path / "run/checkpoints/step_00000003/COMPLETE").unlink()

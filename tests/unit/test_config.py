@@ -257,6 +257,12 @@ INVALID = {
         "parallel.zero_stage",
     ),
     "zero-stage-out-of-range": (["--parallel.zero_stage", "4"], 1, "parallel.zero_stage"),
+    "ema-decay-out-of-range": (["--train.ema_decay", "1.0"], 1, "train.ema_decay"),
+    "ema-with-zero3": (
+        ["--train.ema_decay", "0.99", "--parallel.zero_stage", "3"],
+        2,
+        "parallel.zero_stage = 1 or 2",
+    ),
     # 4 ranks of DP x micro 2 = 8 does not divide 4
     "global-batch-vs-micro-x-dp": (["--train.global_batch", "4"], 4, "train.global_batch"),
     "global-batch-names-micro": (["--train.global_batch", "6"], 2, "train.micro_batch"),
