@@ -1,8 +1,8 @@
 """`ts-eval shapes`: generate images for demo-grammar prompts and score them with the analyser.
 
-The default prompt set covers every seen colour-shape pair once (single objects, positions
-cycled), a few two-object prompts, and every held-out pair (data_tools.demo.HELD_OUT) at two
-positions; held-out prompts are reported separately as compositional generalisation.
+The default prompt set covers every seen colour-shape pair at every position (single objects),
+one two-object prompt per seen pair, and every held-out pair (data_tools.demo.HELD_OUT) at every
+position; held-out prompts are reported separately as compositional generalisation.
 """
 
 from __future__ import annotations
@@ -51,21 +51,30 @@ def parse_caption(text: str) -> tuple[DemoObject, ...]:
 
 
 def default_prompts(held_out: tuple[tuple[str, str], ...] = HELD_OUT) -> list[EvalPrompt]:
-    """The default evaluation set (deterministic): seen singles, seen pairs, held-out singles."""
+    """The default evaluation set (deterministic; 188 prompts with the default held-out pairs).
+
+    Every seen colour-shape pair at every position as a single object (140), one two-object
+    prompt per seen pair, with a second object of another colour (28: a corner object with the
+    centre or the next corner), and every held-out pair at every position (20, split held_out).
+    """
     positions = list(POSITIONS)
     held = set(held_out)
     seen_pairs = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in held]
+    n = len(seen_pairs)
     prompts = []
+    for color, shape in seen_pairs:
+        for pos in positions:
+            obj = DemoObject(color, shape, pos)
+            prompts.append(EvalPrompt(caption([obj]), (obj,), "seen"))
     for i, (color, shape) in enumerate(seen_pairs):
-        obj = DemoObject(color, shape, positions[i % len(positions)])
-        prompts.append(EvalPrompt(caption([obj]), (obj,), "seen"))
-    for i in range(6):
-        a, b = seen_pairs[(5 * i) % len(seen_pairs)], seen_pairs[(5 * i + 11) % len(seen_pairs)]
-        pa, pb = positions[i % 4], positions[4]  # a corner and the center
-        objs = (DemoObject(a[0], a[1], pa), DemoObject(b[0], b[1], pb))
+        order = [(11 * i + 5) % n, (11 * i + 9) % n, *range(n)]
+        other = next((seen_pairs[j] for j in order if seen_pairs[j][0] != color), seen_pairs[0])
+        pa = positions[i % 4]
+        pb = positions[4] if i % 2 == 0 else positions[(i + 1) % 4]
+        objs = (DemoObject(color, shape, pa), DemoObject(other[0], other[1], pb))
         prompts.append(EvalPrompt(caption(list(objs)), objs, "seen"))
-    for i, (color, shape) in enumerate(held_out):
-        for pos in (positions[i % 4], positions[4]):
+    for color, shape in held_out:
+        for pos in positions:
             obj = DemoObject(color, shape, pos)
             prompts.append(EvalPrompt(caption([obj]), (obj,), "held_out"))
     return prompts

@@ -108,7 +108,15 @@ def test_scoring_rules():
 def test_prompt_set_and_caption_parsing(tmp_path):
     prompts = default_prompts()
     held = [p for p in prompts if p.split == "held_out"]
-    assert len(held) == 2 * len(HELD_OUT)
+    assert len(held) == len(POSITIONS) * len(HELD_OUT)
+    singles = {p.objects for p in prompts if p.split == "seen" and len(p.objects) == 1}
+    pairs = [p for p in prompts if len(p.objects) == 2]
+    n_seen = len(COLORS) * len(SHAPES) - len(HELD_OUT)
+    assert len(singles) == n_seen * len(POSITIONS) and len(pairs) == n_seen
+    assert len(prompts) == len(singles) + len(pairs) + len(held)
+    for p in pairs:
+        a, b = p.objects
+        assert a.color != b.color and a.position != b.position, p.text
     assert {(o.color, o.shape) for p in held for o in p.objects} == set(HELD_OUT)
     seen_pairs = {(o.color, o.shape) for p in prompts if p.split == "seen" for o in p.objects}
     assert not seen_pairs & set(HELD_OUT)
