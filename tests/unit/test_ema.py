@@ -26,14 +26,14 @@ def test_update_is_the_exponential_average_and_swap_restores_exactly():
     start = [p.detach().clone() for p in params]
     ema = WeightAverage(modules, decay=0.75)
     history = []
-    for step in range(3):
+    for _ in range(3):
         with torch.no_grad():
             for p in params:
                 p.add_(torch.randn_like(p))
         history.append([p.detach().clone() for p in params])
         ema.update()
     assert ema.updates == 3
-    for i, p in enumerate(params):
+    for i in range(len(params)):
         want = start[i]
         for weights in history:
             want = 0.75 * want + 0.25 * weights[i]
