@@ -244,15 +244,16 @@ def test_resume_into_another_layout_reshards_weights(tmp_path):
         assert (loaded[name] - tensor).abs().max() == 0, name
 
 
-def test_weight_average_with_tp2_and_exact_resume(tmp_path):
-    """train.ema_decay on TP=2: every checkpoint's model_ema/ is the recurrence
+@pytest.mark.parametrize("layout", ["tensor", "pipeline"])
+def test_weight_average_on_two_ranks_and_exact_resume(tmp_path, layout):
+    """train.ema_decay on TP=2 or PP=2: every checkpoint's model_ema/ is the recurrence
     avg_k = d * avg_(k-1) + (1 - d) * w_k of its model/ files, and a resume restores it exactly."""
     import torch
 
     from megatron_ts.checkpoint.model_files import load_full_state_dict
 
     extra = [
-        "--parallel.tensor",
+        f"--parallel.{layout}",
         "2",
         "--train.ema_decay",
         "0.5",
