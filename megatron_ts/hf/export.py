@@ -277,7 +277,7 @@ def export_to_hf(
         "path": str(ckpt_dir),
         "step": meta.get("step"),
         "weights": weights,
-        **({"ema": meta["ema"]} if weights == "ema" else {}),
+        **({"ema": meta.get("ema")} if weights == "ema" else {}),
     }
     config.save_pretrained(out)
     for name in MODELING_FILES:
