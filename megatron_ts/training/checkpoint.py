@@ -293,6 +293,7 @@ def load_checkpoint(
                 layout_of(stage_engine),
             )
         _load_weights(stage_engine, ckpt_dir, allow_missing, "raw")
+        _refresh_optimizer_master(stage_engine.engine)
     if ema is not None and not average_loaded:
         ema.capture()
     rng_file = ckpt_dir / "rng" / f"rank_{dist.get_rank():05d}.pt"
@@ -304,7 +305,8 @@ def load_checkpoint(
 
 
 def _load_weights(stage_engine, ckpt_dir: Path, allow_missing: tuple[str, ...], weights: str):
-    """Loads one weight set (`raw` or `ema`) of the layer files into the engine's modules."""
+    """Loads one weight set (`raw` or `ema`) of the layer files into the engine's modules (not
+    into the optimizer's master copy: see `_refresh_optimizer_master`)."""
     params = [p for m in stage_engine.local_layers.values() for p in m.parameters()]
     import deepspeed
 
@@ -322,7 +324,6 @@ def _load_weights(stage_engine, ckpt_dir: Path, allow_missing: tuple[str, ...], 
             allow_missing=allow_missing,
             weights=weights,
         )
-    _refresh_optimizer_master(stage_engine.engine)
 
 
 def _refresh_optimizer_master(engine) -> None:
