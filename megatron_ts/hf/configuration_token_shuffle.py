@@ -42,7 +42,7 @@ class TokenShuffleConfig(PretrainedConfig):
     """
 
     model_type = "token_shuffle"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["kv_cache"]
 
     def __init__(
         self,

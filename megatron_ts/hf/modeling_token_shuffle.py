@@ -231,13 +231,14 @@ class TokenShuffleOutput(ModelOutput):
         logits: (B, T, V) next-token logits of the text positions (None if not requested).
         image_logits: (B, n, s^2, V) logits of the next window's codes predicted by the last
             text position (when it is `<boi>`) and by every window position.
-        past_key_values: the KV cache, when `use_cache`.
+        kv_cache: the KV cache, when `use_cache` (named so because transformers >= 5.24 renames
+            a ModelOutput field called `past_key_values` or `cache_params`).
         hidden_states: (B, L, d) final-normed hidden states of all new positions.
     """
 
     logits: torch.Tensor | None = None
     image_logits: torch.Tensor | None = None
-    past_key_values: KVCache | None = None
+    kv_cache: KVCache | None = None
     hidden_states: torch.Tensor | None = None
 
 
@@ -375,6 +376,6 @@ class TokenShuffleForCausalLM(TokenShufflePreTrainedModel):
         return TokenShuffleOutput(
             logits=logits,
             image_logits=img,
-            past_key_values=past_key_values,
+            kv_cache=past_key_values,
             hidden_states=hidden,
         )
