@@ -2,21 +2,24 @@
 
 from setuptools import find_packages, setup
 
-# One minor series of megatron-core that works on Python 3.11 and 3.12 (0.17+ needs 3.12).
-# torch is pinned to a range the 2.13 CPU wheel satisfies, so pip never swaps in a CUDA build
-# on a machine that already has a working torch.
+# Ranges for installing into your own environment; scripts/install.sh installs the exact tested
+# versions from requirements/lock.txt instead (docs/install.md). Upper bounds stop below the first
+# minor release nobody here has tested for the fast-moving dependencies; raise one together with
+# the lock (scripts/lock.sh), never alone. megatron-core: one minor series that works on Python
+# 3.11 and 3.12 (0.17+ needs 3.12). torch >= 2.5 for SDPA's enable_gqa; the 2.13 CPU wheel
+# satisfies the range, so pip never swaps a working torch for a CUDA build.
 INSTALL_REQUIRES = [
-    "torch>=2.4,<2.15",
+    "torch>=2.5,<2.14",
     "megatron-core>=0.16.1,<0.17",
     "deepspeed>=0.16,<0.20",
-    "webdataset>=0.2.100,<2",
+    "webdataset>=0.2.100,<1.1",
     "tensorboard>=2.16",
     "boto3>=1.34",
     "safetensors>=0.4",
-    "transformers>=4.45",
-    "tokenizers>=0.19",
-    "pillow>=10",
-    "numpy>=1.26",
+    "transformers>=4.45,<5.25",
+    "tokenizers>=0.19,<0.24",
+    "pillow>=10,<14",
+    "numpy>=1.26,<2.5",
 ]
 
 EXTRAS = {

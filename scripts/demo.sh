@@ -12,8 +12,10 @@
 #   DEMO_IMAGES=4000         make-demo samples
 #   DEMO_VQ_STEPS=800        train-vq steps
 #   DEMO_EVAL_LIMIT=         score only the first N prompts of ts-eval's default set
-#   DEMO_SKIP_INSTALL=1      use the installed package as it is
+#   DEMO_SKIP_INSTALL=1      use the ts-* commands on PATH as they are (no install, no venv)
 #   DEMO_TRAIN_ARGS="..."    extra ts-train overrides, e.g. "--curriculum.stages.2.steps 100"
+# The install goes into the environment scripts/env.sh picks: $PYTHON's, the active virtualenv, or
+# .venv in the checkout (created on first use; `source .venv/bin/activate` to use the CLIs later).
 # Steps whose output exists are not redone (delete DEMO_OUT / DEMO_RUN to start over); ts-train
 # resumes from its latest checkpoint.
 set -euo pipefail
@@ -29,6 +31,8 @@ export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}  # megatron-core's Apex/TE notices, once per process
 
 if [ -z "${DEMO_SKIP_INSTALL:-}" ]; then
+    # shellcheck source=scripts/env.sh
+    source scripts/env.sh
     bash scripts/install.sh
 fi
 
