@@ -56,8 +56,8 @@ stamp="$(date -u +%Y-%m-%d), $("$py" --version), $(uname -s) $(uname -m), $("$py
     echo "-r lock.txt"
     LC_ALL=C comm -13 <(LC_ALL=C sort "$work/runtime.txt") <(LC_ALL=C sort "$work/all.txt") | LC_ALL=C sort -f
 } > requirements/lock-dev.txt
-echo "== wrote requirements/lock.txt ($(grep -c '==' requirements/lock.txt) pins) and" \
-    "requirements/lock-dev.txt ($(grep -c '==' requirements/lock-dev.txt) pins)"
+echo "== wrote requirements/lock.txt ($(grep -cE '^[^#-].*==' requirements/lock.txt) pins) and" \
+    "requirements/lock-dev.txt ($(grep -cE '^[^#-].*==' requirements/lock-dev.txt) pins)"
 git --no-pager diff --stat -- requirements/ || true
 
 if [ "$run_tests" = 1 ]; then

@@ -62,30 +62,19 @@ EXPORTS = (
 )
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Random weights everywhere (as tests/unit/test_hf_export.py), so norms and the zero-init
-    residual branches of token-shuffle matter too."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
-
-
 def write_checkpoint(run: Path, export: Export):
     """A random-weight debug model saved as a complete TP = 1 checkpoint in `run`."""
     from megatron_ts.checkpoint.model_files import mark_complete, write_meta, write_model_files
     from megatron_ts.config import ModelConfig
     from megatron_ts.models.model import ModelSpec, TokenShuffleLM
+    from megatron_ts.testing import randomize_weights
     from megatron_ts.vocab import VocabLayout
 
     vocab = VocabLayout(text_size=256, codebook_size=64)  # 325 ids, padded to 384
     model_cfg = ModelConfig(flavor="debug", num_kv_heads=export.kv_heads)
     spec = ModelSpec.from_config(model_cfg, vocab, export.window)
     model = TokenShuffleLM(spec, seed=export.seed).eval()
-    randomize(model, export.seed)
+    randomize_weights(model, export.seed)
     ckpt = run / "checkpoints" / "step_00000005"
     write_model_files(model, ckpt, 0, spec.shape.num_layers)
     stage = {

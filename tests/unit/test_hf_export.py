@@ -22,6 +22,7 @@ from megatron_ts.hf.import_hf import import_from_hf
 from megatron_ts.hf.modeling_token_shuffle import TokenShuffleForCausalLM, grid_to_windows
 from megatron_ts.hf.weights import AttentionShape, fuse_qkv, split_qkv
 from megatron_ts.models.model import ModelSpec, TokenShuffleLM
+from megatron_ts.testing import randomize_weights
 from megatron_ts.vocab import VocabLayout
 
 VOCAB = VocabLayout(text_size=256, codebook_size=64)  # 325 ids, padded to 384
@@ -37,22 +38,11 @@ def single_rank():
     init_model_parallel(1, 1)
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Random weights everywhere, so zero-initialised residual branches and norms matter too."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
-
-
 def make_checkpoint(run: Path, window: int, seed: int = 11, **shape) -> TokenShuffleLM:
     """A randomised debug model saved as a complete TP = 1 checkpoint in `run`."""
     spec = ModelSpec.from_config(ModelConfig(flavor="debug", **shape), VOCAB, window)
     model = TokenShuffleLM(spec, seed=seed).eval()
-    randomize(model, seed)
+    randomize_weights(model, seed)
     ckpt = run / "checkpoints" / "step_00000005"
     write_model_files(model, ckpt, 0, spec.shape.num_layers)
     stage = {"index": 0, "caption_len": 6, "resolution": 128, "shuffle_window": window}

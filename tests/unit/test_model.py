@@ -18,6 +18,7 @@ from megatron_ts.models.token_shuffle import (
     grid_to_windows,
     windows_to_grid,
 )
+from megatron_ts.testing import randomize_weights
 from megatron_ts.vocab import VocabLayout
 
 VOCAB = VocabLayout(text_size=256, codebook_size=512)  # 773 ids, padded to 896
@@ -35,21 +36,6 @@ def single_rank():
 def build(window: int, seed: int = 1234, flavor: str = "debug", **shape) -> TokenShuffleLM:
     spec = ModelSpec.from_config(ModelConfig(flavor=flavor, **shape), VOCAB, window)
     return TokenShuffleLM(spec, seed=seed)
-
-
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Random weights everywhere, including the zero-initialised residual branches.
-
-    At init the token-shuffle MLPs are the identity (fc2 = 0); tests that must see them mix
-    information give them non-zero weights first.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:  # norms
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
 
 
 def batch(b: int, caption: int, grid: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -165,7 +151,7 @@ def test_causal_over_windows(s: int):
     """
     torch.manual_seed(0)
     model = build(s, seed=7)
-    randomize(model, 1)
+    randomize_weights(model, 1)
     model.eval()
     grid = 8
     text, _, codes = batch(2, 6, grid, seed=3)
@@ -190,7 +176,7 @@ def test_causal_over_windows(s: int):
 
 def test_caption_change_reaches_image_logits_but_not_earlier_text():
     model = build(2, seed=7)
-    randomize(model, 2)
+    randomize_weights(model, 2)
     text, _, codes = batch(1, 6, 8, seed=4)
     with torch.no_grad():
         t_ref, i_ref = model(text, codes)
