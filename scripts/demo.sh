@@ -47,7 +47,7 @@ if [ ! -f "$OUT/raw/.complete" ]; then
     ts-data make-demo "$OUT/raw" --num "$IMAGES" --resolution 128 --seed 0 --per-shard 500
     touch "$OUT/raw/.complete"
 fi
-python -m data_tools.demo_tokenizer "$OUT/demo_tokenizer.json" >/dev/null
+"${PYTHON:-python}" -m data_tools.demo_tokenizer "$OUT/demo_tokenizer.json" >/dev/null
 
 step "train-vq: the demo's 8x VQ tokenizer, 1024 codes"
 VQ="$OUT/vq/demo_vq.safetensors"

@@ -15,9 +15,10 @@
 ts_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 if [ -n "${PYTHON:-}" ]; then
-    :
+    command -v "$PYTHON" >/dev/null || { echo "PYTHON=$PYTHON: no such interpreter" >&2; exit 2; }
 elif [ -n "${VIRTUAL_ENV:-}" ]; then
     PYTHON="$VIRTUAL_ENV/bin/python"
+    [ -x "$PYTHON" ] || { echo "VIRTUAL_ENV=$VIRTUAL_ENV holds no bin/python" >&2; exit 2; }
 else
     TS_VENV=${TS_VENV:-$ts_root/.venv}
     if [ ! -x "$TS_VENV/bin/python" ]; then
@@ -33,7 +34,8 @@ PY
     export VIRTUAL_ENV="$TS_VENV"
 fi
 export PYTHON
-ts_env_bin=$(dirname "$PYTHON")
+# where this environment's console scripts go (ts-train, ...), whatever PYTHON was given as
+ts_env_bin=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
 case ":$PATH:" in
     *":$ts_env_bin:"*) ;;
     *) export PATH="$ts_env_bin:$PATH" ;;
