@@ -14,6 +14,7 @@
 #   DEMO_EVAL_LIMIT=         score only the first N prompts of ts-eval's default set
 #   DEMO_SKIP_INSTALL=1      use the ts-* commands on PATH as they are (no install, no venv)
 #   DEMO_TRAIN_ARGS="..."    extra ts-train overrides, e.g. "--curriculum.stages.2.steps 100"
+#   DEMO_THREADS=2           torch threads of every step (the documented scores need 2)
 # The install goes into the environment scripts/env.sh picks: $PYTHON's, the active virtualenv, or
 # .venv in the checkout (created on first use; `source .venv/bin/activate` to use the CLIs later).
 # Steps whose output exists are not redone (delete DEMO_OUT / DEMO_RUN to start over); ts-train
@@ -28,6 +29,10 @@ VQ_STEPS=${DEMO_VQ_STEPS:-800}
 EVAL_LIMIT=${DEMO_EVAL_LIMIT:-}
 read -r -a TRAIN_ARGS <<< "${DEMO_TRAIN_ARGS:-}"
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+# torch splits reductions by thread, so the thread count changes the rounding: train-vq's weights
+# after 150 steps differ between 1, 2 and 4 threads. torch uses one thread per core by default;
+# a fixed count gives the same bytes on any machine with at least that many cores (docs/demo.md).
+export OMP_NUM_THREADS=${DEMO_THREADS:-2}
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}  # megatron-core's Apex/TE notices, once per process
 
 if [ -z "${DEMO_SKIP_INSTALL:-}" ]; then
