@@ -81,15 +81,27 @@ def estimate_no_cache(model, prompt: torch.Tensor, steps: int, s: int, device: s
     return total + times[-1]  # the segment sums cover steps-1 intervals; add the last step
 
 
-def run_case(model, resolution: int, kv: bool, device: str, max_full_steps: int) -> dict:
+def run_case(
+    model,
+    resolution: int,
+    kv: bool,
+    device: str,
+    max_full_steps: int,
+    batch: int = 1,
+    progress=None,
+) -> dict:
+    """Times decoding `batch` images of one prompt (plus as many unconditional rows).
+
+    `progress` is passed to sample_codes (its update() is called once per decoding step).
+    """
     cfg = model.config
     grid = resolution // cfg.vq_downsample
     steps = (grid // cfg.shuffle_window) ** 2
     tok = _Bytes()
     ids = torch.tensor(
-        [caption_ids(tok, "a photo of a red bicycle", CAPTION_LEN, cfg)], device=device
+        [caption_ids(tok, "a photo of a red bicycle", CAPTION_LEN, cfg)] * batch, device=device
     )
-    uncond = torch.tensor([caption_ids(tok, "", CAPTION_LEN, cfg)], device=device)
+    uncond = torch.tensor([caption_ids(tok, "", CAPTION_LEN, cfg)] * batch, device=device)
     sampling = SamplingConfig(cfg=7.5, top_k=1000, use_kv_cache=kv)
     estimated = not kv and steps > max_full_steps
     if estimated:
@@ -97,20 +109,21 @@ def run_case(model, resolution: int, kv: bool, device: str, max_full_steps: int)
             model, torch.cat([ids, uncond]), steps, cfg.shuffle_window, device
         )
     else:
-        gens = [torch.Generator().manual_seed(0)]
+        gens = [torch.Generator().manual_seed(i) for i in range(batch)]
         _sync(device)
         t0 = time.perf_counter()
-        codes = sample_codes(model, ids, grid, sampling, gens, uncond)
+        codes = sample_codes(model, ids, grid, sampling, gens, uncond, progress)
         _sync(device)
         seconds = time.perf_counter() - t0
-        assert codes.shape == (1, grid, grid)
+        assert codes.shape == (batch, grid, grid)
     return {
         "resolution": resolution,
         "s": cfg.shuffle_window,
         "kv_cache": kv,
+        "batch": batch,
         "steps": steps,
         "codes": grid * grid,
-        "s_per_image": round(seconds, 3),
+        "s_per_image": round(seconds / batch, 3),
         "steps_per_s": round(steps / seconds, 1),
         "estimated": estimated,
     }

@@ -17,18 +17,22 @@ import json
 import os
 import time
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import torch
+
+# DeepSpeed picks its accelerator at import time.
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 
 
-def measure(args, window: int) -> dict:
-    import torch
+def build_engine(args, window: int, micro_batch: int | None = None):
+    """The real StageEngine for `args`' shape at shuffle window `window` (bf16 on GPU).
 
+    Returns (engine, spec, stage, cfg). `args` holds flavor, layers, codebook, downsample,
+    resolution, caption_len, micro_batch, checkpointing and text_size.
+    """
     from megatron_ts.config import Config, validate
     from megatron_ts.distributed.init import init_distributed, init_model_parallel
-    from megatron_ts.models.flops import sample_flops
     from megatron_ts.models.model import ModelSpec
     from megatron_ts.training.engine import StageEngine
-    from megatron_ts.training.metrics import device_peak_tflops, peak_memory_gb
     from megatron_ts.vocab import VocabLayout
 
     init_distributed("auto")
@@ -41,8 +45,7 @@ def measure(args, window: int) -> dict:
     cfg.tokenizer.downsample = args.downsample
     cfg.data.resolution = args.resolution
     cfg.data.caption_len = args.caption_len
-    cfg.train.micro_batch = args.micro_batch
-    cfg.train.global_batch = args.micro_batch
+    cfg.train.micro_batch = cfg.train.global_batch = micro_batch or args.micro_batch
     cfg.parallel.activation_checkpointing = args.checkpointing
     stage = validate(cfg, 1)[0]
     init_model_parallel(1, 1)
@@ -51,37 +54,61 @@ def measure(args, window: int) -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     engine = StageEngine(spec, stage, cfg.parallel, cfg.optim, 1.0, 1, device, bf16=cuda)
-    grid = stage.grid(args.downsample)
-    b = args.micro_batch
-
-    def batches():
-        g = torch.Generator().manual_seed(0)
-        while True:
-            text = torch.randint(0, args.text_size, (b, args.caption_len + 2), generator=g)
-            yield {
-                "text": text,
-                "text_mask": torch.ones(b, args.caption_len + 2),
-                "codes": torch.randint(0, args.codebook, (b, grid, grid), generator=g),
-            }
-
-    it = batches()
     engine.set_lr(1e-4)
-    for _ in range(args.warmup):
-        engine.train_step(it)
-    if cuda:
+    return engine, spec, stage, cfg
+
+
+def random_batches(batch: int, caption_len: int, text_size: int, codebook: int, grid: int):
+    """Endless micro-batches of random captions and codes of one shape (seeded)."""
+    g = torch.Generator().manual_seed(0)
+    while True:
+        yield {
+            "text": torch.randint(0, text_size, (batch, caption_len + 2), generator=g),
+            "text_mask": torch.ones(batch, caption_len + 2),
+            "codes": torch.randint(0, codebook, (batch, grid, grid), generator=g),
+        }
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def timed_steps(engine, batches, warmup: int, steps: int) -> float:
+    """Seconds per optimizer step over `steps` steps after `warmup` (peak memory reset between)."""
+    for _ in range(warmup):
+        engine.train_step(batches)
+    sync()
+    if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    for _ in range(args.steps):
-        engine.train_step(it)
-    if cuda:
-        torch.cuda.synchronize()
-    elapsed = (time.perf_counter() - start) / args.steps
-    flops = sample_flops(
-        spec.shape, spec.padded_vocab, args.caption_len, grid, window, cfg.model.shuffle_mlp_blocks
-    ).training
+    for _ in range(steps):
+        engine.train_step(batches)
+    sync()
+    return (time.perf_counter() - start) / steps
+
+
+def train_flops_per_image(spec, cfg, grid: int, window: int) -> float:
+    from megatron_ts.models.flops import sample_flops
+
+    return sample_flops(
+        spec.shape, spec.padded_vocab, cfg.data.caption_len, grid, window,
+        cfg.model.shuffle_mlp_blocks,
+    ).training  # fmt: skip
+
+
+def measure(args, window: int) -> dict:
+    from megatron_ts.training.metrics import device_peak_tflops, peak_memory_gb
+
+    engine, spec, stage, cfg = build_engine(args, window)
+    grid = stage.grid(args.downsample)
+    b = args.micro_batch
+    batches = random_batches(b, args.caption_len, args.text_size, args.codebook, grid)
+    elapsed = timed_steps(engine, batches, args.warmup, args.steps)
+    flops = train_flops_per_image(spec, cfg, grid, window)
     tflops = flops * b / elapsed / 1e12
     peak = device_peak_tflops(cfg.logging)
+    cuda = torch.cuda.is_available()
     return {
         "shuffle_window": window,
         "positions": stage.seq_len(args.downsample),

@@ -142,8 +142,13 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> tuple[
     import deepspeed
 
     # DeepSpeed's comm layer (used by its pipeline engine) wraps the torch process group.
+    from deepspeed.accelerator import get_accelerator
+
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    log.info("torch.distributed up: backend=%s world=%d", backend, dist.get_world_size())
+    log.info(
+        "torch.distributed up: backend=%s world=%d deepspeed_accelerator=%s",
+        backend, dist.get_world_size(), get_accelerator()._name,
+    )  # fmt: skip
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -26,7 +26,8 @@ def _free_port() -> int:
 def _entry(
     rank: int, world: int, port: int, outdir: str, fn: Callable, args: tuple, env: dict
 ) -> None:
-    os.environ.update(env)
+    os.environ.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    os.environ.update(env)  # may choose another accelerator (the CUDA tests)
     os.environ.update(
         {
             "RANK": str(rank),
@@ -35,8 +36,6 @@ def _entry(
             "LOCAL_WORLD_SIZE": str(world),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
-            "DS_ACCELERATOR": "cpu",
-            "OMP_NUM_THREADS": "1",
         }
     )
     path = os.path.join(outdir, f"rank{rank}.pkl")
