@@ -38,7 +38,7 @@ from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SECTIONS = {"env": 20, "tests": 60, "train": 80, "throughput": 180, "sampling": 90, "tokenize": 35}
+SECTIONS = {"env": 15, "tests": 60, "train": 60, "throughput": 220, "sampling": 80, "tokenize": 30}
 """Section -> seconds it may take on the GPU machine (465 s in all; --smoke allows 5x each)."""
 
 SIZES = {
@@ -46,7 +46,7 @@ SIZES = {
         "flavor": "2.7B", "layers": 20, "resolution": 1024, "downsample": 16, "codebook": 16384,
         "text_size": 32000, "caption_len": 128, "checkpointing": "selective",
         "windows": [2, 1, 4], "micro_batch": {1: 4, 2: 8, 4: 16}, "warmup": 2, "steps": 5,
-        "big_resolution": 2048, "big_max": 64,
+        "big_resolution": 2048, "big_max": 64, "big_seconds": 30,
         "sample_resolution": 1024, "sample_windows": [2, 1], "sample_batches": [1, 8],
         "tokenize_resolutions": [512, 1024], "tokenize_images": 64, "workers": 8,
         "matmul": 8192, "train_steps": 4,
@@ -55,7 +55,7 @@ SIZES = {
         "flavor": "debug", "layers": None, "resolution": 64, "downsample": 8, "codebook": 512,
         "text_size": 256, "caption_len": 16, "checkpointing": "selective",
         "windows": [2, 1, 4], "micro_batch": {1: 2, 2: 4, 4: 8}, "warmup": 1, "steps": 2,
-        "big_resolution": 128, "big_max": 8,
+        "big_resolution": 128, "big_max": 8, "big_seconds": 60,
         "sample_resolution": 64, "sample_windows": [2, 1], "sample_batches": [1, 2],
         "tokenize_resolutions": [64, 128], "tokenize_images": 8, "workers": 2,
         "matmul": 512, "train_steps": 4,
@@ -380,12 +380,14 @@ def _train_case(sec: Section, engine, spec, stage, cfg, window: int, resolution:
 
 def _largest_micro_batch(sec: Section, engine, window: int, resolution: int) -> dict:
     """Doubles the micro-batch until a step runs out of memory, then bisects: the largest that
-    ran one full optimizer step (forward, backward, step) at `resolution`."""
+    ran one full optimizer step (forward, backward, step) at `resolution`, searched for at most
+    `big_seconds` (the other windows' cases come after it)."""
     import torch
 
     bench = _bench("bench_train")
     size = sec.size
     grid = resolution // size["downsample"]
+    deadline = min(sec.deadline, time.time() + size["big_seconds"])
 
     def fits(mb: int) -> bool:
         batches = bench.random_batches(mb, size["caption_len"], size["text_size"],
@@ -401,14 +403,17 @@ def _largest_micro_batch(sec: Section, engine, window: int, resolution: int) -> 
 
     good, bad, mb, stopped = 0, None, 1, None
     while mb <= size["big_max"]:
-        if sec.left() < 20:
+        if time.time() > deadline:
             stopped = "time"
             break
         if not fits(mb):
             bad = mb
             break
         good, mb = mb, mb * 2
-    while bad is not None and bad - good > 1 and sec.left() > 20:
+    while bad is not None and bad - good > 1:
+        if time.time() > deadline:
+            stopped = "time"
+            break
         mid = (good + bad) // 2
         good, bad = (mid, bad) if fits(mid) else (good, mid)
     return {"s": window, "resolution": resolution, "largest_micro_batch": good,

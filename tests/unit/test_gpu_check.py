@@ -167,3 +167,27 @@ def test_step_extrapolation():
     assert _clock(falling).extrapolate(256) == pytest.approx(255 * sum(falling) / 40)
     # too few steps for a trend
     assert _clock([0.01, 0.03]).extrapolate(11) == pytest.approx(0.2)
+
+
+def test_largest_micro_batch_doubles_then_bisects(tmp_path):
+    """The search's arithmetic, against an engine whose steps run out of memory above 5."""
+    import time
+
+    import torch
+
+    class FiveFit:
+        def __init__(self):
+            self.tried = []
+
+        def train_step(self, batches):
+            b = next(batches)["codes"].shape[0]
+            self.tried.append(b)
+            if b > 5:
+                raise torch.OutOfMemoryError("out of memory (test)")
+
+    sec = gpu_check.Section(tmp_path / "r.json", "smoke", tmp_path, time.time() + 60, None)
+    sec.size["big_max"] = 64
+    engine = FiveFit()
+    got = gpu_check._largest_micro_batch(sec, engine, 2, 64)
+    assert (got["largest_micro_batch"], got["first_out_of_memory"], got["stopped"]) == (5, 6, None)
+    assert engine.tried == [1, 2, 4, 8, 6, 5]
