@@ -122,10 +122,11 @@ def _free_memory() -> float | None:
     return round(torch.cuda.memory_allocated() / 2**30, 2)
 
 
-def profile_summary(fn, rows: int = 12) -> list[dict]:
-    """Runs fn once under torch.profiler; the ops/kernels with the most self time.
+def profile_summary(fn, rows: int = 12) -> dict:
+    """Runs fn once under torch.profiler: its wall time, the summed self time of the device's
+    kernels (CUDA) or of the CPU ops, and the `rows` ops/kernels with the most self time.
 
-    Device time on CUDA (kernels), CPU time otherwise; each row with its share of the total.
+    busy_ms well below wall_ms on CUDA means the host (Python, launches, syncs) is the limit.
     """
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -133,13 +134,15 @@ def profile_summary(fn, rows: int = 12) -> list[dict]:
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
         fn()
         _sync()
+        wall = time.perf_counter() - t0
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = [e for e in prof.key_averages() if getattr(e, attr) > 0]
     total = sum(getattr(e, attr) for e in events) or 1.0
     events.sort(key=lambda e: -getattr(e, attr))
-    return [
+    top = [
         {
             "name": e.key[:90],
             "calls": e.count,
@@ -148,6 +151,8 @@ def profile_summary(fn, rows: int = 12) -> list[dict]:
         }
         for e in events[:rows]
     ]
+    return {"wall_ms": round(wall * 1000, 1), "busy_ms": round(total / 1000, 1),
+            "clock": "device" if cuda else "cpu", "top": top}  # fmt: skip
 
 
 def section_env(sec: Section) -> None:
@@ -619,7 +624,13 @@ SECTION_FUNCS = {
 def run_section(args) -> int:
     sec = Section(Path(args.result), args.mode, Path(args.work), args.deadline, args.layers)
     sec.emit("failures", [])
-    SECTION_FUNCS[args.section](sec)
+    try:
+        SECTION_FUNCS[args.section](sec)
+    except Exception as err:  # noqa: BLE001 - the report names it; the log has the traceback
+        import traceback
+
+        traceback.print_exc()
+        sec.fail(f"{type(err).__name__}: {str(err)[:300]}")
     return 1 if sec.data["failures"] else 0
 
 
@@ -652,6 +663,16 @@ def _fmt(value, spec: str = "") -> str:
     if value is None:
         return "n/a"
     return format(value, spec) if spec else str(value)
+
+
+def _profile_table(title: str, prof: dict, n: int = 8) -> list[str]:
+    """Markdown lines: the title with busy and wall time, then the top ops/kernels."""
+    out = ["", f"{title}: {prof['clock']} busy {prof['busy_ms']} ms of {prof['wall_ms']} ms "
+           "wall; most self time:", "", "| op / kernel | calls | ms | share |", "|---|---|---|---|"]  # fmt: skip
+    for r in prof["top"][:n]:
+        name = r["name"].replace("|", "/")
+        out.append(f"| `{name}` | {r['calls']} | {r['ms']} | {r['share']:.1%} |")
+    return out
 
 
 def render_markdown(report: dict) -> str:
@@ -709,6 +730,9 @@ def render_markdown(report: dict) -> str:
             out += ["", f"Largest {big['resolution']} px s = {big['s']} micro-batch that ran a "
                     f"step: {big['largest_micro_batch']} (first out of memory: "
                     f"{_fmt(big['first_out_of_memory'])}, cap {big['cap']})."]  # fmt: skip
+        by_s = {r["s"]: r for r in th["throughput"]}
+        if by_s.get(2, {}).get("profile"):
+            out += _profile_table("One s = 2 training step", by_s[2]["profile"])
     sa = secs.get("sampling", {}).get("result", {}).get("sampling")
     if sa:
         out += ["", "| s | px | batch | steps | s / image | steps / s | measured |",
@@ -717,6 +741,10 @@ def render_markdown(report: dict) -> str:
             how = "all" if not r["estimated"] else f"{r['measured_steps']} steps, rest estimated"
             out.append(f"| {r['s']} | {r['resolution']} | {r['batch']} | {r['steps']} | "
                        f"{r['s_per_image']} | {r['steps_per_s']} | {how} |")  # fmt: skip
+    prof = secs.get("sampling", {}).get("result", {}).get("profile")
+    if prof:
+        s = secs["sampling"]["result"].get("profile_s")
+        out += _profile_table(f"The prompt and 16 decoding steps at s = {s}", prof)
     tk = secs.get("tokenize", {}).get("result", {}).get("tokenize")
     if tk:
         out += ["", "| tokenizer | px | batch | images | images/s |", "|---|---|---|---|---|"]

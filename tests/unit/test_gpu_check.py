@@ -74,7 +74,11 @@ def _report(mode: str) -> dict:
                     "result": {"machine": {"device": "NVIDIA H200", "python": "3.12.3"}}},
             "throughput": {"status": "ok", "seconds": 170, "budget_s": 180, "failures": [],
                            "result": {"speedup_s2_over_s1": 3.6, "throughput": [
-                               {**row, "s": 2, "images_per_s": 8.0, "mfu": 0.46},
+                               {**row, "s": 2, "images_per_s": 8.0, "mfu": 0.46,
+                                "profile": {"wall_ms": 1000.0, "busy_ms": 950.5,
+                                            "clock": "device", "top": [
+                                    {"name": "sm90_xmma_gemm|bf16", "calls": 420, "ms": 610.2,
+                                     "share": 0.642}]}},
                                {**row, "s": 1, "images_per_s": 2.2, "mfu": 0.41}]}},
             "sampling": {"status": "timeout", "seconds": 75, "budget_s": 75,
                          "failures": ["stopped at its 75 s limit"],
@@ -116,6 +120,8 @@ def test_markdown_has_every_measured_row():
     assert "| 2 | 1024 | 20 | 8 | 1154 | 1.0 | 8.0 | 450.0 | 46.0% | 80.0 |" in md
     assert "| 1 | 1024 | 1 | 4096 | 30.0 | 136.5 | 900 steps, rest estimated |" in md
     assert "| MFU, 2.7B width, 1024 px, s = 2 | 0.45 | 0.46 | yes |" in md
+    assert "One s = 2 training step: device busy 950.5 ms of 1000.0 ms wall" in md
+    assert "| `sm90_xmma_gemm/bf16` | 420 | 610.2 | 64.2% |" in md
 
 
 def test_gpu_mode_refuses_a_machine_without_cuda(tmp_path):
