@@ -155,6 +155,37 @@ def profile_summary(fn, rows: int = 12) -> dict:
             "clock": "device" if cuda else "cpu", "top": top}  # fmt: skip
 
 
+def _unmet_requirements() -> list[str]:
+    """Requirements of megatron_ts and of the carried packages that what is importable here does
+    not meet (a notice: the check runs on the machine's stack as it is)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    manifest = Path(os.environ.get("TS_GPU_WHEELS", ROOT / ".gpu-wheels")) / "manifest.json"
+    names = ["megatron_ts"]
+    if manifest.exists():
+        names += [w["name"] for w in json.loads(manifest.read_text())["wheels"]]
+    unmet = []
+    for name in names:
+        try:
+            specs = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue  # megatron_ts runs from the checkout, not installed
+        for spec in specs:
+            req = Requirement(spec)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            try:
+                have = metadata.version(req.name)
+            except metadata.PackageNotFoundError:
+                unmet.append(f"{name}: {req} (not installed)")
+                continue
+            if not req.specifier.contains(have, prereleases=True):
+                unmet.append(f"{name}: {req} ({have} installed)")
+    return unmet
+
+
 def section_env(sec: Section) -> None:
     import importlib
     from importlib import metadata
@@ -201,6 +232,7 @@ def section_env(sec: Section) -> None:
             imports[module] = f"{type(err).__name__}: {err}"
             sec.fail(f"import {module}: {err}")
     sec.emit("imports", imports)
+    sec.emit("unmet_requirements", _unmet_requirements())
     if imports["deepspeed"] == "ok":
         from deepspeed.accelerator import get_accelerator
 
@@ -699,6 +731,9 @@ def render_markdown(report: dict) -> str:
         note = f" ({sec['failures'][0][:80]})" if sec.get("failures") else ""
         out.append(f"| {name} | {sec['status']}{note} | {_fmt(sec.get('seconds'), '.0f')} | "
                    f"{sec.get('budget_s', 'n/a')} |")  # fmt: skip
+    if env.get("unmet_requirements"):
+        out += ["", "Requirements the machine's packages do not meet (the check ran on them as they "
+                "are): " + "; ".join(env["unmet_requirements"]) + "."]  # fmt: skip
     mm = env.get("matmul")
     if mm:
         out += ["", f"{mm['n']}^3 {mm['dtype']} matmul: {mm['tflops']} TFLOP/s."]

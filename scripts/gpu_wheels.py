@@ -5,8 +5,11 @@
 
 Which packages: megatron_ts's requirements, followed through their own requirements (markers
 evaluated for the target Python on Linux x86-64), stopping at every package the machine already
-has (scripts/gpu_machine.txt): what is left is exactly what must travel. Each goes at its
-requirements/lock.txt version as a Python 3.12 manylinux x86-64 wheel from the package index; a
+has (scripts/gpu_machine.txt): what is left is exactly what must travel, plus any machine package
+whose listed version a travelling package does not accept, and `--carry` (typing-extensions by
+default); requirements on machine packages of unknown version are printed as unverified. Each
+goes at its requirements/lock.txt version as a Python 3.12 manylinux x86-64 wheel from the
+package index; a
 package published only as a source distribution (DeepSpeed) is built into a pure-Python wheel
 here (DS_BUILD_OPS=0: its CUDA ops are JIT-compiled on the GPU when used, and the check uses
 none). The folder is emptied first, gets a manifest.json (name, version, file, sha256, bytes),
@@ -29,6 +32,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from packaging.specifiers import SpecifierSet
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from check_lock import normalize, read_lock  # noqa: E402
@@ -44,14 +49,16 @@ PLATFORMS = (
 """Platform tags the target accepts (its glibc is 2.28 or newer); pip matches each exactly."""
 
 
-def read_machine(path: Path) -> set[str]:
-    """Normalized names of the packages the machine has (`name` or `name==version` per line)."""
-    names = set()
+def read_machine(path: Path) -> dict[str, str | None]:
+    """Normalized name -> version (None where the file gives none) of the machine's packages,
+    from `name` or `name==version` lines."""
+    found: dict[str, str | None] = {}
     for raw in path.read_text().splitlines():
         line = raw.split("#", 1)[0].strip()
         if line:
-            names.add(normalize(line.split("==", 1)[0].strip()))
-    return names
+            name, _, version = line.partition("==")
+            found[normalize(name.strip())] = version.strip() or None
+    return found
 
 
 def target_env(python_version: str) -> dict[str, str]:
@@ -103,6 +110,25 @@ def missing_packages(
         carry.append(name)
         todo.extend(n for n in map(needed, deps) if n)
     return sorted(carry)
+
+
+def machine_constraints(
+    carried: list[str], requires, machine: dict[str, str | None], env: dict[str, str]
+) -> list[tuple[str, str, str, str | None]]:
+    """(carried package, machine package, version specifier, the machine's version or None) for
+    each versioned requirement of a carried package on a package the machine has."""
+    from packaging.requirements import Requirement
+
+    found = []
+    for name in carried:
+        for spec in requires(name) or []:
+            req = Requirement(spec)
+            if req.marker is not None and not req.marker.evaluate(env):
+                continue
+            dep = normalize(req.name)
+            if dep in machine and str(req.specifier):
+                found.append((name, dep, str(req.specifier), machine[dep]))
+    return found
 
 
 def _installed_requires(name: str) -> list[str] | None:
@@ -168,6 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python-version", default="3.12")
     p.add_argument("--limit-mib", type=float, default=64.0)
     p.add_argument("--list", action="store_true", help="print what would be carried and stop")
+    p.add_argument(
+        "--carry",
+        nargs="*",
+        default=["typing-extensions"],
+        help="machine packages to carry anyway, at their lock version (default: "
+        "typing-extensions, which pydantic needs at >= 4.16 and whose version on the machine "
+        "is not known; it is backward compatible and 45 KiB)",
+    )
     args = p.parse_args(argv)
     try:
         roots = metadata.requires("megatron_ts") or []
@@ -176,14 +210,26 @@ def main(argv: list[str] | None = None) -> int:
               "project's environment (.venv/bin/python, after scripts/install.sh)", file=sys.stderr)  # fmt: skip
         return 2
     pins = read_lock(args.lock)
+    machine, env = read_machine(args.machine), target_env(args.python_version)
     try:
-        names = missing_packages(
-            roots, _installed_requires, read_machine(args.machine), target_env(args.python_version)
-        )
+        names = missing_packages(roots, _installed_requires, machine, env)
     except LookupError as err:
         print(f"gpu_wheels: {err} is needed but not installed here: run scripts/install.sh",
               file=sys.stderr)  # fmt: skip
         return 2
+    # What travels must also work with the machine's own packages it imports.
+    also = {normalize(n) for n in args.carry}
+    for who, dep, spec, have in machine_constraints(names, _installed_requires, machine, env):
+        if dep in also:
+            continue
+        if have is None:
+            print(f"unverified: {who} needs {dep}{spec}; {args.machine.name} gives no version "
+                  f"(`pip show {dep}` on the machine)", file=sys.stderr)  # fmt: skip
+        elif not SpecifierSet(spec).contains(have, prereleases=True):
+            print(f"{dep} {have} on the machine does not meet {who}'s {spec}: carried at its "
+                  "lock version", file=sys.stderr)  # fmt: skip
+            also.add(dep)
+    names = sorted(set(names) | also)
     unpinned = [n for n in names if n not in pins]
     if unpinned:
         print(f"gpu_wheels: not in {args.lock}: {', '.join(unpinned)}", file=sys.stderr)

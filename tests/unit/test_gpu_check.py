@@ -48,7 +48,22 @@ def test_missing_packages_needs_metadata_of_what_travels():
 def test_read_machine(tmp_path):
     path = tmp_path / "machine.txt"
     path.write_text("# header\ntorch==2.11.0\nTyping_Extensions\n\n  numpy==2.5.2  # comment\n")
-    assert gpu_wheels.read_machine(path) == {"torch", "typing-extensions", "numpy"}
+    assert gpu_wheels.read_machine(path) == {
+        "torch": "2.11.0",
+        "typing-extensions": None,
+        "numpy": "2.5.2",
+    }
+
+
+def test_machine_constraints_name_what_the_carried_packages_need_of_the_machine():
+    graph = {
+        "app-a": ["numpy>=2.6", "torch", "tqdm>=4; python_version < '3.10'", "app-b"],
+        "app-b": ["packaging>=24.2"],
+    }
+    machine = {"numpy": "2.5.2", "torch": "2.11.0", "tqdm": None, "packaging": None}
+    got = gpu_wheels.machine_constraints(["app-a", "app-b"], graph.get, machine, ENV312)
+    # unversioned and marker-excluded requirements are no constraint
+    assert got == [("app-a", "numpy", ">=2.6", "2.5.2"), ("app-b", "packaging", ">=24.2", None)]
 
 
 def test_the_project_carries_what_the_gpu_machine_lacks():
@@ -61,6 +76,8 @@ def test_the_project_carries_what_the_gpu_machine_lacks():
     names = {line.split("==")[0] for line in proc.stdout.split()}
     assert {"deepspeed", "megatron-core", "webdataset", "boto3", "hjson", "pydantic"} <= names
     assert not names & {"torch", "transformers", "numpy", "safetensors", "tensorboard", "pillow"}
+    assert "typing-extensions" in names  # --carry's default
+    assert "unverified: megatron-core needs packaging>=24.2" in proc.stderr
 
 
 def _report(mode: str) -> dict:
