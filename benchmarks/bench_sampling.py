@@ -22,9 +22,9 @@ import torch
 
 from megatron_ts.config import ModelConfig
 from megatron_ts.hf.build import hf_config_from_spec
+from megatron_ts.hf.generation_token_shuffle import SamplingConfig, caption_ids, sample_codes
 from megatron_ts.hf.modeling_token_shuffle import TokenShuffleForCausalLM
 from megatron_ts.models.model import ModelSpec
-from megatron_ts.sampling.sampler import SamplingConfig, caption_ids, sample_codes
 from megatron_ts.vocab import VocabLayout
 
 CAPTION_LEN = 64
@@ -102,7 +102,7 @@ def run_case(
         [caption_ids(tok, "a photo of a red bicycle", CAPTION_LEN, cfg)] * batch, device=device
     )
     uncond = torch.tensor([caption_ids(tok, "", CAPTION_LEN, cfg)] * batch, device=device)
-    sampling = SamplingConfig(cfg=7.5, top_k=1000, use_kv_cache=kv)
+    sampling = SamplingConfig(cfg_scale=7.5, top_k=1000, use_kv_cache=kv)
     estimated = not kv and steps > max_full_steps
     if estimated:
         seconds = estimate_no_cache(
@@ -132,7 +132,7 @@ def run_case(
 @torch.no_grad()
 def time_vq_decode(resolution: int, device: str) -> float:
     """Seconds to decode one image's codes with LlamaGen's VQ-16 decoder (random weights)."""
-    from megatron_ts.tokenizers.vq import LlamaGenVQ
+    from megatron_ts.hf.vq_token_shuffle import LlamaGenVQ
 
     torch.manual_seed(0)
     vq = LlamaGenVQ().to(device).eval()

@@ -39,8 +39,8 @@ os.environ.setdefault("TS_LOG_LEVEL", "WARNING")  # before the package logger is
 from data_tools.demo import make_demo  # noqa: E402
 from data_tools.tokenize import TokenizeOptions, tokenize  # noqa: E402
 from data_tools.train_vq import train_vq  # noqa: E402
-from megatron_ts.tokenizers.text import load_text_tokenizer  # noqa: E402
-from megatron_ts.tokenizers.vq import LlamaGenVQ, load_vq  # noqa: E402
+from megatron_ts.hf.tokenization_token_shuffle import load_text_tokenizer  # noqa: E402
+from megatron_ts.hf.vq_token_shuffle import LlamaGenVQ, load_vq  # noqa: E402
 
 STAGES = ("read", "decode", "resize", "encode", "text", "write")
 VQ16_BATCH = {512: 16, 1024: 4, 2048: 1}

@@ -618,8 +618,8 @@ def section_tokenize(sec: Section) -> None:
     import torch
 
     bench = _bench("bench_tokenize")
-    from megatron_ts.tokenizers.text import load_text_tokenizer
-    from megatron_ts.tokenizers.vq import load_vq
+    from megatron_ts.hf.tokenization_token_shuffle import load_text_tokenizer
+    from megatron_ts.hf.vq_token_shuffle import load_vq
 
     size = sec.size
     device = "cuda" if torch.cuda.is_available() else "cpu"

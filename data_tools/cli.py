@@ -145,8 +145,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "tokenize":
         from data_tools.tokenize import TokenizeOptions, rank_from_env, tokenize
-        from megatron_ts.tokenizers.text import load_text_tokenizer
-        from megatron_ts.tokenizers.vq import load_vq
+        from megatron_ts.hf.tokenization_token_shuffle import load_text_tokenizer
+        from megatron_ts.hf.vq_token_shuffle import load_vq
 
         rank, world = rank_from_env(args.rank, args.world_size)
         opts = TokenizeOptions(

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from data_tools.images import ImageSkip, decode_image, resize_center_crop, to_tensor_batch
 from data_tools.shards import RawSample, expand_inputs, iter_samples
+from megatron_ts.hf.vq_token_shuffle import NativeVQ, NativeVQConfig, save_native
 from megatron_ts.logging import get_logger
-from megatron_ts.tokenizers.vq import NativeVQ, NativeVQConfig, save_native
 
 log = get_logger(__name__)
 

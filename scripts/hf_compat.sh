@@ -80,7 +80,8 @@ if ! "$PYTHON" scripts/hf_compat/make_reference.py "$WORK/reference" >"$log" 2>&
 fi
 say "$(tail -n 1 "$log")"
 
-# 3. one shared directory of links to the main environment's torch and its runtime requirements
+# 3. one shared directory of links to the main environment's torch and its runtime requirements,
+#    and Pillow (the export's pipeline returns PIL images)
 SHARED=$WORK/torch_shared
 log=$WORK/logs/torch_shared.log
 link_torch() {
@@ -106,7 +107,7 @@ def norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-todo, seen = ["torch"], set()
+todo, seen = ["torch", "pillow"], set()  # Pillow: the export's pipeline returns PIL images
 while todo:
     name = norm(todo.pop())
     if name in seen or name in EXCLUDE:

@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _shapes(args: argparse.Namespace) -> int:
     import torch
 
-    from megatron_ts.sampling.loading import ModelDirError, load_model_dir
-    from megatron_ts.sampling.sampler import generate, sampling_from_flags, save_png
+    from megatron_ts.hf.pipeline_token_shuffle import TokenShufflePipeline
+    from megatron_ts.sampling.cli import sampling_flags
+    from megatron_ts.sampling.png import save_png
 
     prompts = read_prompts(args.prompts_file) if args.prompts_file else default_prompts()
     if args.limit:
@@ -68,29 +69,17 @@ def _shapes(args: argparse.Namespace) -> int:
         args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
     try:
-        loaded = load_model_dir(args.model, device=device, need_vq=True)
-    except ModelDirError as err:
+        pipe = TokenShufflePipeline.from_pretrained(args.model, device=device, dtype="float32")
+        start = time.perf_counter()
+        result = pipe(
+            [p.text for p in prompts],
+            **sampling_flags(args),
+            batch_size=args.batch_size,
+            progress=False,
+        )
+    except ValueError as err:  # ModelDirError and bad settings
         print(f"ts-eval: {err}", file=sys.stderr)
         return 2
-    sampling = sampling_from_flags(
-        loaded.generation,
-        cfg=args.cfg,
-        cfg_schedule=args.cfg_schedule,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        resolution=args.resolution,
-    )
-    start = time.perf_counter()
-    result = generate(
-        loaded.model,
-        loaded.vq,
-        loaded.text_tokenizer,
-        [p.text for p in prompts],
-        sampling,
-        batch_size=args.batch_size,
-    )
     seconds = time.perf_counter() - start
     out = Path(args.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -142,7 +131,7 @@ def _vq_round_trip(vq_format: str, checkpoint: str, resolution: int | None):
     import torch
     from PIL import Image
 
-    from megatron_ts.tokenizers.vq import load_vq
+    from megatron_ts.hf.vq_token_shuffle import load_vq
 
     vq = load_vq(vq_format, checkpoint, device="cpu")
 

@@ -51,7 +51,15 @@ from megatron_ts.models.model import ModelSpec
 log = get_logger(__name__)
 
 HF_DIR = Path(__file__).resolve().parent
-MODELING_FILES = ("configuration_token_shuffle.py", "modeling_token_shuffle.py")
+# the code an export ships: torch + transformers (+ tokenizers, safetensors, Pillow) only
+MODELING_FILES = (
+    "configuration_token_shuffle.py",
+    "modeling_token_shuffle.py",
+    "generation_token_shuffle.py",
+    "pipeline_token_shuffle.py",
+    "tokenization_token_shuffle.py",
+    "vq_token_shuffle.py",
+)
 AUTO_MAP = {
     "AutoConfig": "configuration_token_shuffle.TokenShuffleConfig",
     "AutoModel": "modeling_token_shuffle.TokenShuffleModel",
@@ -215,13 +223,18 @@ Exported by megatron_ts `ts-convert to-hf` from step {meta.get("step")}: {source
   {spec.vocab.codebook_size} VQ codes ({spec.vocab.vq_tokenizer}), padded to {spec.padded_vocab}
 - trained at {", ".join(f"{r} px" for r in resolutions)}, captions of {caption_len} tokens
 
+Images with torch and transformers alone (the sampler and the VQ decoder ship in this directory):
+
 ```python
 from transformers import AutoModelForCausalLM
 
 model = AutoModelForCausalLM.from_pretrained("THIS_DIR", trust_remote_code=True)
+images = model.pipeline()(["a photo of a red bicycle"], num_images_per_prompt=4).images
 ```
 
-Sampling (classifier-free guidance, KV cache, VQ decoding to PNG) needs megatron_ts:
+`model.generate(input_ids)` returns code grids (guidance_scale, cfg_schedule, temperature, top_k,
+top_p, seed; defaults from generation_config.json). With megatron_ts installed, the same images
+as PNGs with their settings:
 
 ```bash
 ts-generate --model THIS_DIR --prompt "a photo of a red bicycle" --out samples/

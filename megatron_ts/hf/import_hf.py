@@ -345,7 +345,7 @@ def import_from_hf(
         )
         if tok_path:
             try:
-                from megatron_ts.tokenizers.text import load_text_tokenizer
+                from megatron_ts.hf.tokenization_token_shuffle import load_text_tokenizer
 
                 identity = load_text_tokenizer(tok_path).identity
             except ImportError:  # pragma: no cover - the tokenizer module is part of the package

@@ -8,6 +8,10 @@ to the weights of every export and imports only torch and transformers.
 Sequence format: `<bos>`, caption ids padded with `<pad>` to `caption_len`, `<boi>`, then image
 windows (s x s codes each, raster order, one transformer position per window). The `<boi>`
 position and every window position predict the s^2 codes of the next window.
+
+`generate()` overrides transformers' one-token-per-step loop: each step feeds a whole window and
+samples its s^2 codes under classifier-free guidance (generation_token_shuffle.py); `pipeline()`
+adds the export's text tokenizer and VQ decoder (pipeline_token_shuffle.py).
 """
 
 from __future__ import annotations
@@ -18,28 +22,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.generation import GenerationMixin
 from transformers.utils import ModelOutput
 
 from .configuration_token_shuffle import TokenShuffleConfig
+from .generation_token_shuffle import grid_to_windows, windows_to_grid
 
-
-def grid_to_windows(x: torch.Tensor, s: int) -> torch.Tensor:
-    """(B, G, G, *rest) raster grid -> (B, (G/s)^2, s^2, *rest) windows in raster order."""
-    b, gh, gw = x.shape[:3]
-    rest = x.shape[3:]
-    x = x.reshape(b, gh // s, s, gw // s, s, *rest)  # (B, G/s, s, G/s, s, ...)
-    x = x.transpose(2, 3)  # (B, G/s, G/s, s, s, ...)
-    return x.reshape(b, (gh // s) * (gw // s), s * s, *rest)
-
-
-def windows_to_grid(x: torch.Tensor, s: int, grid: int) -> torch.Tensor:
-    """Inverse of `grid_to_windows`: (B, N, s^2, *rest) -> (B, G, G, *rest)."""
-    b = x.shape[0]
-    rest = x.shape[3:]
-    g = grid // s
-    x = x.reshape(b, g, g, s, s, *rest)  # (B, G/s, G/s, s, s, ...)
-    x = x.transpose(2, 3)  # (B, G/s, s, G/s, s, ...)
-    return x.reshape(b, grid, grid, *rest)
+__all__ = [
+    "KVCache",
+    "TokenShuffleConfig",
+    "TokenShuffleForCausalLM",
+    "TokenShuffleModel",
+    "grid_to_windows",
+    "windows_to_grid",
+]
 
 
 class KVCache:
@@ -300,7 +296,7 @@ class TokenShuffleModel(TokenShufflePreTrainedModel):
         return self.norm(x)
 
 
-class TokenShuffleForCausalLM(TokenShufflePreTrainedModel):
+class TokenShuffleForCausalLM(TokenShufflePreTrainedModel, GenerationMixin):
     """The decoder with token-unshuffle and the output head over the padded vocabulary."""
 
     def __init__(self, config: TokenShuffleConfig):
@@ -379,3 +375,121 @@ class TokenShuffleForCausalLM(TokenShufflePreTrainedModel):
             kv_cache=past_key_values,
             hidden_states=hidden,
         )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        generation_config=None,
+        *,
+        negative_input_ids: torch.Tensor | None = None,
+        resolution: int | None = None,
+        guidance_scale: float | None = None,
+        cfg_schedule: str | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        do_sample: bool | None = None,
+        seed: int | list[int] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        use_cache: bool | None = None,
+        progress: bool | object = False,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Samples the image code grid of each prompt (KV cache, classifier-free guidance).
+
+        Unset arguments take `generation_config` (default: the export's generation_config.json).
+        Row i is sampled with its own CPU generator, seeded seed + i, so an image does not
+        depend on the device or on the other rows.
+
+        Args:
+            input_ids: (B, T) prompts `<bos> caption <pad>... <boi>` (the pipeline's
+                `prompt_ids(prompts)` builds them).
+            generation_config: a GenerationConfig or dict overriding the model's.
+            negative_input_ids: (B, T) prompts of the unconditional stream (default: the empty
+                caption, as caption dropout trained it).
+            resolution: image side in pixels, one the model was trained at.
+            guidance_scale: classifier-free guidance target (>= 1; 1 = none).
+            cfg_schedule: constant, linear or half-linear.
+            temperature: softmax temperature (0 = greedy); `do_sample=False` also means greedy.
+            top_k: keep the k most likely codes (0 = all).
+            top_p: nucleus mass (1 = all).
+            seed: row i uses seed + i (default 0), or a list of one seed per row.
+            generator: one torch.Generator per row instead of seeds.
+            use_cache: decode with the KV cache (default True).
+            progress: True for a tqdm bar, or an object with `update(n)`.
+
+        Returns:
+            (B, G, G) long tensor of codebook-local codes (add `config.code_offset` for
+            vocabulary ids); decode them to pixels with the export's VQ (`pipeline().vq`).
+        """
+        from .generation_token_shuffle import (
+            SamplingConfig,
+            check_prompt_ids,
+            resolve_resolution,
+            sample_codes,
+            seeded_generators,
+            unconditional_ids,
+        )
+
+        if kwargs:
+            raise TypeError(
+                f"generate() does not take {sorted(kwargs)}: it samples a whole image; see its "
+                "docstring for the arguments (guidance_scale, temperature, top_k, top_p, seed, ...)"
+            )
+        sampling = SamplingConfig.from_generation_config(
+            self.generation_config if generation_config is None else generation_config,
+            guidance_scale=guidance_scale,
+            cfg_schedule=cfg_schedule,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            do_sample=do_sample,
+            seed=seed if isinstance(seed, int) else None,
+            resolution=resolution,
+            use_kv_cache=use_cache,
+        )
+        check_prompt_ids(self.config, input_ids)
+        input_ids = input_ids.to(self.device)
+        grid = self.config.grid(resolve_resolution(self.config, sampling.resolution))
+        uncond = None
+        if sampling.cfg_scale != 1:
+            if negative_input_ids is None:
+                uncond = unconditional_ids(self.config, *input_ids.shape, input_ids.device)
+            else:
+                check_prompt_ids(self.config, negative_input_ids)
+                if negative_input_ids.shape != input_ids.shape:
+                    raise ValueError(
+                        f"negative_input_ids {tuple(negative_input_ids.shape)} must have the "
+                        f"shape of input_ids {tuple(input_ids.shape)}"
+                    )
+                uncond = negative_input_ids.to(self.device)
+        seeds = seed if isinstance(seed, (list, tuple)) else sampling.seed
+        generators = seeded_generators(input_ids.shape[0], seeds, generator)
+        bar = progress
+        if progress is True:
+            from tqdm.auto import tqdm
+
+            steps = (grid // self.config.shuffle_window) ** 2
+            bar = tqdm(total=steps, unit="step", desc="decoding")
+        elif progress is False:
+            bar = None
+        try:
+            return sample_codes(self, input_ids, grid, sampling, generators, uncond, bar)
+        finally:
+            if progress is True:
+                bar.close()
+
+    def pipeline(self, model_dir=None, need_vq: bool = True):
+        """A `TokenShufflePipeline` (prompts in, PIL images out) around this model, with the
+        text tokenizer and VQ decoder of its export directory (default: where it was loaded
+        from)."""
+        from .pipeline_token_shuffle import TokenShufflePipeline
+
+        # transformers 4.45 copies into its module cache only the files this file imports itself,
+        # not what those import in turn: name the pipeline's own imports here too (and none of
+        # them may import this file back: 4.45 loops forever on a cycle)
+        from .tokenization_token_shuffle import load_text_tokenizer  # noqa: F401
+        from .vq_token_shuffle import load_vq  # noqa: F401
+
+        return TokenShufflePipeline.from_model(self, model_dir, need_vq)

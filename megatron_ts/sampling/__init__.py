@@ -1,20 +1,27 @@
 """Sampling: prompt in, image out (KV cache, CFG schedules, PNGs with metadata).
 
-Importing this package does not import megatron-core: sampling from an export needs only torch
-and transformers. `build_plain_model` (training spec + state dict -> HF model, for previews) is
-loaded on first use.
+The sampler itself ships inside every export (megatron_ts/hf/generation_token_shuffle.py and
+pipeline_token_shuffle.py): `ts-generate`, `ts-eval`, the trainer's previews and a user holding only
+the export directory all decode through `TokenShufflePipeline` and `model.generate`. Importing
+this package does not import megatron-core; `build_plain_model` (training spec + state dict -> HF
+model, for previews) is loaded on first use.
 """
 
-from megatron_ts.sampling.sampler import GenerationResult, SamplingConfig, generate, save_png
-from megatron_ts.sampling.schedules import SCHEDULES, guidance_scale
+from megatron_ts.hf.generation_token_shuffle import CFG_SCHEDULES, SamplingConfig
+from megatron_ts.hf.pipeline_token_shuffle import (
+    ModelDirError,
+    TokenShufflePipeline,
+    TokenShufflePipelineOutput,
+)
+from megatron_ts.sampling.png import save_png
 
 __all__ = [
-    "SCHEDULES",
-    "GenerationResult",
+    "CFG_SCHEDULES",
+    "ModelDirError",
     "SamplingConfig",
+    "TokenShufflePipeline",
+    "TokenShufflePipelineOutput",
     "build_plain_model",
-    "generate",
-    "guidance_scale",
     "save_png",
 ]
 

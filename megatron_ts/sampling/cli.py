@@ -1,5 +1,8 @@
 """`ts-generate`: prompts in, PNGs out, from a directory written by `ts-convert to-hf`.
 
+It samples through the export's own `TokenShufflePipeline`, the code a user without megatron_ts
+runs, so its images are the pipeline's images.
+
     ts-generate --model exports/demo --prompt "a red circle" --out samples/ \
         --cfg 7.5 --cfg-schedule half-linear --top-k 0 --seed 0 --num-images 4
 
@@ -17,11 +20,9 @@ from pathlib import Path
 
 import torch
 
-from megatron_ts.sampling.loading import ModelDirError, load_model_dir
-from megatron_ts.sampling.sampler import generate, sampling_from_flags, save_png
-from megatron_ts.sampling.schedules import SCHEDULES
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from megatron_ts.hf.generation_token_shuffle import CFG_SCHEDULES
+from megatron_ts.hf.pipeline_token_shuffle import DTYPES, TokenShufflePipeline
+from megatron_ts.sampling.png import save_png
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-file", help="text file, one prompt per line")
     p.add_argument("--out", required=True, help="output directory for PNGs")
     p.add_argument("--cfg", type=float, help="guidance scale (1 = no guidance)")
-    p.add_argument("--cfg-schedule", choices=SCHEDULES, help="guidance schedule over the steps")
+    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, help="guidance schedule over the steps")
     p.add_argument("--temperature", type=float, help="softmax temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, help="keep the k most likely codes (0 = all)")
     p.add_argument("--top-p", type=float, help="nucleus mass (1 = all)")
@@ -61,6 +62,20 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def sampling_flags(args: argparse.Namespace) -> dict:
+    """The pipeline's sampling arguments from the flags ts-generate and ts-eval share (None:
+    the export's generation_config.json)."""
+    return {
+        "guidance_scale": args.cfg,
+        "cfg_schedule": args.cfg_schedule,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "resolution": args.resolution,
+    }
+
+
 def _slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-")[:n].lower() or "empty"
 
@@ -75,33 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")]
     try:
-        loaded = load_model_dir(args.model, device=device, dtype=dtype, need_vq=True)
-    except ModelDirError as err:
-        print(f"ts-generate: {err}", file=sys.stderr)
-        return 2
-    sampling = sampling_from_flags(
-        loaded.generation,
-        cfg=args.cfg,
-        cfg_schedule=args.cfg_schedule,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        resolution=args.resolution,
-        use_kv_cache=not args.no_kv_cache,
-    )
-    try:
-        result = generate(
-            loaded.model,
-            loaded.vq,
-            loaded.text_tokenizer,
+        pipe = TokenShufflePipeline.from_pretrained(args.model, device=device, dtype=dtype)
+        result = pipe(
             prompts,
-            sampling,
-            num_images=args.num_images,
+            num_images_per_prompt=args.num_images,
+            **sampling_flags(args),
+            use_cache=not args.no_kv_cache,
             batch_size=args.batch_size,
             progress=not args.no_progress,
         )
-    except ValueError as err:
+    except ValueError as err:  # ModelDirError included
         print(f"ts-generate: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)

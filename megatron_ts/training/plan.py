@@ -23,7 +23,7 @@ def text_size(tok: TokenizerConfig) -> int:
             "fix the path, or set tokenizer.text_size to plan without the file"
         )
     try:
-        from megatron_ts.tokenizers.text import load_text_tokenizer
+        from megatron_ts.hf.tokenization_token_shuffle import load_text_tokenizer
     except ImportError as err:
         raise ConfigError(
             f"tokenizer.text = {tok.text!r} needs megatron_ts.tokenizers ({err}); set "
@@ -41,7 +41,7 @@ def vocab_from_config(tok: TokenizerConfig) -> VocabLayout:
     text_identity = "byte"
     if tok.text != "byte":
         try:
-            from megatron_ts.tokenizers.text import load_text_tokenizer
+            from megatron_ts.hf.tokenization_token_shuffle import load_text_tokenizer
 
             text_identity = load_text_tokenizer(tok.text).identity
         except (ImportError, OSError):
@@ -49,7 +49,7 @@ def vocab_from_config(tok: TokenizerConfig) -> VocabLayout:
     vq_identity = tok.vq_format
     if tok.vq_checkpoint:
         try:
-            from megatron_ts.tokenizers.vq import vq_identity as _vq_identity
+            from megatron_ts.hf.vq_token_shuffle import vq_identity as _vq_identity
 
             vq_identity = _vq_identity(tok.vq_format, tok.vq_checkpoint)
         except (ImportError, OSError):

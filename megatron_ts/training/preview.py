@@ -39,10 +39,11 @@ def write_previews(
 
     from megatron_ts.checkpoint.model_files import load_full_state_dict, read_meta
     from megatron_ts.hf.build import build_plain_model
+    from megatron_ts.hf.pipeline_token_shuffle import TokenShufflePipeline
+    from megatron_ts.hf.tokenization_token_shuffle import load_text_tokenizer
+    from megatron_ts.hf.vq_token_shuffle import load_vq
     from megatron_ts.models.model import ModelSpec
-    from megatron_ts.sampling.sampler import SamplingConfig, generate, save_png
-    from megatron_ts.tokenizers.text import load_text_tokenizer
-    from megatron_ts.tokenizers.vq import load_vq
+    from megatron_ts.sampling.png import save_png
 
     spec = ModelSpec.from_dict(read_meta(ckpt_dir)["model_spec"])
     model = build_plain_model(
@@ -53,17 +54,17 @@ def write_previews(
         vq_downsample=tokenizer.downsample,
     )
     vq = load_vq(tokenizer.vq_format, tokenizer.vq_checkpoint)
-    sampling = SamplingConfig(
-        cfg=defaults.cfg_scale,
+    pipe = TokenShufflePipeline(model, load_text_tokenizer(tokenizer.text), vq)
+    result = pipe(
+        prompts,
+        guidance_scale=defaults.cfg_scale,
         cfg_schedule=defaults.cfg_schedule,
         temperature=defaults.temperature,
         top_k=defaults.top_k,
         top_p=defaults.top_p,
         seed=step,
         resolution=stage.resolution,
-    )
-    result = generate(
-        model, vq, load_text_tokenizer(tokenizer.text), prompts, sampling, batch_size=len(prompts)
+        progress=False,
     )
     out_dir = Path(out_dir) / f"step_{step:08d}"
     out_dir.mkdir(parents=True, exist_ok=True)

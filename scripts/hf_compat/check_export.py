@@ -1,8 +1,8 @@
 """Checks that megatron_ts exports load and compute right under the installed transformers.
 
 Runs in a clean environment that holds torch, transformers and their dependencies only (what a
-user of an export has): it imports nothing but torch, transformers, safetensors and the standard
-library, and first makes sure megatron_ts, megatron and deepspeed are NOT importable. For each
+user of an export has): it imports nothing but torch, transformers, safetensors, Pillow (through
+the export's pipeline) and the standard library, and first makes sure megatron_ts, megatron and deepspeed are NOT importable. For each
 export listed in REF_DIR/reference.json (written by make_reference.py in the main environment):
 
 1. AutoConfig and AutoModelForCausalLM load it with `trust_remote_code=True` (the copied modeling
@@ -12,7 +12,10 @@ export listed in REF_DIR/reference.json (written by make_reference.py in the mai
    does it, gives the same codes with the model's KV cache (`model.new_cache()`,
    `past_key_values=`) and without it (the whole prefix every step), and they equal the
    sampler's reference codes; likewise the seeded temperature + top-k run when it was recorded,
-   whose cache comes from `use_cache=True` as `output.kv_cache`.
+   whose cache comes from `use_cache=True` as `output.kv_cache`;
+4. `model.generate()` (transformers' entry point, overridden) gives the sampler's reference codes,
+   greedy and seeded, and the export's pipeline (`model.pipeline()`: its text tokenizer and VQ
+   decoder) gives the reference codes and the same pixels (sha256) for 2 prompts x 2 images.
 
 Prints one JSON line per export and exits 1 on any failure, with a one-line reason on stderr.
 
@@ -22,6 +25,7 @@ Usage: python check_export.py REF_DIR [--summary FILE]
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import sys
@@ -65,7 +69,7 @@ def max_abs_diff(a, b) -> float:
 def guided_codes(logits, scale: float, lo: int, hi: int, sampled: dict | None, generators):
     """One window's codes (B, s^2) from (2B, s^2, V) logits of rows [cond; uncond].
 
-    As megatron_ts.sampling.sampler.sample_step: codebook slice, fp32, uncond + w (cond - uncond),
+    As generation_token_shuffle.sample_step: codebook slice, fp32, uncond + w (cond - uncond),
     then argmax, or temperature, top-k and one CPU multinomial per prompt with its generator.
     """
     import torch
@@ -208,6 +212,25 @@ def check_export(ref_dir: Path, entry: dict, tolerance: float, result: dict) -> 
         if d_cache > tolerance:
             raise CheckFailed(f"{name} step logits differ with/without the cache by {d_cache:.3g}")
     result["decoding"] = [name for name, _ in runs]
+
+    # 4. transformers' generation entry point and the pipeline shipped in the export
+    guidance = dict(guidance_scale=entry["cfg"], cfg_schedule=entry["cfg_schedule"])
+    for name, sampled in runs:
+        extra = {"temperature": 0.0} if sampled is None else dict(sampled)
+        if not torch.equal(model.generate(prompt, **guidance, **extra), ref[f"{name}_codes"]):
+            raise CheckFailed(f"generate() {name} codes differ from megatron_ts's sampler")
+    result["generate"] = [name for name, _ in runs]
+    if entry.get("pipeline") and "pipeline_codes" in ref:
+        spec = entry["pipeline"]
+        pipe = model.pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(spec["prompts"], spec["num_images_per_prompt"], **spec["settings"])
+        if not torch.equal(out.codes, ref["pipeline_codes"]):
+            raise CheckFailed("the export's pipeline codes differ from megatron_ts's")
+        pixels = [hashlib.sha256(im.tobytes()).hexdigest() for im in out.images]
+        if pixels != spec["pixels_sha256"]:
+            raise CheckFailed("the export's pipeline images differ from megatron_ts's pixels")
+        result["pipeline_images"] = len(pixels)
 
 
 def main(argv: list[str] | None = None) -> int:

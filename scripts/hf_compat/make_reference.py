@@ -9,7 +9,10 @@ training checkpoint, exports it with megatron_ts's own exporter (`export_to_hf`,
   (`<bos>` caption `<boi>` + a full grid of codes);
 - the codes of megatron_ts's KV-cache sampler (`sample_codes`, as ts-generate calls it) with
   classifier-free guidance: greedy, and one seeded temperature + top-k run when two runs of it
-  agree on this machine.
+  agree on this machine;
+- the export's `TokenShufflePipeline` (a small random native VQ ships in the export): codes and
+  the sha256 of each image's pixels for two prompts x two images, seeded, when the sampled run
+  is deterministic.
 
 Output (OUT, default .compat/reference):
 
@@ -24,6 +27,7 @@ Usage: DS_ACCELERATOR=cpu python scripts/hf_compat/make_reference.py [OUT]
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -46,6 +50,8 @@ TEMPERATURE = 1.0
 TOP_K = 16
 MARKER = ".hf_compat_reference"  # OUT is only ever deleted when it holds this file
 SAMPLE_SEED = 7  # prompt i is sampled with a generator seeded SAMPLE_SEED + i, as generate() does
+PIPELINE_PROMPTS = ["a red square", "blue"]
+PIPELINE_IMAGES = 2  # per prompt, all four decoded in one batch
 
 
 @dataclass(frozen=True)
@@ -66,11 +72,20 @@ def write_checkpoint(run: Path, export: Export):
     """A random-weight debug model saved as a complete TP = 1 checkpoint in `run`."""
     from megatron_ts.checkpoint.model_files import mark_complete, write_meta, write_model_files
     from megatron_ts.config import ModelConfig
+    from megatron_ts.hf.vq_token_shuffle import NativeVQ, NativeVQConfig, save_native, vq_identity
     from megatron_ts.models.model import ModelSpec, TokenShuffleLM
     from megatron_ts.testing import randomize_weights
     from megatron_ts.vocab import VocabLayout
 
-    vocab = VocabLayout(text_size=256, codebook_size=64)  # 325 ids, padded to 384
+    vq_path = run / "vq.safetensors"  # a random native VQ, so the export's pipeline can decode
+    vq_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(export.seed)
+    vq_config = NativeVQConfig(codebook_size=64, downsample=VQ_DOWNSAMPLE, channels=[8, 8, 8, 8])
+    save_native(NativeVQ(vq_config), vq_path)
+    # 325 ids, padded to 384
+    vocab = VocabLayout(
+        text_size=256, codebook_size=64, vq_tokenizer=vq_identity("native", vq_path)
+    )
     model_cfg = ModelConfig(flavor="debug", num_kv_heads=export.kv_heads)
     spec = ModelSpec.from_config(model_cfg, vocab, export.window)
     model = TokenShuffleLM(spec, seed=export.seed).eval()
@@ -83,7 +98,14 @@ def write_checkpoint(run: Path, export: Export):
         "resolution": RESOLUTION,
         "shuffle_window": export.window,
     }
-    write_meta(ckpt, {"step": 5, "model_spec": spec.to_dict(), "stage": stage})
+    tokenizer = {
+        "text": "byte",
+        "vq_format": "native",
+        "vq_checkpoint": str(vq_path),
+        "downsample": VQ_DOWNSAMPLE,
+    }
+    meta = {"step": 5, "model_spec": spec.to_dict(), "stage": stage}
+    write_meta(ckpt, {**meta, "config": {"tokenizer": tokenizer}})
     mark_complete(ckpt)
     return model, spec
 
@@ -102,10 +124,14 @@ def prompts(vocab, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def sample(model, prompt, uncond, grid: int, temperature: float, top_k: int) -> torch.Tensor:
     """Codes (B, G, G) from megatron_ts's KV-cache sampler with guidance."""
-    from megatron_ts.sampling.sampler import SamplingConfig, sample_codes
+    from megatron_ts.hf.generation_token_shuffle import SamplingConfig, sample_codes
 
     sampling = SamplingConfig(
-        cfg=CFG, cfg_schedule=CFG_SCHEDULE, temperature=temperature, top_k=top_k, seed=SAMPLE_SEED
+        cfg_scale=CFG,
+        cfg_schedule=CFG_SCHEDULE,
+        temperature=temperature,
+        top_k=top_k,
+        seed=SAMPLE_SEED,
     )
     gens = [torch.Generator().manual_seed(SAMPLE_SEED + i) for i in range(prompt.shape[0])]
     return sample_codes(model, prompt, grid, sampling, gens, uncond)
@@ -114,8 +140,9 @@ def sample(model, prompt, uncond, grid: int, temperature: float, top_k: int) -> 
 def reference_for(out: Path, export: Export) -> dict:
     """Checkpoint, export and reference tensors of one export; returns its reference.json entry."""
     from megatron_ts.hf.export import export_to_hf
+    from megatron_ts.hf.generation_token_shuffle import scheduled_guidance
     from megatron_ts.hf.modeling_token_shuffle import TokenShuffleForCausalLM, grid_to_windows
-    from megatron_ts.sampling.schedules import guidance_scale
+    from megatron_ts.hf.pipeline_token_shuffle import TokenShufflePipeline
 
     run = out / "runs" / export.name
     model, spec = write_checkpoint(run, export)
@@ -150,6 +177,27 @@ def reference_for(out: Path, export: Export) -> dict:
     sampled = sample(hf, prompt, uncond, grid, TEMPERATURE, TOP_K)
     sampled_again = sample(hf, prompt, uncond, grid, TEMPERATURE, TOP_K)
     deterministic = torch.equal(sampled, sampled_again)
+    settings = dict(guidance_scale=CFG, cfg_schedule=CFG_SCHEDULE, temperature=TEMPERATURE)
+    generated = hf.generate(prompt, **settings, top_k=TOP_K, seed=SAMPLE_SEED)
+    if deterministic and not torch.equal(generated, sampled):
+        sys.exit(f"{export.name}: model.generate() differs from sample_codes")
+    pipeline = None
+    if deterministic:
+        pipe = TokenShufflePipeline.from_pretrained(export_dir, device="cpu")
+        images = pipe(
+            PIPELINE_PROMPTS,
+            PIPELINE_IMAGES,
+            **settings,
+            top_k=TOP_K,
+            seed=SAMPLE_SEED,
+            progress=False,
+        )
+        pipeline = {
+            "prompts": PIPELINE_PROMPTS,
+            "num_images_per_prompt": PIPELINE_IMAGES,
+            "settings": {**settings, "top_k": TOP_K, "seed": SAMPLE_SEED},
+            "pixels_sha256": [hashlib.sha256(im.tobytes()).hexdigest() for im in images.images],
+        }
 
     tensors = {
         "text_ids": text,
@@ -163,6 +211,7 @@ def reference_for(out: Path, export: Export) -> dict:
     }
     if deterministic:
         tensors["sampled_codes"] = sampled
+        tensors["pipeline_codes"] = images.codes
     tensor_file = f"{export.name}.safetensors"
     save_file(tensors, str(out / tensor_file))
     return {
@@ -177,13 +226,14 @@ def reference_for(out: Path, export: Export) -> dict:
         "caption_len": CAPTION_LEN,
         "cfg": CFG,
         "cfg_schedule": CFG_SCHEDULE,
-        "cfg_scales": [guidance_scale(CFG_SCHEDULE, CFG, k, steps) for k in range(steps)],
+        "cfg_scales": [scheduled_guidance(CFG_SCHEDULE, CFG, k, steps) for k in range(steps)],
         "sampled": (
             {"temperature": TEMPERATURE, "top_k": TOP_K, "seed": SAMPLE_SEED}
             if deterministic
             else None
         ),
         "sampled_skipped": None if deterministic else "two seeded runs differed on this machine",
+        "pipeline": pipeline,
         "megatron_ts_hf_diff": own_diff,
     }
 

@@ -137,7 +137,7 @@ def _hf_model(device: str, dtype=torch.float32):
 
 
 def _sample(model, device: str, sampling) -> torch.Tensor:
-    from megatron_ts.sampling.sampler import caption_ids, sample_codes
+    from megatron_ts.hf.generation_token_shuffle import caption_ids, sample_codes
 
     cfg = model.config
     ids = [caption_ids(_Bytes(), p, 8, cfg) for p in ("a red square", "two blue dots")]
@@ -151,19 +151,21 @@ def _sample(model, device: str, sampling) -> torch.Tensor:
 
 def test_sampling_on_device_matches_cpu(device):
     """KV-cache decoding with guidance: greedy codes equal CPU's in fp32; bf16 samples run."""
-    from megatron_ts.sampling.sampler import SamplingConfig
+    from megatron_ts.hf.generation_token_shuffle import SamplingConfig
 
-    greedy = SamplingConfig(cfg=3.0, temperature=0.0)
+    greedy = SamplingConfig(cfg_scale=3.0, temperature=0.0)
     ref = _sample(_hf_model("cpu"), "cpu", greedy)
     assert torch.equal(_sample(_hf_model(device), device, greedy), ref)
-    topk = _sample(_hf_model(device, torch.bfloat16), device, SamplingConfig(cfg=3.0, top_k=50))
+    topk = _sample(
+        _hf_model(device, torch.bfloat16), device, SamplingConfig(cfg_scale=3.0, top_k=50)
+    )
     assert topk.shape == (2, 8, 8)
     assert 0 <= int(topk.min()) and int(topk.max()) < VOCAB.codebook_size
 
 
 def test_vq16_encode_on_device_matches_cpu(device):
     """LlamaGen's VQ-16 (random weights): codes from the device agree with CPU's."""
-    from megatron_ts.tokenizers.vq import LlamaGenVQ
+    from megatron_ts.hf.vq_token_shuffle import LlamaGenVQ
 
     torch.manual_seed(0)
     vq = LlamaGenVQ().eval()

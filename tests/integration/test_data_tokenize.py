@@ -18,8 +18,8 @@ from data_tools.cli import main as ts_data
 from data_tools.demo import COLORS, make_sample
 from data_tools.images import resize_center_crop, to_tensor_batch
 from megatron_ts.data.manifest import load_manifest
+from megatron_ts.hf.vq_token_shuffle import load_vq
 from megatron_ts.logging import get_logger
-from megatron_ts.tokenizers.vq import load_vq
 
 RES = 32
 

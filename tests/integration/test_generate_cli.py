@@ -27,7 +27,7 @@ def single_rank():
 
 def make_vq(path: Path, codebook: int = 64, seed: int = 0) -> Path:
     """A small random native VQ (16x downsampling), saved as `ts-data train-vq` saves one."""
-    from megatron_ts.tokenizers.vq import NativeVQ, NativeVQConfig, save_native
+    from megatron_ts.hf.vq_token_shuffle import NativeVQ, NativeVQConfig, save_native
 
     torch.manual_seed(seed)
     vq = NativeVQ(NativeVQConfig(codebook_size=codebook, downsample=16, channels=[8, 8, 8, 8]))
@@ -95,6 +95,97 @@ def test_broken_model_dirs_fail_with_the_file_named(tmp_path: Path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+_WITHOUT_MEGATRON = r"""
+import hashlib, json, shutil, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("megatron_ts", "megatron", "deepspeed"):
+            raise ImportError(f"{name} is blocked: the export must not need it")
+sys.meta_path.insert(0, Block())
+import torch
+from transformers import AutoModelForCausalLM
+
+model_dir, no_vq_dir = sys.argv[1], sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
+pipe = model.pipeline()
+pipe.set_progress_bar_config(disable=True)
+prompts = ["a red square", "blue sky"]
+out = pipe(prompts, num_images_per_prompt=2, seed=5)  # one batch: 4 images x [cond; uncond]
+result = {
+    "pixels": [hashlib.sha256(im.tobytes()).hexdigest() for im in out.images],
+    "sizes": [list(im.size) for im in out.images],
+    "seeds": out.seeds,
+    "settings": out.settings,
+}
+ids = pipe.prompt_ids(prompts)
+grids = model.generate(ids, seed=[5, 7])  # generation_config.json defaults
+result["generate_equals_pipeline"] = bool(torch.equal(grids, out.codes[::2]))
+errors = {}
+for name, call in {
+    "empty": lambda: pipe([]),
+    "resolution": lambda: pipe("x", resolution=128),
+    "guidance": lambda: pipe("x", guidance_scale=0.5),
+    "generate_guidance": lambda: model.generate(ids, guidance_scale=0.5),
+    "no_vq": lambda: type(pipe).from_pretrained(no_vq_dir, device="cpu"),
+}.items():
+    try:
+        call()
+        errors[name] = None
+    except ValueError as err:
+        errors[name] = f"{type(err).__name__}: {err}"
+result["errors"] = errors
+result["loaded"] = sorted(
+    m for m in sys.modules if m.split(".")[0] in ("megatron_ts", "megatron", "deepspeed")
+)
+print(json.dumps(result))
+"""
+
+
+def test_export_pipeline_without_megatron_ts_matches_ts_generate(tmp_path: Path):
+    """The export's pipeline and generate() in a process that cannot import megatron_ts,
+    megatron or deepspeed: the same pixels as ts-generate, bad input named."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from megatron_ts.hf.vq_token_shuffle import vq_identity
+
+    vq_path = make_vq(tmp_path / "vq.safetensors")
+    model_dir = export(tmp_path, str(vq_path), vq_identity("native", vq_path))
+    no_vq = tmp_path / "no-vq"
+    shutil.copytree(model_dir, no_vq)
+    shutil.rmtree(no_vq / "vq")
+    args = ["--model", str(model_dir), "--prompt", "a red square", "--prompt", "blue sky"]
+    args += ["--num-images", "2", "--seed", "5", "--batch-size", "1", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "cli")]) == 0
+    cli = [Image.open(p) for p in sorted((tmp_path / "cli").glob("*.png"))]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    proc = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_MEGATRON, str(model_dir), str(no_vq)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["loaded"] == []
+    # ts-generate decoded one image per batch, the pipeline all four in one: same pixels
+    assert got["pixels"] == [hashlib.sha256(im.tobytes()).hexdigest() for im in cli]
+    assert got["sizes"] == [[64, 64]] * 4 and got["seeds"] == [5, 6, 7, 8]
+    assert got["settings"]["cfg_scale"] == 7.5 and got["settings"]["resolution"] == 64
+    assert got["generate_equals_pipeline"]
+    errors = got["errors"]
+    assert "prompt: the list of prompts is empty" in errors["empty"]
+    assert "resolution 128 px: this model was trained at [64]" in errors["resolution"]
+    assert "guidance_scale 0.5" in errors["guidance"]
+    assert "guidance_scale 0.5" in errors["generate_guidance"]
+    assert "ModelDirError" in errors["no_vq"] and "vq/config.json is missing" in errors["no_vq"]
+
+
 def _pngs(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}
 
@@ -103,7 +194,7 @@ def test_generate_writes_reproducible_pngs(tmp_path: Path, capsys):
     import numpy as np
     from PIL import Image
 
-    from megatron_ts.tokenizers.vq import vq_identity
+    from megatron_ts.hf.vq_token_shuffle import vq_identity
 
     vq_path = make_vq(tmp_path / "vq.safetensors")
     model_dir = export(tmp_path, str(vq_path), vq_identity("native", vq_path))
@@ -125,7 +216,7 @@ def test_generate_writes_reproducible_pngs(tmp_path: Path, capsys):
     settings = json.loads(image.text["settings"])
     assert image.text["prompt"] == "blue sky"
     assert settings["seed"] == 8 and settings["resolution"] == 64  # seed 5 + image index 3
-    assert settings["cfg"] == 7.5 and settings["cfg_schedule"] == "half-linear"
+    assert settings["cfg_scale"] == 7.5 and settings["cfg_schedule"] == "half-linear"
     # greedy: KV-cache decoding and full recomputation give the same PNG bytes
     greedy = ["--model", str(model_dir), "--prompt", "x", "--temperature", "0", "--no-progress"]
     assert main([*greedy, "--out", str(tmp_path / "kv")]) == 0
@@ -164,3 +255,56 @@ def test_generate_writes_reproducible_pngs(tmp_path: Path, capsys):
     (model_dir / "vq" / "config.json").unlink()
     assert main([*greedy, "--out", str(tmp_path / "c")]) == 2
     assert "vq/config.json is missing" in capsys.readouterr().err
+
+
+def test_generation_config_json_gives_the_defaults(tmp_path: Path):
+    """generate() and the pipeline take unset settings from the export's
+    generation_config.json, not transformers' own defaults (top-k 50)."""
+    from megatron_ts.hf.pipeline_token_shuffle import TokenShufflePipeline
+
+    model_dir = export(tmp_path)
+    pipe = TokenShufflePipeline.from_pretrained(model_dir, device="cpu", need_vq=False)
+    ids = pipe.prompt_ids(["a red square", "blue sky"])
+    stored = json.loads((model_dir / "generation_config.json").read_text())
+    assert (stored["cfg_scale"], stored["top_k"], stored["temperature"]) == (7.5, 0, 1.0)
+    explicit = dict(guidance_scale=7.5, cfg_schedule="half-linear", temperature=1.0, top_k=0)
+    assert torch.equal(
+        pipe.model.generate(ids, seed=3), pipe.model.generate(ids, seed=3, **explicit)
+    )
+    assert not torch.equal(
+        pipe.model.generate(ids, seed=3), pipe.model.generate(ids, seed=3, top_k=50)
+    )
+    stored.update(cfg_scale=2.0, temperature=0.0, do_sample=False)
+    (model_dir / "generation_config.json").write_text(json.dumps(stored))
+    greedy = TokenShufflePipeline.from_pretrained(model_dir, device="cpu", need_vq=False)
+    expected = greedy.model.generate(ids, guidance_scale=2.0, temperature=0.0, seed=99)
+    assert torch.equal(greedy.model.generate(ids, seed=3), expected)  # greedy: seeds do not matter
+    codes = greedy(["a red square", "blue sky"], output_type="codes", progress=False)
+    assert torch.equal(codes.codes, expected) and codes.settings["cfg_scale"] == 2.0
+
+
+def test_training_previews_are_ts_generate_images(tmp_path: Path):
+    """The trainer's previews (a model built from the checkpoint in process) and ts-generate
+    (the export) sample through one pipeline: the same seed gives the same pixels."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from megatron_ts.config import SamplingConfig as SamplingDefaults
+    from megatron_ts.config import TokenizerConfig
+    from megatron_ts.hf.vq_token_shuffle import vq_identity
+    from megatron_ts.training.preview import write_previews
+
+    vq_path = make_vq(tmp_path / "vq.safetensors")
+    model_dir = export(tmp_path, str(vq_path), vq_identity("native", vq_path))
+    prompts = ["a red square", "blue sky"]
+    tokenizer = TokenizerConfig(text="byte", vq_checkpoint=str(vq_path), codebook_size=64)
+    stage = SimpleNamespace(caption_len=8, resolution=64)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
+    paths = write_previews(ckpt, tokenizer, SamplingDefaults(), prompts, stage, tmp_path / "p", 1)
+    args = ["--model", str(model_dir), "--prompt", prompts[0], "--prompt", prompts[1]]
+    assert main([*args, "--seed", "1", "--no-progress", "--out", str(tmp_path / "g")]) == 0
+    generated = sorted((tmp_path / "g").glob("*.png"))
+    assert len(paths) == len(generated) == 2
+    for preview, png in zip(paths, generated, strict=True):
+        assert Image.open(preview).tobytes() == Image.open(png).tobytes()

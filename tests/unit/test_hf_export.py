@@ -127,6 +127,33 @@ def test_auto_model_trust_remote_code_and_shards(tmp_path: Path):
     assert max(max_diffs(model, hf.eval(), 2)) < TOL
 
 
+def test_export_code_imports_reach_every_file_without_a_cycle():
+    """transformers 4.45 copies into its module cache only the relative imports of the modeling
+    file itself, and its `get_relative_import_files` never ends on a cycle of relative imports:
+    the files an export ships must import each other acyclically, and the modeling file must
+    name every one it reaches."""
+    import re
+
+    from megatron_ts.hf.export import HF_DIR, MODELING_FILES
+
+    pattern = re.compile(r"^\s*(?:from\s+\.(\S+)\s+import|import\s+\.(\S+)\s*$)", re.M)
+    graph = {}
+    for name in MODELING_FILES:
+        text = (HF_DIR / name).read_text()
+        graph[name.removesuffix(".py")] = {a or b for a, b in pattern.findall(text)}
+    assert all(dep in graph for deps in graph.values() for dep in deps), graph  # all shipped
+
+    def reach(node: str, path: tuple[str, ...]) -> set[str]:
+        assert node not in path, f"import cycle: {' -> '.join((*path, node))}"
+        return set().union(*(reach(dep, (*path, node)) | {dep} for dep in graph[node]))
+
+    modeling = "modeling_token_shuffle"
+    reached = reach(modeling, ())
+    for name in graph:
+        reach(name, ())
+    assert reached == graph[modeling] == set(graph) - {modeling}
+
+
 _NO_MEGATRON = """
 import sys
 class Block:

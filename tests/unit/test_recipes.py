@@ -44,7 +44,7 @@ def test_paper_recipe_matches_the_paper():
 def test_demo_recipe_text_size_matches_the_demo_tokenizer(tmp_path):
     from data_tools.demo import HELD_OUT, make_sample
     from data_tools.demo_tokenizer import write_demo_tokenizer
-    from megatron_ts.tokenizers.text import load_text_tokenizer
+    from megatron_ts.hf.tokenization_token_shuffle import load_text_tokenizer
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "pretrain/configs/demo.toml")
     tok = load_text_tokenizer(str(write_demo_tokenizer(tmp_path / "tok.json")))

@@ -1,4 +1,5 @@
-"""Sampler: guidance schedules, filtering, KV cache vs recomputation, seeds, --cfg 1."""
+"""Sampler: guidance schedules, filtering, KV cache vs recomputation, seeds, --cfg 1, and the
+entry points over it (`model.generate`, `TokenShufflePipeline`) with their argument checks."""
 
 from __future__ import annotations
 
@@ -7,16 +8,16 @@ import torch
 
 from megatron_ts.config import ModelConfig
 from megatron_ts.hf.build import build_plain_model
-from megatron_ts.models.model import ModelSpec, TokenShuffleLM
-from megatron_ts.sampling.sampler import (
+from megatron_ts.hf.generation_token_shuffle import (
     SamplingConfig,
-    _filter_logits,
     caption_ids,
-    generate,
+    filter_logits,
     sample_step,
+    scheduled_guidance,
 )
-from megatron_ts.sampling.schedules import guidance_scale
-from megatron_ts.tokenizers.text import ByteTokenizer as Bytes
+from megatron_ts.hf.pipeline_token_shuffle import TokenShufflePipeline
+from megatron_ts.hf.tokenization_token_shuffle import ByteTokenizer as Bytes
+from megatron_ts.models.model import ModelSpec, TokenShuffleLM
 from megatron_ts.vocab import VocabLayout
 
 VOCAB = VocabLayout(text_size=256, codebook_size=64)
@@ -49,24 +50,37 @@ def plain_model(window: int):
     return _MODELS[window]
 
 
-def test_schedules():
-    assert guidance_scale("constant", 5.0, 0, 10) == 5.0
-    assert [guidance_scale("half-linear", 5.0, k, 10) for k in (0, 1, 4, 5, 9)] == pytest.approx(
-        [1.0, 1.8, 4.2, 5.0, 5.0]
+def codes(model, prompts, num_images=1, batch_size=None, **sampling):
+    """Code grids through the pipeline (no VQ): what ts-generate samples."""
+    pipe = TokenShufflePipeline(model, Bytes())
+    return pipe(
+        prompts,
+        num_images,
+        batch_size=batch_size,
+        output_type="codes",
+        progress=False,
+        **sampling,
     )
-    assert [guidance_scale("linear", 5.0, k, 10) for k in (0, 5, 9)] == pytest.approx(
+
+
+def test_schedules():
+    assert scheduled_guidance("constant", 5.0, 0, 10) == 5.0
+    assert [
+        scheduled_guidance("half-linear", 5.0, k, 10) for k in (0, 1, 4, 5, 9)
+    ] == pytest.approx([1.0, 1.8, 4.2, 5.0, 5.0])
+    assert [scheduled_guidance("linear", 5.0, k, 10) for k in (0, 5, 9)] == pytest.approx(
         [1.0, 3.0, 4.6]
     )
     with pytest.raises(ValueError, match="choose one of"):
-        guidance_scale("cosine", 5.0, 0, 10)
+        scheduled_guidance("cosine", 5.0, 0, 10)
 
 
 def test_filters_and_guidance():
     logits = torch.tensor([[[0.0, 1.0, 2.0, 3.0]]])
-    top2 = _filter_logits(logits, 2, 1.0)
+    top2 = filter_logits(logits, 2, 1.0)
     assert torch.isinf(top2[..., :2]).all() and torch.equal(top2[..., 2:], logits[..., 2:])
     # softmax of [0,1,2,3] = .032 .087 .237 .644: top-p 0.7 keeps the two largest
-    nucleus = _filter_logits(logits, 0, 0.7)
+    nucleus = filter_logits(logits, 0, 0.7)
     assert torch.isinf(nucleus[..., :2]).all() and torch.isfinite(nucleus[..., 2:]).all()
     cond = torch.tensor([[[0.0, 1.0, 0.5]]])
     uncond = torch.tensor([[[0.0, 2.0, 0.0]]])
@@ -90,8 +104,7 @@ def test_kv_cache_equals_recompute_greedy(window: int):
     prompts = ["a red square", "two circles"]
     runs = {}
     for cache in (True, False):
-        sampling = SamplingConfig(cfg=3.0, temperature=0.0, use_kv_cache=cache)
-        runs[cache] = generate(model, None, Bytes(), prompts, sampling, batch_size=2)
+        runs[cache] = codes(model, prompts, guidance_scale=3.0, temperature=0.0, use_cache=cache)
     assert runs[True].codes.shape == (2, 8, 8)
     assert runs[True].steps == 64 // window**2  # s = 2: 4x fewer steps for the same image
     assert torch.equal(runs[True].codes, runs[False].codes)
@@ -100,12 +113,14 @@ def test_kv_cache_equals_recompute_greedy(window: int):
 
 def test_seeds_are_reproducible_per_image():
     model = plain_model(2)
-    sampling = SamplingConfig(cfg=4.0, top_k=20, top_p=0.95, seed=3)
-    a = generate(model, None, Bytes(), ["a cat"], sampling, num_images=3, batch_size=3)
-    b = generate(model, None, Bytes(), ["a cat"], sampling, num_images=3, batch_size=3)
+    sampling = dict(guidance_scale=4.0, top_k=20, top_p=0.95, seed=3)
+    a = codes(model, ["a cat"], 3, **sampling)
+    b = codes(model, ["a cat"], 3, **sampling)
     assert torch.equal(a.codes, b.codes) and a.seeds == [3, 4, 5]
     assert not torch.equal(a.codes[0], a.codes[1])  # each image has its own stream
-    other = generate(model, None, Bytes(), ["a cat"], SamplingConfig(cfg=4.0, top_k=20, seed=4))
+    one_by_one = codes(model, ["a cat"], 3, batch_size=1, **sampling)
+    assert torch.equal(one_by_one.codes, a.codes)  # an image does not depend on its batch
+    other = codes(model, ["a cat"], guidance_scale=4.0, top_k=20, seed=4)
     assert not torch.equal(other.codes[0], a.codes[0])
 
 
@@ -113,9 +128,7 @@ def test_cfg_one_equals_plain_conditional_sampling():
     """--cfg 1 samples exactly what a bare conditional loop written here samples."""
     model = plain_model(2)
     cfg = model.config
-    got = generate(
-        model, None, Bytes(), ["blue"], SamplingConfig(cfg=1.0, seed=9, use_kv_cache=False)
-    ).codes
+    got = codes(model, ["blue"], guidance_scale=1.0, seed=9, use_cache=False).codes
     text = torch.tensor([caption_ids(Bytes(), "blue", 6, cfg)])
     gen = torch.Generator().manual_seed(9)
     windows = torch.zeros(1, 0, 4, dtype=torch.long)
@@ -128,20 +141,66 @@ def test_cfg_one_equals_plain_conditional_sampling():
     from megatron_ts.hf.modeling_token_shuffle import windows_to_grid
 
     assert torch.equal(got, windows_to_grid(windows, 2, 8))
-    guided = generate(model, None, Bytes(), ["blue"], SamplingConfig(cfg=8.0, seed=9)).codes
+    guided = codes(model, ["blue"], guidance_scale=8.0, seed=9).codes
     assert not torch.equal(guided, got)
 
 
 def test_resolution_must_be_trained():
     with pytest.raises(ValueError, match=r"trained at \[128\]"):
-        generate(plain_model(2), None, Bytes(), ["x"], SamplingConfig(resolution=256))
+        codes(plain_model(2), ["x"], resolution=256)
 
 
-def test_sampling_from_flags_prefers_flags_then_the_export():
-    from megatron_ts.sampling.sampler import SamplingConfig, sampling_from_flags
-
+def test_settings_prefer_arguments_then_the_export():
     gen = {"cfg_scale": 2.0, "temperature": 0.0, "top_k": 5, "caption_len": 16}
-    s = sampling_from_flags(gen, cfg=None, temperature=0.7, top_k=None, seed=3)
-    assert (s.cfg, s.temperature, s.top_k, s.seed) == (2.0, 0.7, 5, 3)
+    s = SamplingConfig.from_generation_config(gen, guidance_scale=None, temperature=0.7, seed=3)
+    assert (s.cfg_scale, s.temperature, s.top_k, s.seed) == (2.0, 0.7, 5, 3)
     assert s.cfg_schedule == SamplingConfig().cfg_schedule and s.top_p == 1.0
-    assert sampling_from_flags({}, cfg=None).cfg == SamplingConfig().cfg
+    assert SamplingConfig.from_generation_config({}).cfg_scale == SamplingConfig().cfg_scale
+    assert SamplingConfig.from_generation_config({"do_sample": False}).temperature == 0.0
+    assert SamplingConfig.from_generation_config(gen, do_sample=False).temperature == 0.0
+
+
+def test_generate_equals_the_pipeline_and_checks_its_input():
+    """`model.generate` (transformers' entry point) samples what the pipeline samples."""
+    model = plain_model(2)
+    pipe = TokenShufflePipeline(model, Bytes())
+    prompts = ["a red square", "blue"]
+    ids = pipe.prompt_ids(prompts)
+    grids = model.generate(ids, guidance_scale=4.0, top_k=20, seed=7)
+    assert grids.shape == (2, 8, 8) and grids.dtype == torch.long
+    via_pipe = codes(model, prompts, guidance_scale=4.0, top_k=20, seed=7).codes
+    assert torch.equal(grids, via_pipe)
+    gens = [torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)]
+    assert torch.equal(model.generate(ids, guidance_scale=4.0, top_k=20, generator=gens), grids)
+    negative = pipe.prompt_ids(["a red square", "a red square"])
+    assert not torch.equal(
+        model.generate(ids, guidance_scale=4.0, top_k=20, seed=7, negative_input_ids=negative),
+        grids,
+    )
+    for bad, match in (
+        (dict(input_ids=ids[:, 1:]), "start with <bos>"),
+        (dict(input_ids=ids[:, :-1]), "end with <boi>"),
+        (dict(input_ids=ids, guidance_scale=0.5), "guidance_scale 0.5"),
+        (dict(input_ids=ids, resolution=256), r"trained at \[128\]"),
+        (dict(input_ids=ids, top_p=0.0), "top_p"),
+        (dict(input_ids=ids, cfg_schedule="cosine"), "cfg_schedule"),
+        (dict(input_ids=ids, seed=[1]), "2 images"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            model.generate(**bad)
+    with pytest.raises(TypeError, match="max_new_tokens"):
+        model.generate(ids, max_new_tokens=5)
+
+
+def test_pipeline_rejects_bad_arguments_by_name():
+    pipe = TokenShufflePipeline(plain_model(2), Bytes())
+    for kwargs, match in (
+        (dict(prompt=[]), "prompt: the list of prompts is empty"),
+        (dict(prompt="x", num_images_per_prompt=0), "num_images_per_prompt"),
+        (dict(prompt="x", guidance_scale=0.9, output_type="codes"), "guidance_scale 0.9"),
+        (dict(prompt="x", resolution=64, output_type="codes"), "resolution 64"),
+        (dict(prompt="x", output_type="latent"), "output_type"),
+        (dict(prompt="x"), "no VQ decoder"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            pipe(**kwargs)

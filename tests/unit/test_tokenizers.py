@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_ts.tokenizers.text import load_text_tokenizer
-from megatron_ts.tokenizers.vq import (
+from megatron_ts.hf.tokenization_token_shuffle import load_text_tokenizer
+from megatron_ts.hf.vq_token_shuffle import (
     ChameleonConfig,
     ChameleonVQ,
     LlamaGenConfig,

@@ -1,5 +1,8 @@
 """VQ image tokenizers: images in [-1, 1] to code grids and back.
 
+This file is copied into every export (the pipeline decodes images with it), so it imports only
+torch, safetensors and transformers.
+
 Three checkpoint layouts, chosen with `--vq-format`:
 
 - `llamagen`: LlamaGen's VQ-16 (`vq_ds16_t2i.pt`, `{"model": state_dict}`): 16384 x 8 codebook,
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -29,9 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_ts.logging import get_logger
-
-log = get_logger(__name__)
+log = logging.getLogger(__name__)
 
 VQ_FORMATS = ("native", "llamagen", "chameleon")
 NATIVE_CONFIG_KEY = "megatron_ts.vq_config"

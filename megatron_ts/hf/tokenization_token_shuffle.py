@@ -1,5 +1,8 @@
 """Text tokenizers: the built-in byte-level tokenizer or a local `tokenizers` JSON file.
 
+This file is copied into every export (the pipeline encodes prompts with it); it imports only the
+`tokenizers` package that transformers depends on.
+
 A tokenizer is never downloaded: `spec` is `byte` or a path to a `tokenizer.json` (for example
 Llama-3's). Its `identity` goes into the vocabulary layout of every token-shard manifest and every
 checkpoint, so data and model made with different tokenizers cannot be mixed silently.
