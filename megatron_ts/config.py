@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import math
 import tomllib
 import types
 import typing
@@ -607,6 +608,91 @@ _CHOICES = {
 }
 
 
+# Range rules: (accepts the value, what to use instead). None values (unset optionals) pass.
+_AT_LEAST_1 = (lambda v: v >= 1, "use 1 or more")
+_AT_LEAST_0 = (lambda v: v >= 0, "use 0 or more")
+_POSITIVE = (lambda v: math.isfinite(v) and v > 0, "use a finite number > 0")
+_NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, "use a finite number >= 0")
+_BETA = (lambda v: 0 <= v < 1, "use 0 <= beta < 1")
+_NOT_EMPTY = (lambda v: bool(v.strip()), "give a non-empty value")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# Every field whose value can be out of range, by section; choices are in _CHOICES, stage-level
+# values are checked on the resolved stages below. Fields not listed take any value of their type
+# (names, paths checked where they are opened, flags).
+_FIELD_RULES = {
+    "job.run_dir": _NOT_EMPTY,
+    "job.seed": (lambda v: 0 <= v < 2**63, "use 0 <= seed < 2^63"),
+    "model.rope_theta": _POSITIVE,
+    "model.norm_eps": _POSITIVE,
+    "model.init_std": _POSITIVE,
+    "tokenizer.text": _NOT_EMPTY,
+    "tokenizer.text_size": _AT_LEAST_1,
+    "tokenizer.codebook_size": _AT_LEAST_1,
+    "tokenizer.downsample": _AT_LEAST_1,
+    "optim.lr": _POSITIVE,
+    "optim.min_lr": _NON_NEGATIVE,
+    "optim.warmup_steps": _AT_LEAST_0,
+    "optim.decay_fraction": (lambda v: 0 < v <= 1, "use 0 < fraction <= 1"),
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.beta1": _BETA,
+    "optim.beta2": _BETA,
+    "optim.eps": _POSITIVE,
+    "optim.grad_clip": (_NON_NEGATIVE[0], "use a finite number >= 0 (0 = no clipping)"),
+    "train.z_loss": _NON_NEGATIVE,
+    "train.text_loss_weight": _NON_NEGATIVE,
+    "train.max_nonfinite_in_row": _AT_LEAST_1,
+    "data.resolution": _AT_LEAST_1,
+    "data.caption_len": _AT_LEAST_0,
+    "data.num_workers": (_AT_LEAST_0[0], "use 0 (load in the training process) or more"),
+    "data.shuffle_buffer": (_AT_LEAST_0[0], "use 0 (no shuffling) or more"),
+    "data.max_error_rate": (lambda v: 0 <= v <= 1, "use a fraction 0 <= rate <= 1"),
+    "checkpoint.interval_steps": (_AT_LEAST_0[0], "use 0 (no step-based saves) or more"),
+    "checkpoint.interval_minutes": (_NON_NEGATIVE[0], "use a finite number >= 0 (0 = off)"),
+    "checkpoint.load": _NOT_EMPTY,
+    "logging.interval": _AT_LEAST_1,
+    "logging.level": (lambda v: v.upper() in _LOG_LEVELS, f"choose one of {list(_LOG_LEVELS)}"),
+    "logging.preview_interval": (_AT_LEAST_0[0], "use 0 (no previews) or more"),
+    "logging.peak_tflops": _POSITIVE,
+    "sampling.cfg_scale": (lambda v: v >= 1, "use 1 (no guidance) or more"),
+    "sampling.temperature": (lambda v: v >= 0, "use 0 (greedy) or more"),
+    "sampling.top_k": (_AT_LEAST_0[0], "use 0 (all codes) or more"),
+    "sampling.top_p": (lambda v: 0 < v <= 1, "use 0 < top_p <= 1"),
+}
+# Fields of one curriculum stage (curriculum.stages[i].*) and of one data source.
+_STAGE_RULES = {
+    "resolution": _AT_LEAST_1,
+    "caption_len": _AT_LEAST_0,
+    "tokens": _AT_LEAST_0,
+    "lr": _POSITIVE,
+    "min_lr": _NON_NEGATIVE,
+    "warmup_steps": _AT_LEAST_0,
+    "z_loss": _NON_NEGATIVE,
+}
+_SOURCE_RULES = {"url": _NOT_EMPTY, "weight": _POSITIVE}
+
+
+def _check_rules(obj: Any, prefix: str, rules: dict) -> None:
+    """Raises ConfigError for the first field of `obj` a rule rejects, e.g. `optim.lr = nan`."""
+    for name, (accepts, fix) in rules.items():
+        value = getattr(obj, name.rpartition(".")[2])
+        if value is not None and not accepts(value):
+            raise ConfigError(f"{prefix}{name} = {value!r}; {fix}")
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Range checks of every section, stage and source (before anything divides by them)."""
+    for section in {name.partition(".")[0] for name in _FIELD_RULES}:
+        rules = {k: v for k, v in _FIELD_RULES.items() if k.startswith(section + ".")}
+        _check_rules(getattr(cfg, section), "", rules)
+    for i, source in enumerate(cfg.data.sources):
+        _check_rules(source, f"data.sources[{i}].", _SOURCE_RULES)
+    for i, stage in enumerate(cfg.curriculum.stages):
+        _check_rules(stage, f"curriculum.stages[{i}].", _STAGE_RULES)
+        for j, source in enumerate(stage.sources):
+            _check_rules(source, f"curriculum.stages[{i}].sources[{j}].", _SOURCE_RULES)
+
+
 # The field each value of the implicit single stage (no [[curriculum.stages]]) comes from.
 _IMPLICIT_STAGE_FIELDS = {
     "resolution": "data.resolution",
@@ -673,14 +759,7 @@ def validate(cfg: Config, world_size: int | None = 1) -> list[ResolvedStage]:
     choice("train.precision", cfg.train.precision)
     choice("data.on_dp_change", cfg.data.on_dp_change)
     choice("sampling.cfg_schedule", cfg.sampling.cfg_schedule)
-    sampling = cfg.sampling
-    if sampling.temperature < 0 or sampling.top_k < 0 or not 0 < sampling.top_p <= 1:
-        raise ConfigError(
-            f"sampling: temperature = {sampling.temperature}, top_k = {sampling.top_k}, "
-            f"top_p = {sampling.top_p}; use temperature >= 0, top_k >= 0, 0 < top_p <= 1"
-        )
-    if sampling.cfg_scale < 1:
-        raise ConfigError(f"sampling.cfg_scale = {sampling.cfg_scale}; use 1 (none) or more")
+    _check_ranges(cfg)
 
     shape = resolve_model_shape(cfg.model)
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
@@ -696,8 +775,6 @@ def validate(cfg: Config, world_size: int | None = 1) -> list[ResolvedStage]:
         )
     if cfg.parallel.sequence_parallel and cfg.parallel.tensor == 1:
         raise ConfigError("parallel.sequence_parallel = true needs parallel.tensor > 1")
-    if cfg.tokenizer.downsample <= 0 or cfg.tokenizer.codebook_size <= 0:
-        raise ConfigError("tokenizer.downsample and tokenizer.codebook_size must be positive")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last = {cfg.checkpoint.keep_last}; keep at least 1")
     if not 0.0 <= cfg.data.caption_dropout < 1.0:

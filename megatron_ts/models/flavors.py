@@ -59,6 +59,9 @@ def resolve_model_shape(cfg: ModelConfig) -> ModelShape:
         "num_kv_heads": cfg.num_kv_heads,
         "ffn_hidden_size": cfg.ffn_hidden_size,
     }
+    for name, value in overrides.items():
+        if value is not None and value < 1:  # checked before anything divides by it
+            raise ConfigError(f"model.{name} = {value}; use 1 or more (or leave it unset)")
     shape = replace(shape, **{k: v for k, v in overrides.items() if v is not None})
     if cfg.num_heads is not None and cfg.num_kv_heads is None:
         shape = replace(shape, num_kv_heads=shape.num_heads)

@@ -17,6 +17,7 @@ from megatron_ts import config as config_mod
 from megatron_ts.config import (
     Config,
     ConfigError,
+    build_config,
     load_config,
     parse_overrides,
     resolve_stages,
@@ -432,3 +433,167 @@ def test_every_key_has_a_docstring_and_a_row_in_docs(section: str):
         assert f"| `{section}.{f.name}` |" in table, (
             f"docs/config.md does not document {section}.{f.name}; add its row to the table"
         )
+
+
+# A value of every config field that would fail later or silently do the wrong thing; fields in
+# NO_BAD_VALUE take any value of their type (the type itself is checked when the file is read).
+NAN, INF = float("nan"), float("inf")
+BAD_VALUE = {
+    "job.run_dir": "",
+    "job.seed": -1,
+    "model.flavor": "13B",
+    "model.shuffle_window": 0,
+    "model.shuffle_mlp_blocks": -1,
+    "model.hidden_size": 0,
+    "model.num_layers": 0,
+    "model.num_heads": 0,
+    "model.num_kv_heads": 0,
+    "model.ffn_hidden_size": 0,
+    "model.rope_theta": NAN,
+    "model.norm_eps": 0.0,
+    "model.init_std": -0.02,
+    "model.vocab_multiple": 0,
+    "model.attention_backend": "xformers",
+    "tokenizer.text": "",
+    "tokenizer.text_size": 0,
+    "tokenizer.vq_format": "vqgan",
+    "tokenizer.codebook_size": 0,
+    "tokenizer.downsample": 0,
+    "parallel.tensor": 0,
+    "parallel.pipeline": 0,
+    "parallel.zero_stage": 4,
+    "parallel.activation_checkpointing": "some",
+    "parallel.sequence_parallel": True,  # with parallel.tensor = 1
+    "parallel.backend": "mpi",
+    "optim.lr": NAN,
+    "optim.min_lr": -1e-5,
+    "optim.schedule": "cosin",
+    "optim.warmup_steps": -1,
+    "optim.decay_fraction": 0.0,
+    "optim.weight_decay": -0.1,
+    "optim.beta1": 1.0,
+    "optim.beta2": -0.1,
+    "optim.eps": 0.0,
+    "optim.grad_clip": INF,
+    "train.steps": 0,
+    "train.micro_batch": 0,
+    "train.global_batch": 0,
+    "train.precision": "fp16",
+    "train.z_loss": -1.0,
+    "train.text_loss_weight": NAN,
+    "train.max_nonfinite_in_row": 0,
+    "train.ema_decay": 1.0,
+    "data.sources.0.url": "",
+    "data.sources.0.weight": 0.0,
+    "data.resolution": -16,
+    "data.caption_len": -1,
+    "data.caption_dropout": 1.0,
+    "data.num_workers": -1,
+    "data.shuffle_buffer": -1,
+    "data.max_error_rate": 1.5,
+    "data.on_dp_change": "never",
+    "curriculum.stages.0.resolution": -512,
+    "curriculum.stages.0.shuffle_window": 0,
+    "curriculum.stages.0.sources.0.url": " ",
+    "curriculum.stages.0.sources.0.weight": -1.0,
+    "curriculum.stages.0.global_batch": 0,
+    "curriculum.stages.0.micro_batch": 0,
+    "curriculum.stages.0.caption_len": -1,
+    "curriculum.stages.0.steps": 0,
+    "curriculum.stages.0.tokens": -5,
+    "curriculum.stages.0.lr": NAN,
+    "curriculum.stages.0.min_lr": -1.0,
+    "curriculum.stages.0.warmup_steps": -1,
+    "curriculum.stages.0.schedule": "cos",
+    "curriculum.stages.0.z_loss": -1.0,
+    "curriculum.stages.0.carry_over": "all",
+    "curriculum.stages.0.tensor": 0,
+    "curriculum.stages.0.pipeline": 0,
+    "checkpoint.interval_steps": -5,
+    "checkpoint.interval_minutes": -1.0,
+    "checkpoint.keep_last": 0,
+    "checkpoint.load": "",
+    "logging.interval": 0,
+    "logging.level": "LOUD",
+    "logging.preview_interval": -1,
+    "logging.peak_tflops": 0.0,
+    "sampling.cfg_scale": 0.5,
+    "sampling.cfg_schedule": "cosine",
+    "sampling.temperature": -1.0,
+    "sampling.top_k": -1,
+    "sampling.top_p": 0.0,
+}
+NO_BAD_VALUE = {
+    "job.name": "any text (logs, TensorBoard)",
+    "tokenizer.vq_checkpoint": "a path, opened and named where it is used (tokenize, export)",
+    "data.resample_shards": "a flag",
+    "data.s3_endpoint": "a URL, reached at run time (storage errors name it)",
+    "data.synthetic": "a flag",
+    "curriculum.stages.0.name": "any text",
+    "checkpoint.resume": "a flag",
+    "checkpoint.save_on_exit": "a flag",
+    "logging.tensorboard": "a flag",
+    "logging.preview_prompts": "any captions",
+}
+
+
+def _leaf_fields(cls: type, prefix: str = "") -> list[str]:
+    """Dotted paths of every config field; list-of-section fields through their element 0."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if dataclasses.is_dataclass(tp):
+            out += _leaf_fields(tp, f"{prefix}{f.name}.")
+        elif item is not None and dataclasses.is_dataclass(item):
+            out += _leaf_fields(item, f"{prefix}{f.name}.0.")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def _with_value(path: str, value) -> dict:
+    """debug.toml plus one data source, and a one-stage curriculum for stage fields, with
+    `path` set to `value`."""
+    import copy
+    import re
+
+    from megatron_ts.config import load_toml
+
+    data = copy.deepcopy(load_toml(DEBUG_TOML))
+    data.setdefault("data", {})["sources"] = [{"url": "tokens/", "weight": 1.0}]
+    if path.startswith("curriculum."):
+        stage = {"name": "s", "resolution": 128, "steps": 4, "sources": [{"url": "tokens/"}]}
+        data["curriculum"] = {"stages": [stage]}
+    node = data
+    parts = [int(p) if re.fullmatch(r"\d+", p) else p for p in path.split(".")]
+    for part in parts[:-1]:
+        node = node[part] if isinstance(part, int) else node.setdefault(part, {})
+    node[parts[-1]] = value
+    return data
+
+
+def test_every_field_is_walked():
+    fields = set(_leaf_fields(Config))
+    assert fields == set(BAD_VALUE) | set(NO_BAD_VALUE), fields ^ (
+        set(BAD_VALUE) | set(NO_BAD_VALUE)
+    )
+    assert not set(BAD_VALUE) & set(NO_BAD_VALUE)
+    for path in ("data.resolution", "curriculum.stages.0.resolution"):  # the bases are valid
+        validate(build_config(_with_value(path, 128)), world_size=1)
+
+
+@pytest.mark.parametrize("path", sorted(BAD_VALUE))
+def test_validate_rejects_a_bad_value_of_every_field(path: str):
+    """validate() rejects every value that would fail later, naming the field."""
+    import re
+
+    cfg = build_config(_with_value(path, BAD_VALUE[path]))
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world_size=1)
+    named = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", path)  # curriculum.stages[0].lr
+    assert named in str(err.value), str(err.value)
