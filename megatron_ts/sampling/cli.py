@@ -56,7 +56,14 @@ def _prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise SystemExit(f"ts-generate: --prompts-file {path} does not exist")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise SystemExit(
+                f"ts-generate: --prompts-file {path} is not UTF-8 text (byte {err.start}): save "
+                "it as UTF-8, one prompt per line"
+            ) from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise SystemExit("ts-generate: give --prompt TEXT or --prompts-file FILE")
     return prompts

@@ -93,6 +93,11 @@ def test_broken_model_dirs_fail_with_the_file_named(tmp_path: Path, capsys):
         assert code == 2, model_dir.name
         assert message in err, (model_dir.name, err)
     assert not (tmp_path / "o").exists()
+    # a prompts file that is not UTF-8: one line naming it, no traceback
+    (tmp_path / "latin1.txt").write_bytes("a caf\xe9 on the left\n".encode("latin-1"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", str(good), "--prompts-file", str(tmp_path / "latin1.txt"), "--out", "o"])
+    assert "latin1.txt is not UTF-8 text (byte 5): save it as UTF-8" in str(exit_.value.code)
 
 
 _WITHOUT_MEGATRON = r"""
