@@ -78,7 +78,13 @@ def generation_defaults(config: dict) -> dict:
     when the checkpoint predates the section: LlamaGen-style full-vocabulary sampling at
     temperature 1 with strong, half-linear guidance)."""
     sampling = {**dataclasses.asdict(SamplingConfig()), **(config.get("sampling") or {})}
-    return {"do_sample": sampling["temperature"] > 0, **sampling}
+    if sampling["temperature"] <= 0:
+        # greedy: transformers' own spelling, do_sample false; a temperature, top-k or top-p
+        # beside it makes every GenerationConfig load warn that those flags are not valid
+        for key in ("temperature", "top_k", "top_p"):
+            sampling.pop(key)
+        return {"do_sample": False, **sampling}
+    return {"do_sample": True, **sampling}
 
 
 def _stage_info(meta: dict) -> tuple[int, list[int], dict]:

@@ -125,7 +125,12 @@ class SamplingConfig:
         """
         if generation is not None and not isinstance(generation, dict):
             # only what the file set: GenerationConfig's own defaults (top_k 50) are not ours
-            generation = generation.to_diff_dict()
+            diff = generation.to_diff_dict()
+            if "cfg_schedule" in diff:
+                # an export's file: its do_sample counts even where it equals transformers'
+                # default (False up to 4.x, so a greedy export's flag is not in the diff there)
+                diff["do_sample"] = generation.do_sample
+            generation = diff
         generation = generation or {}
         names = {f.name for f in fields(cls)}
         values = {k: generation[k] for k in names if generation.get(k) is not None}

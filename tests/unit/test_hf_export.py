@@ -269,4 +269,22 @@ def test_generation_config_takes_the_runs_sampling_section():
     assert default["do_sample"] and default["cfg_scale"] == 7.5
     assert default["cfg_schedule"] == "half-linear"
     greedy = generation_defaults({"sampling": {"cfg_scale": 2.0, "temperature": 0.0}})
-    assert not greedy["do_sample"] and greedy["cfg_scale"] == 2.0 and greedy["top_p"] == 1.0
+    assert not greedy["do_sample"] and greedy["cfg_scale"] == 2.0
+    # transformers warns on load about sampling flags beside do_sample = false
+    assert not {"temperature", "top_k", "top_p"} & set(greedy)
+    from transformers import GenerationConfig
+
+    from megatron_ts.hf.generation_token_shuffle import SamplingConfig
+
+    for fields in (default, greedy):
+        GenerationConfig(**fields).validate(strict=True)  # raises on what it would warn about
+    settings = SamplingConfig.from_generation_config(GenerationConfig(**greedy))
+    assert (settings.temperature, settings.cfg_scale) == (0.0, 2.0)
+
+    class Transformers4Config:  # do_sample = False is 4.x's default, so its diff leaves it out
+        do_sample = False
+
+        def to_diff_dict(self):
+            return {k: v for k, v in greedy.items() if k != "do_sample"}
+
+    assert SamplingConfig.from_generation_config(Transformers4Config()).temperature == 0.0
