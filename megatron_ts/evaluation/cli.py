@@ -56,7 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _shapes(args: argparse.Namespace) -> int:
-    import torch
 
     from megatron_ts.hf.pipeline_token_shuffle import TokenShufflePipeline
     from megatron_ts.sampling.cli import sampling_flags
@@ -65,11 +64,8 @@ def _shapes(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts_file) if args.prompts_file else default_prompts()
     if args.limit:
         prompts = prompts[: args.limit]
-    device = (
-        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
     try:
-        pipe = TokenShufflePipeline.from_pretrained(args.model, device=device, dtype="float32")
+        pipe = TokenShufflePipeline.from_pretrained(args.model, device=args.device, dtype="float32")
         start = time.perf_counter()
         result = pipe(
             [p.text for p in prompts],

@@ -214,7 +214,7 @@ def to_pil(images: torch.Tensor) -> list:
     return [Image.fromarray(a.copy(order="C")) for a in arr]
 
 
-def _resolve_device(device, dtype) -> tuple[torch.device, torch.dtype]:
+def resolve_device(device, dtype) -> tuple[torch.device, torch.dtype]:
     """Defaults: CUDA with bfloat16 when present, else CPU with float32."""
     if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -295,7 +295,7 @@ class TokenShufflePipeline:
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise ModelDirError(f"model directory {model_dir} does not exist")
-        device, dtype = _resolve_device(device, dtype)
+        device, dtype = resolve_device(device, dtype)
         model = load_export_model(model_dir, device, dtype)
         log.info(
             "loaded %s (%d layers, s=%d)",
@@ -332,7 +332,7 @@ class TokenShufflePipeline:
     def to(self, device=None, dtype: torch.dtype | str | None = None) -> TokenShufflePipeline:
         """Moves the model (device, dtype) and the VQ decoder (device; it stays float32)."""
         if isinstance(dtype, str):
-            dtype = _resolve_device(self.device, dtype)[1]
+            dtype = resolve_device(self.device, dtype)[1]
         self.model.to(device=device, dtype=dtype)
         if self.vq is not None and device is not None:
             self.vq.to(device)
@@ -437,14 +437,8 @@ class TokenShufflePipeline:
             t0 = time.perf_counter()
             grids = self.model.generate(
                 self.prompt_ids(batch, caption_len),  # (B, T)
-                guidance_scale=sampling.cfg_scale,
-                cfg_schedule=sampling.cfg_schedule,
-                temperature=sampling.temperature,
-                top_k=sampling.top_k,
-                top_p=sampling.top_p,
+                generation_config=asdict(sampling),  # the settings merged above, complete
                 seed=sampling.seed + start,
-                resolution=sampling.resolution,
-                use_cache=sampling.use_kv_cache,
                 progress=False if bar is None else bar,
             )  # (B, G, G)
             t1 = time.perf_counter()

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from megatron_ts.hf.generation_token_shuffle import CFG_SCHEDULES
-from megatron_ts.hf.pipeline_token_shuffle import DTYPES, TokenShufflePipeline
+from megatron_ts.hf.pipeline_token_shuffle import DTYPES, TokenShufflePipeline, resolve_device
 from megatron_ts.sampling.png import save_png
 
 
@@ -92,10 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = _prompts(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")]
+    device, dtype = resolve_device(args.device, args.dtype)
     try:
         pipe = TokenShufflePipeline.from_pretrained(args.model, device=device, dtype=dtype)
         result = pipe(
@@ -120,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": seed,
             "model": str(Path(args.model).resolve().name),
             "dtype": str(dtype).removeprefix("torch."),
-            "device": device,
+            "device": str(device),
         }
         name = f"{k // n:04d}-{k % n:02d}-{_slug(prompt)}.png"
         path = save_png(image, out / name, prompt, settings)
