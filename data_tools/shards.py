@@ -18,6 +18,7 @@ from typing import BinaryIO
 from braceexpand import braceexpand
 
 from megatron_ts import storage
+from megatron_ts.errors import EXIT_USAGE
 from megatron_ts.s3 import is_s3_url
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -25,6 +26,8 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 class InputError(ValueError):
     """An input pattern that matches nothing; names the pattern."""
+
+    exit_code = EXIT_USAGE
 
 
 def expand_inputs(specs: list[str], endpoint_url: str | None = None) -> list[str]:

@@ -23,9 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_ts.errors import EXIT_USAGE
+
 
 class ConfigError(ValueError):
     """A malformed or inconsistent configuration; the message names the field and the fix."""
+
+    exit_code = EXIT_USAGE
 
 
 # ----------------------------------------------------------------------------------------------

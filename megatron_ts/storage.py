@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
+from megatron_ts.errors import EXIT_STORAGE
 from megatron_ts.logging import get_logger
 from megatron_ts.s3 import is_s3_url, make_client, split_s3_url
 
@@ -54,6 +55,8 @@ _clients_lock = threading.Lock()
 
 class StorageError(OSError):
     """A read or write that failed after retries, or an upload whose checksum did not match."""
+
+    exit_code = EXIT_STORAGE
 
 
 def client(endpoint_url: str | None = None):

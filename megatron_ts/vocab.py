@@ -15,11 +15,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from megatron_ts.errors import EXIT_USAGE
+
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>")
 
 
 class VocabMismatchError(ValueError):
     """Data and model disagree on the vocabulary layout."""
+
+    exit_code = EXIT_USAGE
 
 
 @dataclass(frozen=True)

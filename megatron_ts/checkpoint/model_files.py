@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from megatron_ts.errors import EXIT_CHECKPOINT
 from megatron_ts.logging import get_logger
 from megatron_ts.models.sharding import merge_tp, split_tp, tp_rule
 
@@ -47,6 +48,8 @@ _LAYER_RE = re.compile(r"layer_(\d{3,})-tp(\d{2,})\.safetensors")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete, corrupt or does not fit the model."""
+
+    exit_code = EXIT_CHECKPOINT
 
 
 def layer_file_name(layer_index: int, tp_rank: int) -> str:

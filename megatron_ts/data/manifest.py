@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_ts import storage
+from megatron_ts.errors import EXIT_DATA
 from megatron_ts.vocab import VocabLayout
 
 MANIFEST_FORMAT = "megatron_ts.tokens/1"
@@ -28,6 +29,8 @@ REQUIRED = ("format", "resolution", "grid", "downsample", "vocab", "vq", "shards
 
 class ManifestError(ValueError):
     """A manifest that is missing, malformed or inconsistent; names the URL and field."""
+
+    exit_code = EXIT_DATA
 
 
 @dataclass(frozen=True)

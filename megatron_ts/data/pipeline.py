@@ -39,6 +39,7 @@ from megatron_ts.data.sources import (
     epoch_order,
     slot_shards,
 )
+from megatron_ts.errors import EXIT_DATA
 from megatron_ts.logging import get_logger
 
 logger = get_logger(__name__)
@@ -51,6 +52,8 @@ _MIX_BLOCK = 4096
 
 class CorruptDataError(RuntimeError):
     """Too many corrupt samples: names the last bad shard and key."""
+
+    exit_code = EXIT_DATA
 
 
 class Sample(NamedTuple):

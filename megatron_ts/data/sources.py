@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_ts.data.s3_stream import read_bytes
+from megatron_ts.errors import EXIT_DATA
 from megatron_ts.vocab import VocabLayout
 
 MANIFEST_FORMAT = "megatron_ts.tokens/1"
@@ -29,6 +30,8 @@ TAG_SYNTHETIC = 15
 
 class DataSourceError(ValueError):
     """A source that cannot be read as configured; the message names the source and the fix."""
+
+    exit_code = EXIT_DATA
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from megatron_ts.errors import EXIT_DATA
+
 STATE_FORMAT = "megatron_ts.loader/1"
 
 
 class LoaderStateError(ValueError):
     """A saved loader state that does not fit this loader; the message says what to change."""
+
+    exit_code = EXIT_DATA
 
 
 @dataclass

@@ -30,6 +30,7 @@ from megatron_ts.checkpoint.model_files import (
     mark_complete,
     write_meta,
 )
+from megatron_ts.errors import EXIT_USAGE
 from megatron_ts.hf.build import attention_shape
 from megatron_ts.hf.weights import from_hf
 from megatron_ts.logging import get_logger
@@ -42,6 +43,8 @@ log = get_logger(__name__)
 
 class HFImportError(ValueError):
     """A source directory that cannot be imported; the message names the field or file."""
+
+    exit_code = EXIT_USAGE
 
 
 class _Weights:

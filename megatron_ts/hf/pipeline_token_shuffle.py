@@ -53,6 +53,8 @@ def _model_class():
 class ModelDirError(ValueError):
     """An exported model directory is missing a file or its files disagree."""
 
+    exit_code = 2  # megatron_ts.errors.EXIT_USAGE (this file ships standalone)
+
 
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():

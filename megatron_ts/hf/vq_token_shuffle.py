@@ -42,6 +42,8 @@ NATIVE_CONFIG_KEY = "megatron_ts.vq_config"
 class VQCheckpointError(ValueError):
     """A VQ checkpoint that does not match the chosen format; names the file and first bad key."""
 
+    exit_code = 2  # megatron_ts.errors.EXIT_USAGE (this file ships standalone)
+
 
 # ----------------------------------------------------------------------------------------------
 # Shared blocks (taming-transformers / LlamaGen naming: norm1, conv1, norm2, conv2, nin_shortcut)

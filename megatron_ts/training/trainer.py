@@ -20,6 +20,7 @@ from megatron.core import parallel_state
 
 from megatron_ts.config import Config, ResolvedStage, save_resolved, validate
 from megatron_ts.distributed.init import init_distributed, init_model_parallel
+from megatron_ts.errors import EXIT_DIVERGED
 from megatron_ts.logging import get_logger, setup_logging
 from megatron_ts.models.flavors import resolve_model_shape
 from megatron_ts.models.flops import sample_flops
@@ -49,6 +50,8 @@ _STEP_DELAY = float(os.environ.get("MEGATRON_TS_STEP_DELAY", "0"))
 
 class TrainingError(RuntimeError):
     """A run that cannot continue; the message names the step and the cause."""
+
+    exit_code = EXIT_DIVERGED
 
 
 class SignalFlag:

@@ -1,0 +1,123 @@
+"""One error contract for every command-line tool.
+
+A known failure ends the tool with one line on stderr, `<tool>: <what> (<where>): <what to do>`,
+and the exit code of its class below; no traceback. Anything else is a bug or an unforeseen
+environment problem and keeps Python's traceback (exit 1), so it can be reported.
+
+| code | class | examples |
+|---|---|---|
+| 0 | success | |
+| 1 | unexpected | a traceback: a bug, or a failure nobody has classified yet |
+| 2 | config / usage | bad flag or config value, a named input that does not exist, not an export |
+| 3 | data | corrupt or changed shards past `data.max_error_rate`, bad manifest, inputs failed |
+| 4 | storage | disk full, read-only or permission denied, S3 credentials or access, retries exhausted |
+| 5 | checkpoint | a checkpoint file truncated, damaged or from an incompatible run |
+| 6 | diverged | `train.max_nonfinite_in_row` non-finite steps in a row |
+| 75 | requeue | checkpointed after SIGTERM / SIGUSR1 (EX_TEMPFAIL) |
+| 130 | interrupted | Ctrl-C |
+
+Exception classes opt in with a class attribute `exit_code`; OSErrors of a full disk, a read-only
+file system and missing permissions, and botocore's credential errors, are classified here because
+they come from the platform rather than from our code.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+from collections.abc import Callable
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_USAGE = 2
+EXIT_DATA = 3
+EXIT_STORAGE = 4
+EXIT_CHECKPOINT = 5
+EXIT_DIVERGED = 6
+EXIT_REQUEUE = 75
+EXIT_INTERRUPTED = 130
+
+_DISK_FIXES = {
+    errno.ENOSPC: ("disk full", "free space there (or lower checkpoint.keep_last) and run again"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota, and run again"),
+    errno.EROFS: ("read-only file system", "point the output at a writable directory"),
+    errno.EACCES: ("permission denied", "fix the permissions or choose another directory"),
+    errno.EPERM: ("operation not permitted", "fix the permissions or choose another directory"),
+}
+
+# botocore error classes / S3 error codes that no retry can fix.
+_CREDENTIAL_CLASSES = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+_ACCESS_CODES = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "AllAccessDisabled",
+}
+
+
+class KnownError(Exception):
+    """Base for failures the tools report in one line; subclasses set `exit_code`."""
+
+    exit_code = EXIT_UNEXPECTED
+
+
+def _s3_line(exc: BaseException) -> str | None:
+    """The one line for a botocore error that no retry can fix, or None."""
+    name = type(exc).__name__
+    if name in _CREDENTIAL_CLASSES:
+        return (
+            f"no usable S3 credentials ({exc}): set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+            "AWS_PROFILE or an instance role"
+        )
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        if code in _ACCESS_CODES:
+            return (
+                f"S3 refused the request ({code}: {exc}): check the credentials and bucket policy"
+            )
+    return None
+
+
+def classify(exc: BaseException) -> tuple[int, str] | None:
+    """(exit code, message) of a known failure, or None for one that keeps its traceback."""
+    code = getattr(type(exc), "exit_code", None)
+    if isinstance(code, int) and code != EXIT_UNEXPECTED:
+        return code, str(exc)
+    if isinstance(exc, OSError) and exc.errno in _DISK_FIXES:
+        what, fix = _DISK_FIXES[exc.errno]
+        where = exc.filename or "?"
+        return EXIT_STORAGE, f"{what} ({where}): {fix}"
+    s3 = _s3_line(exc)
+    if s3 is not None:
+        return EXIT_STORAGE, s3
+    if isinstance(exc, FileNotFoundError):
+        where = exc.filename or str(exc)
+        return EXIT_USAGE, f"not found ({where}): check the path or URL"
+    return None
+
+
+def run_cli(tool: str, main: Callable[[], int]) -> int:
+    """Runs a tool's `main`, turning known failures into one stderr line and their exit code.
+
+    Args:
+        tool: the command name that starts the line (`ts-train`).
+        main: the tool body; returns its exit code.
+
+    Returns:
+        The exit code; unexpected exceptions propagate with their traceback.
+    """
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print(f"{tool}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - unknown ones are re-raised below
+        known = classify(exc)
+        if known is None:
+            raise
+        code, line = known
+        print(f"{tool}: {line}", file=sys.stderr)
+        return code
