@@ -3,7 +3,8 @@
 One worker of one data-parallel rank reads, for each source of the stage:
 
     epoch shard order -> this slot's shards -> windows of k shards
-      -> per shard: open (local / s3 with resume) -> tar members -> group by key -> decode+check
+      -> per shard: open (local / s3 with resume) -> check size -> tar members (hashed)
+         -> group by key -> decode+check -> compare sha256 at the tar's end
       -> interleave the k shards in a seeded random order -> seeded shuffle buffer (drained at
          the window's end) -> (epoch, window, offset) cursor after every sample
 
@@ -17,9 +18,11 @@ it and drop `offset` samples; earlier windows and epochs are skipped without rea
 from __future__ import annotations
 
 import ast
+import hashlib
 import io
 import itertools
 import math
+import os
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from megatron_ts.data.s3_stream import IOCounters, open_url
+from megatron_ts.data.s3_stream import IOCounters, S3Reader, open_url
 from megatron_ts.data.sources import (
     TAG_BUFFER,
     TAG_MIX,
@@ -88,9 +91,17 @@ class ErrorTracker:
     def ok(self) -> None:
         self.seen += 1
 
-    def bad(self, url: str, key: str, reason: str, count: int = 1) -> None:
-        """Records `count` corrupt samples; raises CorruptDataError past the tolerated rate."""
-        self.seen += count
+    def bad(
+        self, url: str, key: str, reason: str, count: int = 1, *, already_read: bool = False
+    ) -> None:
+        """Records `count` corrupt samples; raises CorruptDataError past the tolerated rate.
+
+        Args:
+            already_read: the samples were counted as read before they were found corrupt (a
+                shard whose sha256 differs is known only at its end), so `seen` stays.
+        """
+        if not already_read:
+            self.seen += count
         self.skipped += count
         logger.warning("skipping corrupt data in shard %s key %s: %s", url, key, reason)
         if self.skipped > self.max_error_rate * max(self.seen, _MIN_ERROR_DENOMINATOR):
@@ -135,18 +146,70 @@ def load_npy(buf: bytes) -> np.ndarray:
     return arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
 
 
+class HashingReader(io.RawIOBase):
+    """A read-only stream that feeds every byte it delivers into a sha256.
+
+    Args:
+        stream: the opened shard (closed with this reader).
+    """
+
+    def __init__(self, stream: io.IOBase):
+        super().__init__()
+        self._stream = stream
+        self._sha = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        # Overridden (not only readinto) so tarfile's reads cost no extra copy.
+        data = self._stream.read(size)
+        self._sha.update(data)
+        return data
+
+    def readinto(self, buf) -> int:
+        n = self._stream.readinto(buf)
+        if n:
+            self._sha.update(memoryview(buf)[:n])
+        return n
+
+    def drain(self) -> str:
+        """Reads the stream to its end into the hash; returns the hex digest of all bytes read."""
+        while self.read(1 << 20):
+            pass
+        return self._sha.hexdigest()
+
+    def close(self) -> None:
+        self._stream.close()
+        super().close()
+
+
+def _opened_size(url: str, stream: io.BufferedReader) -> int:
+    """Size in bytes of a shard just opened by `open_url`, learned without another request."""
+    if isinstance(stream.raw, S3Reader):
+        return stream.raw.size  # Content-Length of the reader's first (whole-object) GET
+    return os.stat(url.removeprefix("file://")).st_size
+
+
 # ----------------------------------------------------------------------------------------------
 # Stages (each a generator over an iterator; unit-tested on in-memory data)
 # ----------------------------------------------------------------------------------------------
 
 
 def tar_records(
-    url: str, stream: io.IOBase, tracker: ErrorTracker, expected: int
+    url: str, stream: io.IOBase, tracker: ErrorTracker, expected: int, sha256: str | None = None
 ) -> Iterator[dict]:
     """Samples (dicts of raw member bytes keyed by suffix) of one opened tar shard.
 
     A tar that breaks off (corrupt or truncated shard) ends the shard; the samples the manifest
     promised but that could not be read are counted as corrupt.
+
+    With `sha256` every byte read is hashed as the samples stream by. When the tar was read to
+    its end without error, the rest of the stream (padding after the end-of-archive marker) is
+    read into the hash too and the digest compared: on a mismatch the shard's `expected` samples
+    are counted as corrupt (against `data.max_error_rate`). They have already been yielded, since
+    the digest is known only at the end. No digest is compared for a shard that broke off (its
+    loss is counted already) or whose generator was closed early (e.g. the loader was closed).
     """
     failure: list[Exception] = []
 
@@ -154,14 +217,18 @@ def tar_records(
         failure.append(exc)
         return False  # stop this shard; the caller accounts for the lost samples
 
-    files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+    hashed = HashingReader(stream) if sha256 else None
+    files = tar_file_expander([{"url": url, "stream": hashed or stream}], handler=handler)
     n = 0
+    digest = None
     try:
         for record in group_by_keys(files, handler=handler):
             n += 1
             yield record
+        if hashed is not None and not failure and n >= expected:
+            digest = hashed.drain()
     finally:
-        stream.close()
+        (hashed or stream).close()
     if failure and not isinstance(failure[0], tarfile.TarError | ValueError | EOFError):
         raise failure[0]  # e.g. S3 retries exhausted: not a data problem, stop the run
     if failure or n < expected:
@@ -169,19 +236,51 @@ def tar_records(
         lost = max(expected - n, 1)
         why = f"unreadable tar ({failure[0]})" if failure else "tar ended early"
         tracker.bad(url, f"<after {n} samples>", f"{why}: {lost} of {expected} samples lost", lost)
+    elif digest is not None and digest != sha256:
+        tracker.bad(
+            url,
+            "<shard>",
+            f"sha256 {digest}, manifest says {sha256}: the shard changed after tokenization and "
+            f"its {n} samples were already used; re-run ts-data tokenize for it or restore it",
+            max(expected, 1),
+            already_read=True,
+        )
 
 
 def shard_records(
-    url: str, expected: int, tracker: ErrorTracker, endpoint_url: str | None
+    url: str,
+    expected: int,
+    tracker: ErrorTracker,
+    endpoint_url: str | None,
+    *,
+    size: int | None = None,
+    sha256: str | None = None,
 ) -> Iterator[dict]:
-    """Opens one shard lazily and yields its raw samples; a missing shard is skipped and counted."""
+    """Opens one shard lazily, verifies it and yields its raw samples.
+
+    A missing shard is skipped and counted. With `size` (the manifest's `bytes`), a shard of
+    another size is skipped whole and its `expected` samples counted as corrupt, before any of
+    them is yielded. With `sha256`, the shard is hashed while it streams (see `tar_records`).
+    """
     try:
         stream = open_url(url, endpoint_url=endpoint_url, counters=tracker.counters)
     except FileNotFoundError as exc:
         tracker.missing_shards += 1
         tracker.bad(url, "<shard>", f"missing shard ({exc})", max(expected, 1))
         return
-    yield from tar_records(url, stream, tracker, expected)
+    if size is not None:
+        actual = _opened_size(url, stream)
+        if actual != size:
+            stream.close()
+            tracker.bad(
+                url,
+                "<shard>",
+                f"size {actual} bytes, manifest says {size}: the shard changed after "
+                "tokenization; re-run ts-data tokenize for it or restore it",
+                max(expected, 1),
+            )
+            return
+    yield from tar_records(url, stream, tracker, expected, sha256)
 
 
 def decode_records(
@@ -358,7 +457,9 @@ class SourceStream:
         infos = [self.spec.shards[i] for i in shards]
         per_shard = [
             decode_records(
-                shard_records(s.url, s.samples, self.tracker, c.endpoint_url),
+                shard_records(
+                    s.url, s.samples, self.tracker, c.endpoint_url, size=s.bytes, sha256=s.sha256
+                ),
                 grid=c.grid,
                 text_size=c.text_size,
                 codebook_size=c.codebook_size,

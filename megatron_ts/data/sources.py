@@ -40,6 +40,12 @@ class ShardInfo:
     """Full local path or s3:// URL of the shard."""
     samples: int
     """Samples in the shard according to the manifest."""
+    bytes: int | None = None
+    """Size of the tar according to the manifest; None when the manifest does not say (then the
+    loader does not check the size)."""
+    sha256: str | None = None
+    """Lower-case hex sha256 of the tar according to the manifest; None when the manifest does not
+    say (then the loader does not hash the shard)."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,19 @@ def _load_manifest(url: str, endpoint_url: str | None) -> dict:
     return manifest
 
 
+def _shard_info(base: str, entry: dict) -> ShardInfo:
+    # `bytes` and `sha256` are optional: older or hand-written manifests without them still load,
+    # they are just not verified (an empty sha256 counts as absent).
+    size = entry.get("bytes")
+    sha = entry.get("sha256") or None
+    return ShardInfo(
+        base + entry["name"],
+        int(entry["samples"]),
+        None if size is None else int(size),
+        None if sha is None else str(sha).lower(),
+    )
+
+
 def read_source(
     url: str, weight: float, *, endpoint_url: str | None = None, grid: int | None = None
 ) -> SourceSpec:
@@ -113,7 +132,7 @@ def read_source(
             f"{manifest.get('resolution')}), but the stage needs grid {grid}; use shards "
             "tokenized at the stage's resolution"
         )
-    shards = tuple(ShardInfo(base + s["name"], int(s["samples"])) for s in manifest["shards"])
+    shards = tuple(_shard_info(base, s) for s in manifest["shards"])
     if not shards:
         raise DataSourceError(f"source manifest {murl} lists no shards")
     vocab = VocabLayout.from_dict(manifest["vocab"]) if "vocab" in manifest else None

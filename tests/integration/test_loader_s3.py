@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from megatron_ts.data.loader import build_loader
+from megatron_ts.data.pipeline import CorruptDataError
 from megatron_ts.data.s3_stream import IOCounters, RetryPolicy, S3Reader, register_s3_scheme
 from megatron_ts.data.sources import DataSourceError
 from megatron_ts.s3 import make_client
@@ -277,6 +278,34 @@ def test_missing_shard_is_skipped_and_the_rest_of_the_stream_is_unchanged(s3_buc
     assert faulty_keys == clean_keys[: len(faulty_keys)]
     assert len(set(faulty_keys)) == 60
     assert metrics["missing_shards"] >= 1 and metrics["skipped_samples"] >= 12
+
+
+def test_changed_shard_objects_are_detected_without_extra_requests(s3_bucket, local_source):
+    endpoint, bucket = s3_bucket
+    base = _upload(endpoint, bucket, local_source)
+    proxy = _proxy(endpoint)
+    try:
+        _stream(base, proxy.url, 24, num_workers=1)  # the 72 samples of an epoch, and more
+    finally:
+        proxy.close()
+    # The size comes from the one GET per shard (Content-Length): no HEAD requests.
+    shard_requests = [r.split("?")[0] for r in proxy.requests if ".tar" in r]
+    assert shard_requests and all(r.startswith("GET ") for r in shard_requests)
+
+    client = make_client(endpoint)
+    raw = (local_source / "shard-00002.tar").read_bytes()
+    changed = bytearray(raw)
+    changed[raw.index(b"caption 30") + len("caption ")] = ord("7")  # same size, tar still parses
+    client.put_object(Bucket=bucket, Key="tokens/shard-00002.tar", Body=bytes(changed))
+    url = rf"s3://{bucket}/tokens/shard-00002\.tar"
+    with pytest.raises(CorruptDataError, match=rf"shard {url} key <shard>: sha256 [0-9a-f]{{64}}"):
+        _stream(base, endpoint, 24, num_workers=1)
+
+    client.put_object(Bucket=bucket, Key="tokens/shard-00002.tar", Body=raw + bytes(512))
+    with pytest.raises(
+        CorruptDataError, match=rf"shard {url} key <shard>: size {len(raw) + 512} bytes, manifest"
+    ):
+        _stream(base, endpoint, 24, num_workers=1)
 
 
 def test_missing_manifest_names_the_url(s3_bucket):
