@@ -150,8 +150,11 @@ def read_meta(ckpt_dir: Path) -> dict:
         raise CheckpointError(f"{path} is missing: {ckpt_dir} is not a megatron_ts checkpoint")
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({err}): the checkpoint is damaged; delete {ckpt_dir} (a "
+            "run resumes from the previous one) or point checkpoint.load at another step"
+        ) from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(
             f"{path}: format {meta.get('format')!r}, this version reads {FORMAT!r}"

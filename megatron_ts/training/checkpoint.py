@@ -12,6 +12,7 @@ at the next start.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -40,6 +41,7 @@ from megatron_ts.checkpoint.model_files import (
     write_meta,
 )
 from megatron_ts.logging import get_logger
+from megatron_ts.training.nonfinite import check_weights_finite
 
 log = get_logger(__name__)
 
@@ -130,6 +132,38 @@ def save_checkpoint(
     """
     root = checkpoint_root(run_dir)
     name = f"step_{state.global_step:08d}"
+    tmp = root / f".tmp-{name}"
+    check_weights_finite(stage_engine.local_layers, f"checkpoint {root / name}")
+    try:
+        return _write_checkpoint(
+            root, name, stage_engine, state, loader_state, meta_extra, keep_last
+        )
+    except Exception as err:
+        # torch.save reports a full disk as a RuntimeError of its zip writer ("unexpected pos");
+        # name the condition so the one-line report says what to do. `latest` is untouched.
+        if not isinstance(err, OSError) and _nearly_full(root):
+            raise OSError(errno.ENOSPC, f"no space left saving {tmp}", str(tmp)) from err
+        raise
+
+
+def _nearly_full(path: Path) -> bool:
+    """Less than 16 MiB (or 0.1%) free where `path` lives."""
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return False
+    return usage.free < max(16 << 20, usage.total // 1000)
+
+
+def _write_checkpoint(
+    root: Path,
+    name: str,
+    stage_engine,
+    state: TrainState,
+    loader_state: dict | None,
+    meta_extra: dict,
+    keep_last: int,
+) -> Path:
     tmp = root / f".tmp-{name}"
     rank = dist.get_rank()
     if rank == 0:
@@ -298,10 +332,26 @@ def load_checkpoint(
         ema.capture()
     rng_file = ckpt_dir / "rng" / f"rank_{dist.get_rank():05d}.pt"
     if rng_file.is_file() and mode == "exact":
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(_read_part(rng_file, ckpt_dir, lambda f: torch.load(f, weights_only=False)))
     loader_file = ckpt_dir / "loader" / f"dp_{parallel_state.get_data_parallel_rank():05d}.json"
-    loader_state = json.loads(loader_file.read_text()) if loader_file.is_file() else None
+    loader_state = (
+        _read_part(loader_file, ckpt_dir, lambda f: json.loads(f.read_text()))
+        if loader_file.is_file()
+        else None
+    )
     return state, loader_state, mode
+
+
+def _read_part(path: Path, ckpt_dir: Path, read):
+    """`read(path)`, with a damaged file reported as a CheckpointError naming the way back."""
+    try:
+        return read(path)
+    except Exception as err:  # noqa: BLE001 - torch/json raise assorted errors for damaged files
+        raise CheckpointError(
+            f"checkpoint file damaged ({path}: {type(err).__name__}: {err}): delete {ckpt_dir} "
+            "(the run then resumes from the previous checkpoint) or set checkpoint.load to an "
+            "earlier step directory"
+        ) from err
 
 
 def _load_weights(stage_engine, ckpt_dir: Path, allow_missing: tuple[str, ...], weights: str):

@@ -34,6 +34,7 @@ from megatron_ts.models.model import (
 )
 from megatron_ts.training.ds_config import deepspeed_config
 from megatron_ts.training.ema import WeightAverage
+from megatron_ts.training.nonfinite import guard_plain_optimizer
 from megatron_ts.training.optimizer import param_groups
 
 log = get_logger(__name__)
@@ -135,6 +136,7 @@ class StageEngine:
             self.local_layers = {
                 idx: getattr(pipe, str(idx)) for idx in range(pipe._local_start, pipe._local_stop)
             }
+        self.guarded = guard_plain_optimizer(self.engine)
         self.is_first_stage = 0 in self.local_layers
         self.ema = WeightAverage(self.local_layers, ema_decay) if ema_decay else None
         self.is_last_stage = (spec.shape.num_layers + 1) in self.local_layers

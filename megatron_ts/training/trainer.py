@@ -1,8 +1,8 @@
 """The training loop: stages, steps, metrics, checkpoints, signals.
 
-Exit codes of `run` (and `ts-train`): 0 finished, 75 (EX_TEMPFAIL) checkpointed after SIGTERM /
-SIGUSR1 and should be requeued, 1 a real error (bad data, too many non-finite steps, ...),
-2 a configuration error.
+`run` returns 0 when finished and 75 (EX_TEMPFAIL) when it checkpointed after SIGTERM / SIGUSR1
+and should be requeued; failures raise, and `ts-train` maps them to the exit codes of
+megatron_ts.errors.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from megatron.core import parallel_state
 
 from megatron_ts.config import Config, ResolvedStage, save_resolved, validate
 from megatron_ts.distributed.init import init_distributed, init_model_parallel
-from megatron_ts.errors import EXIT_DIVERGED
+from megatron_ts.errors import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE
 from megatron_ts.logging import get_logger, setup_logging
 from megatron_ts.models.flavors import resolve_model_shape
 from megatron_ts.models.flops import sample_flops
@@ -38,10 +38,6 @@ from megatron_ts.training.metrics import MetricsWriter, device_peak_tflops, peak
 from megatron_ts.training.plan import vocab_from_config
 
 log = get_logger(__name__)
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_REQUEUE = 75
 
 # Test hook (docs/checkpoint.md): seconds to sleep before every step, so signal and
 # preemption tests can hit a run in the middle.
@@ -112,9 +108,11 @@ class Trainer:
         self.device = _device(dist.get_backend())
         self.bf16 = _use_bf16(cfg.train.precision, self.device)
         self.run_dir = Path(cfg.job.run_dir)
+        # Leftovers of an interrupted save go first: after a full disk they hold the space
+        # that writing config.json needs.
+        clean_incomplete(self.run_dir)
         if self.rank == 0:
             save_resolved(cfg, self.run_dir)
-        clean_incomplete(self.run_dir)
         dist.barrier()
         self.vocab = vocab_from_config(cfg.tokenizer)
         self.metrics = MetricsWriter(self.run_dir, cfg.logging, enabled=self.rank == 0)
@@ -235,6 +233,8 @@ class Trainer:
         seq_len = stage.seq_len(ds)
         meta_extra = {"config": cfg.to_dict(), "stage": _stage_meta(stage, ds)}
         last_save = time.monotonic()
+        save_pending = False
+        last_keys: list[str] = []
         loss_ema: float | None = None
         log.info(
             "stage %d/%d %s: %d steps, %dpx, s=%d, %d positions, TP=%d PP=%d DP=%d",
@@ -265,6 +265,7 @@ class Trainer:
                 if _STEP_DELAY:
                     time.sleep(_STEP_DELAY)
                 result = engine.train_step(batches)
+                last_keys = result.keys
                 elapsed = time.perf_counter() - start
                 state.global_step += 1
                 state.stage_step += 1
@@ -282,13 +283,6 @@ class Trainer:
                         result.loss,
                         result.keys[:8],
                     )
-                    if state.nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
-                        raise TrainingError(
-                            f"{state.nonfinite_in_row} non-finite steps in a row at step "
-                            f"{state.global_step} (train.max_nonfinite_in_row = "
-                            f"{cfg.train.max_nonfinite_in_row}); last batch keys {result.keys[:8]}; "
-                            "lower optim.lr, raise train.z_loss, or resume from an earlier checkpoint"
-                        )
                 else:
                     state.nonfinite_in_row = 0
                     if (
@@ -306,8 +300,17 @@ class Trainer:
                         result.loss if loss_ema is None else 0.9 * loss_ema + 0.1 * result.loss
                     )
 
-                if state.global_step % cfg.logging.interval == 0 or state.stage_step == stage.steps:
+                diverged = state.nonfinite_in_row >= cfg.train.max_nonfinite_in_row
+                if (
+                    diverged
+                    or state.global_step % cfg.logging.interval == 0
+                    or state.stage_step == stage.steps
+                ):
                     self._log(state, stage, result, lr, elapsed, flops_per_sample, seq_len, loader)
+                if diverged:
+                    raise TrainingError(
+                        self._streak_message(state, result.keys, "train.max_nonfinite_in_row")
+                    )
 
                 stop = self.signals.any_rank()
                 due = (
@@ -322,6 +325,22 @@ class Trainer:
                     and cfg.logging.preview_prompts
                     and state.global_step % cfg.logging.preview_interval == 0
                 )
+                if state.nonfinite_in_row:
+                    # Never checkpoint inside a non-finite streak: a save now would become
+                    # `latest`, and a resume would replay the streak from there. A due save
+                    # waits for the next finite step; a signal exits without one.
+                    save_pending = save_pending or due
+                    if stop:
+                        log.warning(
+                            "signal received during %d non-finite steps: not checkpointed; "
+                            "exiting %d, the requeued run resumes from %s",
+                            state.nonfinite_in_row,
+                            EXIT_REQUEUE,
+                            latest_checkpoint(self.run_dir) or "the start",
+                        )
+                        return EXIT_REQUEUE
+                    continue
+                due, save_pending = due or save_pending, False
                 if stop or preview or (due and state.stage_step < stage.steps):
                     saved = self._save(engine, state, loader, meta_extra)
                     last_save = time.monotonic()
@@ -345,6 +364,8 @@ class Trainer:
                         EXIT_REQUEUE,
                     )
                     return EXIT_REQUEUE
+            if state.nonfinite_in_row:
+                raise TrainingError(self._streak_message(state, last_keys, "the end of the stage"))
             # End of stage: the next stage (or a later resume) starts from this checkpoint.
             state.stage_index += 1
             state.stage_step = 0
@@ -357,6 +378,20 @@ class Trainer:
                 loader.close()
             del engine
             gc.collect()
+
+    def _streak_message(self, state: TrainState, keys: list[str], reached: str) -> str:
+        latest = latest_checkpoint(self.run_dir)
+        where = (
+            f"the latest checkpoint {latest} predates the streak; a plain restart resumes from it"
+            if latest is not None
+            else "no checkpoint was written; a restart begins again"
+        )
+        return (
+            f"{state.nonfinite_in_row} non-finite steps in a row up to step {state.global_step}, "
+            f"stopped at {reached} (run {self.run_dir}): none was applied and nothing was saved; "
+            f"{where}; lower optim.lr or optim.grad_clip, or raise train.z_loss, before "
+            f"restarting; last batch keys {keys[:8]}"
+        )
 
     def _save(self, engine: StageEngine, state: TrainState, loader, meta_extra: dict) -> Path:
         return save_checkpoint(
@@ -403,17 +438,9 @@ class Trainer:
 
 
 def run(cfg: Config) -> int:
-    """Trains `cfg` to the end (or to a signal); returns the process exit code."""
-    from megatron_ts.checkpoint.model_files import CheckpointError
-    from megatron_ts.config import ConfigError
-    from megatron_ts.data.sources import DataSourceError
-    from megatron_ts.vocab import VocabMismatchError
+    """Trains `cfg` to the end (or to a signal); returns the process exit code.
 
-    try:
-        return Trainer(cfg).run()
-    except ConfigError as err:
-        log.error("config error: %s", err)
-        return 2
-    except (TrainingError, CheckpointError, DataSourceError, VocabMismatchError) as err:
-        log.error("%s: %s", type(err).__name__, err)
-        return EXIT_ERROR
+    Failures raise; `ts-train` reports them through megatron_ts.errors (one line and an exit code
+    for known ones).
+    """
+    return Trainer(cfg).run()

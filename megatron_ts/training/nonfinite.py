@@ -1,0 +1,130 @@
+"""Never apply a step whose gradients are not finite, whatever the ZeRO stage or precision.
+
+DeepSpeed's own optimizers check: ZeRO stages 1-3 and the bf16 optimizer compute the global
+gradient norm and skip a step whose norm is not finite, setting `optimizer.overflow`, which the
+engine counts in `skipped_steps`. The one path without a check is ZeRO stage 0 in fp32, where
+the engine hands the gradients straight to torch's AdamW: a step with infinite gradients is
+applied and every later step is NaN. `guard_plain_optimizer` closes that path; `nonfinite_weights`
+is the last line of defence before a checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.base_optimizer import ZeROOptimizer
+from deepspeed.runtime.utils import clip_grad_norm_
+
+from megatron_ts.errors import EXIT_DIVERGED
+
+
+def _any_rank(flag: torch.Tensor) -> bool:
+    """True on every rank when `flag` (a 0-d float tensor) is non-zero on any rank."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flag = flag.cuda() if dist.get_backend() == "nccl" else flag.cpu()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+def _local_nonfinite(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """1.0 when any local gradient holds inf or NaN (or its norm overflows), else 0.0."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)  # one fused pass; inf/NaN anywhere gives inf/NaN
+    return (~torch.isfinite(torch.stack(norms)).all()).float()
+
+
+class _PlainOptimizerGuard:
+    """Wraps a ZeRO-0 engine's clipping and optimizer step with an all-rank finiteness check.
+
+    The verdict is taken on the reduced gradients before clipping (clipping by an infinite norm
+    zeroes finite entries and could hide the problem). A bad step is not applied; the optimizer's
+    `overflow` is set so the engine counts it as skipped and clears the gradients as after any
+    step.
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.optimizer = engine.optimizer
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.verdict: bool | None = None
+        self._step = self.optimizer.step
+        engine.clip_fp32_gradients = self.clip
+        self.optimizer.step = self.step
+        self.optimizer.overflow = False
+
+    def _bad(self) -> bool:
+        return _any_rank(_local_nonfinite(self.params))
+
+    def clip(self) -> None:
+        # The engine's own clip_fp32_gradients makes this same call but drops the norm, so
+        # ZeRO-0 fp32 runs logged no gradient norm; keep it for the engine to report.
+        self.verdict = self._bad()
+        if not self.verdict:
+            self.optimizer._global_grad_norm = float(
+                clip_grad_norm_(
+                    parameters=self.engine.module.parameters(),
+                    max_norm=self.engine.gradient_clipping(),
+                    mpu=self.engine.mpu,
+                )
+            )
+
+    def step(self, *args, **kwargs):
+        bad = self._bad() if self.verdict is None else self.verdict
+        self.verdict = None
+        self.optimizer.overflow = bad
+        if bad:
+            self.optimizer._global_grad_norm = float("inf")
+            return None
+        return self._step(*args, **kwargs)
+
+
+def guard_plain_optimizer(engine) -> bool:
+    """Installs the finiteness check where DeepSpeed has none; returns whether it did.
+
+    Args:
+        engine: a DeepSpeed engine (plain or pipeline) after `deepspeed.initialize`.
+    """
+    if isinstance(engine.optimizer, ZeROOptimizer):
+        return False  # ZeRO 1-3 and bf16: DeepSpeed skips non-finite steps itself
+    _PlainOptimizerGuard(engine)
+    return True
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """Weights that hold inf or NaN at a save; nothing was written."""
+
+    exit_code = EXIT_DIVERGED
+
+
+def nonfinite_weights(modules: dict) -> list[str]:
+    """Names of this rank's parameters holding inf or NaN (ZeRO-3: this rank's partition).
+
+    Args:
+        modules: the local model pieces, {layer index: module}.
+    """
+    bad = []
+    for idx, module in modules.items():
+        for name, param in module.named_parameters():
+            data = getattr(param, "ds_tensor", param).detach()
+            if not bool(torch.isfinite(data).all()):
+                bad.append(f"{idx}.{name}")
+    return bad
+
+
+def check_weights_finite(modules: dict, where: str) -> None:
+    """Collective: raises NonFiniteWeightsError on every rank when any rank's weights are bad.
+
+    Args:
+        modules: the local model pieces, {layer index: module}.
+        where: what is about to be written, for the message.
+    """
+    bad = nonfinite_weights(modules)
+    if _any_rank(torch.tensor(1.0 if bad else 0.0)):
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        names = ", ".join(bad[:4]) or "on another rank"
+        raise NonFiniteWeightsError(
+            f"weights hold inf/NaN ({where}; rank {rank}: {names}): not saved, `latest` still "
+            "names the last good checkpoint; lower optim.lr or optim.grad_clip and restart"
+        )
