@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from megatron_ts.errors import EXIT_DATA
 from megatron_ts.logging import get_logger
 
 log = get_logger(__name__)
@@ -95,7 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs one ts-data command; returns the exit status (0 ok, 1 corrupt/failed, 2 usage)."""
+    """Runs ts-data; known failures end with one line and the code of megatron_ts.errors."""
+    from megatron_ts.errors import run_cli
+
+    return run_cli("ts-data", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    """Runs one ts-data command; returns the exit status (0 ok, 2 usage, 3 corrupt/failed)."""
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
@@ -165,7 +173,7 @@ def _run(args: argparse.Namespace) -> int:
         text = load_text_tokenizer(args.text)
         result = tokenize(args.input, args.output, vq, text, opts, merge_after=not args.no_merge)
         print(json.dumps(result))
-        return 1 if result["failed_inputs"] else 0
+        return EXIT_DATA if result["failed_inputs"] else 0
     if args.command == "merge":
         from data_tools.tokenize import merge
 
@@ -179,9 +187,9 @@ def _run(args: argparse.Namespace) -> int:
             report = inspect(args.url, args.endpoint_url, verify_sha=not args.no_sha)
         except ManifestError as exc:
             print(f"CORRUPT: {exc}")
-            return 1
+            return EXIT_DATA
         print(json.dumps(report, indent=1) if args.json else format_report(report))
-        return 1 if report["corrupt"] else 0
+        return EXIT_DATA if report["corrupt"] else 0
     raise AssertionError(args.command)
 
 

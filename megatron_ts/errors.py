@@ -11,7 +11,7 @@ environment problem and keeps Python's traceback (exit 1), so it can be reported
 | 2 | config / usage | bad flag or config value, a named input that does not exist, not an export |
 | 3 | data | corrupt or changed shards past `data.max_error_rate`, bad manifest, inputs failed |
 | 4 | storage | disk full, read-only or permission denied, S3 credentials or access, retries exhausted |
-| 5 | checkpoint | a checkpoint file truncated, damaged or from an incompatible run |
+| 5 | checkpoint | a checkpoint missing, truncated, damaged or from an incompatible run |
 | 6 | diverged | `train.max_nonfinite_in_row` non-finite steps in a row |
 | 75 | requeue | checkpointed after SIGTERM / SIGUSR1 (EX_TEMPFAIL) |
 | 130 | interrupted | Ctrl-C |
@@ -81,11 +81,23 @@ def _s3_line(exc: BaseException) -> str | None:
     return None
 
 
+def _one_line(message: str) -> str:
+    """The message itself; for an error re-raised from a DataLoader worker, the original one.
+
+    torch re-raises a worker's exception as the same class with the worker's traceback as its
+    message ("Caught X in DataLoader worker process 0. Original Traceback ... X: <message>").
+    """
+    if "Original Traceback" in message:
+        last = message.rstrip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(message.split("\n"))
+
+
 def classify(exc: BaseException) -> tuple[int, str] | None:
     """(exit code, message) of a known failure, or None for one that keeps its traceback."""
     code = getattr(type(exc), "exit_code", None)
     if isinstance(code, int) and code != EXIT_UNEXPECTED:
-        return code, str(exc)
+        return code, _one_line(str(exc))
     if isinstance(exc, OSError) and exc.errno in _DISK_FIXES:
         what, fix = _DISK_FIXES[exc.errno]
         where = exc.filename or "?"

@@ -30,6 +30,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs ts-train; known failures end with one line and the code of megatron_ts.errors."""
+    from megatron_ts.errors import run_cli
+
+    return run_cli("ts-train", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     args, overrides = parse_args(argv)
     try:
         cfg = load_config(args.config, overrides)

@@ -10,7 +10,7 @@
 # Segment k+1 starts after segment k ends successfully (--dependency=afterok): a segment ends
 # successfully when training finished or when it checkpointed on its time-limit signal (exit 75
 # becomes 0 under TS_CHAIN=1). The segment that finishes training cancels the segments still
-# pending; a segment that fails for a real error (exit 1/2) leaves the rest with a dependency that
+# pending; a segment that fails for a real error (exit 1-6) leaves the rest with a dependency that
 # can never be met, and --kill-on-invalid-dep cancels them. Nothing requeues itself in a chain.
 #
 # Arguments: [--segments N] (default 10) CONFIG [--section.key value ...].

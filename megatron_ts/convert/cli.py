@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs ts-convert; known failures end with one line and the code of megatron_ts.errors."""
+    from megatron_ts.errors import run_cli
+
+    return run_cli("ts-convert", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:

@@ -161,6 +161,13 @@ def _analyse(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs ts-eval; known failures end with one line and the code of megatron_ts.errors."""
+    from megatron_ts.errors import run_cli
+
+    return run_cli("ts-eval", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _shapes(args) if args.command == "shapes" else _analyse(args)

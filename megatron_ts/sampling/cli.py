@@ -88,6 +88,13 @@ def _slug(text: str, n: int = 40) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs ts-generate; known failures end with one line and the code of megatron_ts.errors."""
+    from megatron_ts.errors import run_cli
+
+    return run_cli("ts-generate", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     prompts = _prompts(args)
     if args.threads:

@@ -203,7 +203,7 @@ def test_corrupt_inputs_are_reported_and_skipped(demo, tmp_path, logged):
     (src / "c.tar").write_bytes(b"this is not a tar file at all" * 40)
     out = tmp_path / "tok"
     rc = _tokenize(demo, out, "--min-size", "16", inputs=[str(src)])
-    assert rc == 1  # an unreadable input shard is a failure of the job ...
+    assert rc == 3  # an unreadable input shard is a failure of the job ...
     m = load_manifest(str(out))  # ... but everything readable was written and listed
     done = {i: json.loads((out / f"_done/{i:06d}.json").read_text()) for i in range(3)}
     skipped_a = {s["key"]: s["reason"] for s in done[0]["skipped"]}
@@ -231,7 +231,7 @@ def test_corrupt_inputs_are_reported_and_skipped(demo, tmp_path, logged):
     assert got["good"]["json"]["url"] == "x"
     # a re-run retries the failed input (it fails again) and rewrites no token shard
     before = _files(out)
-    assert _tokenize(demo, out, "--min-size", "16", inputs=[str(src)]) == 1
+    assert _tokenize(demo, out, "--min-size", "16", inputs=[str(src)]) == 3
     assert {k: v for k, v in _files(out).items() if "tokens" in k} == {
         k: v for k, v in before.items() if "tokens" in k
     }
@@ -264,7 +264,7 @@ def test_store_failure_fails_the_input_and_the_next_run_retries_it(demo, tmp_pat
 
     monkeypatch.setattr(storage, "open_url_for_read", flaky_open)
     out = tmp_path / "tok"
-    assert _tokenize(demo, out) == 1
+    assert _tokenize(demo, out) == 3
     record = json.loads((out / "_done/000001.json").read_text())
     assert "StorageError" in record["failed"] and record["shards"] == []
     assert not record["skipped"]  # not mistaken for a truncated shard
@@ -287,7 +287,7 @@ def test_inspect_flags_corrupt_sets(demo, tmp_path, capsys):
     data[-3000] ^= 0xFF
     shard.write_bytes(bytes(data))
     capsys.readouterr()
-    assert ts_data(["inspect", str(bad)]) == 1
+    assert ts_data(["inspect", str(bad)]) == 3
     text = capsys.readouterr().out
     assert "BAD SHARD tokens-000001-000.tar: sha256 differs" in text and "CORRUPT" in text
 
@@ -297,12 +297,12 @@ def test_inspect_flags_corrupt_sets(demo, tmp_path, capsys):
     manifest = json.loads((oob / "manifest.json").read_text())
     manifest["vq"]["codebook_size"] = manifest["vocab"]["codebook_size"] = 2
     (oob / "manifest.json").write_text(json.dumps(manifest))
-    assert ts_data(["inspect", str(oob), "--json"]) == 1
+    assert ts_data(["inspect", str(oob), "--json"]) == 3
     report = json.loads(capsys.readouterr().out)
     assert not report["codes_in_range"]
     assert report["bad_samples"][0]["problem"].startswith("code ")
     (oob / "manifest.json").unlink()
-    assert ts_data(["inspect", str(oob)]) == 1
+    assert ts_data(["inspect", str(oob)]) == 3
     assert "manifest.json not found" in capsys.readouterr().out
 
 

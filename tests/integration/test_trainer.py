@@ -151,13 +151,14 @@ def test_truncated_checkpoint_fails_with_a_clear_message(reference, tmp_path):
     states = next((run_dir / "checkpoints/step_00000008/deepspeed/ds").glob("*model_states.pt"))
     states.write_bytes(states.read_bytes()[:1000])
     proc = _train(run_dir, "--train.steps", "12", "--checkpoint.interval_steps", "4")
-    assert proc.returncode == 1
+    assert proc.returncode == 5  # megatron_ts.errors.EXIT_CHECKPOINT
     assert "step_00000008" in proc.stderr and "damaged" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_missing_init_checkpoint_and_bad_config_fail_clearly(tmp_path):
     proc = _train(tmp_path / "run", "--checkpoint.load", str(tmp_path / "nowhere"))
-    assert proc.returncode == 1
+    assert proc.returncode == 5 and "Traceback" not in proc.stderr
     assert "nowhere" in proc.stderr and "does not exist" in proc.stderr
     proc = _train(tmp_path / "run2", "--parallel.zero_stage", "3", "--parallel.pipeline", "2")
     assert proc.returncode == 2
