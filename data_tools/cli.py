@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from megatron_ts.errors import EXIT_DATA
+from megatron_ts.errors import EXIT_DATA, EXIT_USAGE, classify
 from megatron_ts.logging import get_logger
 
 log = get_logger(__name__)
@@ -107,9 +107,12 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 2
+    except ValueError as exc:
+        if classify(exc) is not None:
+            raise  # a class with its own exit code (manifest, source, input): run_cli reports it
+        # any other ValueError here is a bad argument value (a VQ format, a size, ...)
+        print(f"ts-data: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _run(args: argparse.Namespace) -> int:

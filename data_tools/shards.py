@@ -19,7 +19,7 @@ from braceexpand import braceexpand
 
 from megatron_ts import storage
 from megatron_ts.errors import EXIT_USAGE
-from megatron_ts.s3 import is_s3_url
+from megatron_ts.s3 import is_s3_url, split_s3_url
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -33,8 +33,13 @@ class InputError(ValueError):
 def expand_inputs(specs: list[str], endpoint_url: str | None = None) -> list[str]:
     """Expands input patterns into a sorted, de-duplicated list of tar URLs.
 
+    Every S3 bucket named is checked once before anything is read, so a mistyped bucket stops
+    the command here rather than failing each input shard.
+
     Raises:
         InputError: a pattern that names no tar.
+        megatron_ts.s3.S3BucketNotFoundError: an S3 bucket that does not exist (a
+            FileNotFoundError naming the URL).
     """
     urls: list[str] = []
     for spec in specs:
@@ -53,6 +58,11 @@ def expand_inputs(specs: list[str], endpoint_url: str | None = None) -> list[str
                     "shards; check the path or URL"
                 )
             urls += found
+    checked: set[str] = set()
+    for url in urls:
+        if is_s3_url(url) and split_s3_url(url)[0] not in checked:
+            storage.check_bucket(url, endpoint_url)
+            checked.add(split_s3_url(url)[0])
     return sorted(set(urls))
 
 

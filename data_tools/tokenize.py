@@ -32,7 +32,7 @@ from data_tools.shards import RawSample, ShardReadError, expand_inputs, iter_sam
 from megatron_ts import storage
 from megatron_ts.data.manifest import Manifest, ShardEntry, save_manifest
 from megatron_ts.logging import get_logger
-from megatron_ts.s3 import is_s3_url
+from megatron_ts.s3 import S3BucketNotFoundError, is_s3_url
 from megatron_ts.vocab import VocabLayout
 
 log = get_logger(__name__)
@@ -301,6 +301,8 @@ def tokenize_input(
         t3 = time.perf_counter()
         writer.close()
         timings.write += time.perf_counter() - t3
+    except S3BucketNotFoundError:
+        raise  # the bucket went away: no other input or output can succeed either
     except (FileNotFoundError, OSError) as exc:
         report.failed = f"{type(exc).__name__}: {exc}"
         log.error(
@@ -387,6 +389,11 @@ def tokenize(
 
     Returns:
         The rank summary (also written to `_ranks/`), with timings.
+
+    Raises:
+        megatron_ts.s3.S3BucketNotFoundError: the output's or an input's bucket does not exist
+            (before any work); an unreadable input shard is recorded as failed instead.
+        megatron_ts.s3.S3AccessError: S3 credentials missing or refused.
     """
     if vq.codebook_size > CODE_LIMIT:
         raise ValueError(
@@ -398,6 +405,8 @@ def tokenize(
             f"--resolution {opts.resolution} is not a multiple of the VQ downsampling "
             f"{vq.downsample}"
         )
+    # A missing output or input bucket stops here, before any shard is read or encoded.
+    storage.check_bucket(output, opts.endpoint_url)
     urls = expand_inputs(inputs, opts.endpoint_url)
     mine = [(i, u) for i, u in enumerate(urls) if i % opts.world_size == opts.rank]
     log.info(

@@ -17,8 +17,8 @@ environment problem and keeps Python's traceback (exit 1), so it can be reported
 | 130 | interrupted | Ctrl-C |
 
 Exception classes opt in with a class attribute `exit_code`; OSErrors of a full disk, a read-only
-file system and missing permissions, and botocore's credential errors, are classified here because
-they come from the platform rather than from our code.
+file system and missing permissions are classified here because they come from the platform
+rather than from our code, and raw botocore errors through megatron_ts.s3's `fatal_error`.
 """
 
 from __future__ import annotations
@@ -45,40 +45,10 @@ _DISK_FIXES = {
     errno.EPERM: ("operation not permitted", "fix the permissions or choose another directory"),
 }
 
-# botocore error classes / S3 error codes that no retry can fix.
-_CREDENTIAL_CLASSES = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
-_ACCESS_CODES = {
-    "AccessDenied",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "ExpiredToken",
-    "InvalidToken",
-    "AllAccessDisabled",
-}
-
-
 class KnownError(Exception):
     """Base for failures the tools report in one line; subclasses set `exit_code`."""
 
     exit_code = EXIT_UNEXPECTED
-
-
-def _s3_line(exc: BaseException) -> str | None:
-    """The one line for a botocore error that no retry can fix, or None."""
-    name = type(exc).__name__
-    if name in _CREDENTIAL_CLASSES:
-        return (
-            f"no usable S3 credentials ({exc}): set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-            "AWS_PROFILE or an instance role"
-        )
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        code = response.get("Error", {}).get("Code")
-        if code in _ACCESS_CODES:
-            return (
-                f"S3 refused the request ({code}: {exc}): check the credentials and bucket policy"
-            )
-    return None
 
 
 def _one_line(message: str) -> str:
@@ -102,12 +72,16 @@ def classify(exc: BaseException) -> tuple[int, str] | None:
         what, fix = _DISK_FIXES[exc.errno]
         where = exc.filename or "?"
         return EXIT_STORAGE, f"{what} ({where}): {fix}"
-    s3 = _s3_line(exc)
-    if s3 is not None:
-        return EXIT_STORAGE, s3
+    if type(exc).__module__.startswith("botocore"):
+        # our S3 code raises megatron_ts.s3's classified errors; this is a raw one from elsewhere
+        from megatron_ts.s3 import fatal_error
+
+        fatal = fatal_error(exc, "an S3 URL")
+        return None if fatal is None else classify(fatal)
     if isinstance(exc, FileNotFoundError):
-        where = exc.filename or str(exc)
-        return EXIT_USAGE, f"not found ({where}): check the path or URL"
+        if exc.filename is None:  # raised with a message of our own
+            return EXIT_USAGE, _one_line(str(exc))
+        return EXIT_USAGE, f"not found ({exc.filename}): check the path or URL"
     return None
 
 

@@ -5,6 +5,11 @@ writes are single PUTs (small objects) or multipart uploads (large files), and e
 verified against the store's ETag (MD5 of the bytes, or of the part MD5s for multipart) and the
 object's size. The sha256 of every uploaded object is stored as its `sha256` metadata. Credentials
 come from the usual AWS environment or profile and are never logged; messages name only URLs.
+
+Only transient failures are retried (throttling, 5xx, dropped connections, timeouts). Missing or
+refused credentials and denied access raise `megatron_ts.s3.S3AccessError` at the first attempt;
+a missing bucket or object raises `megatron_ts.s3.S3NotFoundError` (a `FileNotFoundError` whose
+`filename` is the URL; `S3BucketNotFoundError` for the bucket).
 """
 
 from __future__ import annotations
@@ -22,7 +27,17 @@ from typing import BinaryIO, TypeVar
 
 from megatron_ts.errors import EXIT_STORAGE
 from megatron_ts.logging import get_logger
-from megatron_ts.s3 import is_s3_url, make_client, split_s3_url
+from megatron_ts.s3 import (
+    S3AccessError,
+    S3BucketNotFoundError,
+    S3CredentialsError,
+    S3NotFoundError,
+    bucket_not_found,
+    fatal_error,
+    is_s3_url,
+    make_client,
+    split_s3_url,
+)
 
 log = get_logger(__name__)
 
@@ -99,7 +114,13 @@ def _retryable(exc: Exception) -> bool:
     )
 
 
-def with_retries(fn: Callable[[], T], what: str, attempts: int = 6, base_delay: float = 0.5) -> T:
+def with_retries(
+    fn: Callable[[], T],
+    what: str,
+    attempts: int = 6,
+    base_delay: float = 0.5,
+    url: str | None = None,
+) -> T:
     """Calls `fn`, retrying transient S3/network errors with jittered exponential backoff.
 
     Args:
@@ -107,14 +128,20 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 6, base_delay: 
         what: description for messages (a URL, never credentials).
         attempts: tries in all.
         base_delay: first delay in seconds; doubled after every failure (capped at 30 s).
+        url: the s3:// URL `fn` accesses, when `what` is more than the URL.
 
     Raises:
+        S3AccessError: credentials missing or refused, or access denied (never retried).
+        S3NotFoundError: the bucket or object does not exist (never retried).
         StorageError: the last transient error after all attempts; other errors unchanged.
     """
     for attempt in range(attempts):
         try:
             return fn()
-        except Exception as exc:  # noqa: BLE001 - filtered by _retryable
+        except Exception as exc:  # noqa: BLE001 - filtered by fatal_error and _retryable
+            fatal = fatal_error(exc, url or what)
+            if fatal is not None:
+                raise fatal from exc
             if not _retryable(exc):
                 raise
             if attempt == attempts - 1:
@@ -123,15 +150,6 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 6, base_delay: 
             log.warning("%s: %s; retrying in %.1fs", what, type(exc).__name__, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
-
-
-def _is_missing(exc: Exception) -> bool:
-    from botocore.exceptions import ClientError
-
-    if not isinstance(exc, ClientError):
-        return False
-    code = exc.response.get("Error", {}).get("Code")
-    return code in ("404", "NoSuchKey", "NotFound")
 
 
 def join(base: str, name: str) -> str:
@@ -190,11 +208,34 @@ def stat_size(url: str, endpoint_url: str | None = None) -> int | None:
     bucket, key = split_s3_url(url)
     try:
         head = with_retries(lambda: client(endpoint_url).head_object(Bucket=bucket, Key=key), url)
-    except Exception as exc:
-        if _is_missing(exc):
-            return None
+    except S3BucketNotFoundError:
         raise
+    except S3NotFoundError:
+        return None  # a HEAD answers a bare 404 for a missing bucket too: see check_bucket
     return int(head["ContentLength"])
+
+
+def check_bucket(url: str, endpoint_url: str | None = None) -> None:
+    """Fails fast when the bucket of an s3:// URL does not exist (local paths pass).
+
+    Called before a command starts work, so that a mistyped bucket is one error naming it
+    rather than a failure per object. A bucket that exists but refuses HeadBucket (credentials
+    allowed only objects under a prefix) passes: the objects' own requests decide.
+
+    Raises:
+        S3BucketNotFoundError: naming the bucket and `url`.
+    """
+    if not is_s3_url(url):
+        return
+    bucket = split_s3_url(url)[0]
+    try:
+        with_retries(lambda: client(endpoint_url).head_bucket(Bucket=bucket), url)
+    except S3NotFoundError as exc:
+        raise bucket_not_found(url) from exc
+    except S3CredentialsError:
+        raise
+    except S3AccessError:
+        pass  # see above: the bucket exists
 
 
 def exists(url: str, endpoint_url: str | None = None) -> bool:
@@ -206,7 +247,7 @@ def open_url_for_read(url: str, endpoint_url: str | None = None) -> BinaryIO:
     """A binary stream over a local file or an S3 object (streamed in ranged GETs).
 
     Raises:
-        FileNotFoundError: naming the URL.
+        FileNotFoundError: naming the path or URL (for S3 an `S3NotFoundError`).
     """
     if not is_s3_url(url):
         if not Path(url).is_file():
@@ -214,7 +255,9 @@ def open_url_for_read(url: str, endpoint_url: str | None = None) -> BinaryIO:
         return open(url, "rb")
     size = stat_size(url, endpoint_url)
     if size is None:
-        raise FileNotFoundError(f"{url} does not exist (check the bucket, key and endpoint)")
+        raise S3NotFoundError.of(
+            url, f"S3 object {url} does not exist: check the bucket, key and endpoint"
+        )
     # one GET per READ_CHUNK: small reads (tarfile asks for 10 KiB) come from the buffer
     return io.BufferedReader(_S3RawReader(url, endpoint_url, size), buffer_size=READ_CHUNK)
 
@@ -232,6 +275,9 @@ def list_prefix(url: str, endpoint_url: str | None = None, suffix: str = "") -> 
         url: local directory or s3://bucket/prefix (treated as a directory).
         endpoint_url: S3 endpoint.
         suffix: keep only names ending with this.
+
+    Raises:
+        S3BucketNotFoundError: the bucket does not exist (a missing prefix is an empty list).
     """
     if not is_s3_url(url):
         p = Path(url)
@@ -273,6 +319,8 @@ def write_bytes(url: str, data: bytes, endpoint_url: str | None = None) -> None:
 
     Raises:
         StorageError: the upload failed after retries or its checksum did not match.
+        S3BucketNotFoundError: the bucket does not exist.
+        S3AccessError: credentials missing or refused.
     """
     if not is_s3_url(url):
         path = Path(url)
@@ -365,7 +413,7 @@ def upload_file(
                         ContentMD5=base64.b64encode(md5.digest()).decode(),
                     )
 
-                resp = with_retries(put_part, f"{url} part {number}")
+                resp = with_retries(put_part, f"{url} part {number}", url=url)
                 _verify_etag(f"{url} part {number}", resp["ETag"], md5.hexdigest())
                 parts.append({"PartNumber": number, "ETag": resp["ETag"]})
                 number += 1

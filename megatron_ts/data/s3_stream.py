@@ -5,7 +5,9 @@ connection drops, the server answers 5xx / throttles (503 SlowDown), or the stre
 the object's length, it reopens the object with `Range: bytes=<offset>-` (and `If-Match` on the
 first response's ETag, so a replaced object is an error instead of silently mixed bytes) and
 continues where it stopped. Attempts are bounded and spaced by exponential backoff with full
-jitter. A missing object raises `FileNotFoundError` naming the URL.
+jitter. Failures no retry can fix are raised at the first attempt (`megatron_ts.s3.fatal_error`):
+a missing object or bucket as `FileNotFoundError` naming the URL (`S3NotFoundError`), missing or
+refused credentials and denied access as `S3AccessError`.
 
 botocore's own retries are switched off for these clients (`max_attempts=0`) so that every retry
 is ours: counted in `IOCounters.retries` and reported to the trainer.
@@ -25,7 +27,13 @@ import time
 from dataclasses import dataclass
 
 from megatron_ts.logging import get_logger
-from megatron_ts.s3 import make_client, split_s3_url
+from megatron_ts.s3 import (
+    S3BucketNotFoundError,
+    S3NotFoundError,
+    fatal_error,
+    make_client,
+    split_s3_url,
+)
 
 logger = get_logger(__name__)
 
@@ -43,7 +51,6 @@ _RETRY_CODES = {
     "502",
     "504",
 }
-_MISSING_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
 
 
 @dataclass
@@ -90,8 +97,10 @@ def get_client(endpoint_url: str | None = None):
 
 
 def _is_retryable(exc: BaseException) -> bool:
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
+    if fatal_error(exc, "") is not None or isinstance(exc, ParamValidationError):
+        return False  # credentials, access, a missing bucket or object, a malformed request
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
@@ -104,14 +113,16 @@ def _is_retryable(exc: BaseException) -> bool:
     return type(exc).__module__.startswith("urllib3")
 
 
-def _is_missing(exc: BaseException) -> bool:
-    from botocore.exceptions import ClientError
-
-    if not isinstance(exc, ClientError):
-        return False
-    err = exc.response.get("Error", {})
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-    return err.get("Code") in _MISSING_CODES or status == 404
+def _fatal(exc: BaseException, url: str, what: str) -> Exception | None:
+    """The error to raise at once for `exc` (see `megatron_ts.s3.fatal_error`), or None."""
+    fatal = fatal_error(exc, url, what)
+    if isinstance(fatal, S3NotFoundError) and not isinstance(fatal, S3BucketNotFoundError):
+        return S3NotFoundError.of(
+            url,
+            f"S3 object {url} does not exist (404); check the source URL and that the "
+            "manifest lists only uploaded shards",
+        )
+    return fatal
 
 
 class S3Reader(io.RawIOBase):
@@ -147,11 +158,9 @@ class S3Reader(io.RawIOBase):
         return True
 
     def _retry_or_raise(self, exc: BaseException, attempt: int, what: str) -> None:
-        if _is_missing(exc):
-            raise FileNotFoundError(
-                f"S3 object {self.url} does not exist (404); check the source URL and that the "
-                "manifest lists only uploaded shards"
-            ) from exc
+        fatal = _fatal(exc, self.url, what)
+        if fatal is not None:
+            raise fatal from exc
         if not _is_retryable(exc):
             raise OSError(f"S3 {what} of {self.url} failed: {exc}") from exc
         if attempt >= self.policy.max_attempts:

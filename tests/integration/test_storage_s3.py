@@ -10,6 +10,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from megatron_ts import storage
+from megatron_ts.s3 import S3AccessError
 
 MIB = 1 << 20
 
@@ -93,7 +94,7 @@ def test_failed_multipart_upload_is_aborted(s3_bucket, big_file, monkeypatch):
 
     monkeypatch.setattr(storage, "client", lambda e=None: _Proxy(real, upload_part=upload_part))
     url = f"s3://{bucket}/out/big.tar"
-    with pytest.raises(ClientError, match="AccessDenied"):
+    with pytest.raises(S3AccessError, match=rf"UploadPart {url} \(AccessDenied\)"):
         storage.upload_file(big_file, url, endpoint, part_size=5 * MIB, threshold=5 * MIB)
     assert parts == [1, 2]
     assert not real.list_multipart_uploads(Bucket=bucket).get("Uploads")  # nothing left behind

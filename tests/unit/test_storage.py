@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 from pathlib import Path
 
@@ -9,11 +10,17 @@ import pytest
 from botocore.exceptions import (
     ClientError,
     ConnectTimeoutError,
+    CredentialRetrievalError,
     EndpointConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
     ReadTimeoutError,
 )
 
 from megatron_ts import storage
+from megatron_ts.data import s3_stream
+from megatron_ts.errors import EXIT_STORAGE, EXIT_USAGE, classify
+from megatron_ts.s3 import S3AccessError, S3BucketNotFoundError, S3NotFoundError
 
 
 def _client_error(code: str, status: int) -> ClientError:
@@ -63,7 +70,7 @@ def test_retries_give_up_with_the_url_and_other_errors_are_not_retried(sleeps):
         raise _client_error("AccessDenied", 403)
 
     calls.clear()
-    with pytest.raises(ClientError, match="AccessDenied"):
+    with pytest.raises(S3AccessError, match=r"S3 refused GetObject s3://b/k \(AccessDenied\)"):
         storage.with_retries(denied, "s3://b/k")
     assert len(calls) == 1
 
@@ -108,3 +115,64 @@ def test_local_write_and_upload_are_atomic_and_return_sha256(tmp_path: Path):
     ]
     assert storage.stat_size(str(out)) == 10_000 and storage.stat_size(str(tmp_path / "no")) is None
     assert storage.list_prefix(str(tmp_path / "out"), suffix=".bin") == [str(out)]
+
+
+_FATAL = [
+    NoCredentialsError(),
+    PartialCredentialsError(provider="env", cred_var="AWS_SECRET_ACCESS_KEY"),
+    CredentialRetrievalError(provider="iam-role", error_msg="timed out"),
+    _client_error("AccessDenied", 403),
+    _client_error("InvalidAccessKeyId", 403),
+    _client_error("SignatureDoesNotMatch", 403),
+    _client_error("ExpiredToken", 400),
+    _client_error("InvalidToken", 400),
+    _client_error("AllAccessDisabled", 403),
+    _client_error("403", 403),  # what botocore makes of a HEAD answered 403 (no body)
+]
+
+
+@pytest.mark.parametrize(
+    "exc", _FATAL, ids=lambda e: e.response["Error"]["Code"] if hasattr(e, "response") else None
+)
+def test_credential_and_access_errors_fail_at_once_in_both_retry_loops(exc, sleeps):
+    """Built by hand for the codes moto cannot send (it answers InvalidAccessKeyId and 403)."""
+    calls = []
+
+    def refused():
+        calls.append(1)
+        raise exc
+
+    with pytest.raises(S3AccessError, match="s3://b/k") as info:
+        storage.with_retries(refused, "s3://b/k")
+    assert len(calls) == 1 and sleeps == [] and info.value.__cause__ is exc
+    assert classify(info.value)[0] == EXIT_STORAGE
+    assert not storage._retryable(exc) and not s3_stream._is_retryable(exc)
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "cls"),
+    [
+        ("NoSuchBucket", 404, S3BucketNotFoundError),
+        ("NoSuchKey", 404, S3NotFoundError),
+        ("404", 404, S3NotFoundError),
+    ],
+)
+def test_missing_bucket_or_object_is_a_file_not_found_error_naming_the_url(
+    code, status, cls, sleeps
+):
+    calls = []
+
+    def missing():
+        calls.append(1)
+        raise _client_error(code, status)
+
+    with pytest.raises(cls) as info:
+        storage.with_retries(missing, "s3://bkt/a/b.tar")
+    err = info.value
+    assert isinstance(err, FileNotFoundError) and len(calls) == 1 and sleeps == []
+    assert err.errno == errno.ENOENT and err.filename == "s3://bkt/a/b.tar"
+    assert "s3://bkt/a/b.tar" in str(err) and "\n" not in str(err)
+    if cls is S3BucketNotFoundError:
+        assert "S3 bucket 'bkt' does not exist" in str(err) and "create the bucket" in str(err)
+    assert classify(err) == (EXIT_USAGE, str(err))
+    assert not s3_stream._is_retryable(_client_error(code, status))
