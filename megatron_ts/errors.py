@@ -45,6 +45,7 @@ _DISK_FIXES = {
     errno.EPERM: ("operation not permitted", "fix the permissions or choose another directory"),
 }
 
+
 class KnownError(Exception):
     """Base for failures the tools report in one line; subclasses set `exit_code`."""
 

@@ -212,7 +212,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def _previous_hint(ckpt_dir: Path) -> str:
+def previous_hint(ckpt_dir: Path) -> str:
+    """What to fall back to from a damaged step directory: the previous complete one, named."""
     earlier = [p for p in _complete_steps(ckpt_dir.parent) if p.name < ckpt_dir.name]
     if earlier:
         return f"use the previous checkpoint {earlier[-1]}"
@@ -305,7 +306,7 @@ class _LayerReader:
     def _fail(self, path: Path, err: Exception) -> CheckpointError:
         return CheckpointError(
             f"{path} is truncated or corrupt ({type(err).__name__}: {err}); "
-            f"{_previous_hint(self.ckpt_dir)}"
+            f"{previous_hint(self.ckpt_dir)}"
         )
 
     def _open(self, path: Path):

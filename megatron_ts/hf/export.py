@@ -28,7 +28,9 @@ from pathlib import Path
 
 import torch
 
+from megatron_ts.checkpoint.integrity import verify
 from megatron_ts.checkpoint.model_files import (
+    WEIGHTS,
     choose_weights,
     iter_full_shapes,
     iter_full_state_dict,
@@ -279,11 +281,12 @@ def export_to_hf(
     spec = ModelSpec.from_dict(meta["model_spec"])
     caption_len, resolutions, tok = _stage_info(meta)
     downsample = int(tok.get("downsample") or 16)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     weights = choose_weights(ckpt_dir, weights)
+    verify(ckpt_dir, under=WEIGHTS[weights])  # before anything is written
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     log.info("exporting %s (step %s, %s weights) to %s", ckpt_dir, meta.get("step"), weights, out)
 
     weight_files = write_weights(ckpt_dir, spec, out, max_shard_size, DTYPES[dtype], weights)

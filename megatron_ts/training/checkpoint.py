@@ -27,6 +27,15 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_ts.checkpoint.integrity import (
+    CHECKSUMS_FILE,
+    damaged_error,
+    file_digest,
+    list_files,
+    problems,
+    read_checksums,
+    write_checksums,
+)
 from megatron_ts.checkpoint.model_files import (
     COMPLETE_FILE,
     EMA_DIR,
@@ -217,6 +226,8 @@ def _write_checkpoint(
                 **meta_extra,
             },
         )
+    _record_checksums(tmp)
+    if rank == 0:
         if final.exists():  # a re-save of the same step (e.g. the end-of-stage save)
             shutil.rmtree(final)
         tmp.rename(final)
@@ -225,6 +236,52 @@ def _write_checkpoint(
         log.info("saved checkpoint %s in %.1fs", final, time.perf_counter() - start)
     dist.barrier()
     return final
+
+
+def _slice_of_files(ckpt_dir: Path) -> tuple[list[str], list[str]]:
+    """(every file of the step directory, this rank's share of them): rank 0 lists, all agree."""
+    listing = [list_files(ckpt_dir) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(listing, src=0)
+    files = listing[0]
+    return files, files[dist.get_rank() :: dist.get_world_size()]
+
+
+def _record_checksums(tmp: Path) -> None:
+    """Collective: every rank hashes its share of the files; rank 0 writes checksums.json."""
+    _, mine = _slice_of_files(tmp)
+    digests = {rel: file_digest(tmp / rel) for rel in mine}
+    gathered: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, digests)
+    if dist.get_rank() == 0:
+        write_checksums(tmp, {k: v for part in gathered for k, v in part.items()})
+
+
+def verify_checkpoint(ckpt_dir: Path) -> None:
+    """Collective: every file of `ckpt_dir` against checksums.json, each rank a share of them.
+
+    Raises:
+        CheckpointError: on every rank, naming the damaged files and the checkpoint to fall
+            back to.
+    """
+    recorded: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            recorded[0] = read_checksums(ckpt_dir) or {}
+        except CheckpointError as err:
+            recorded[0] = str(err)  # every rank raises it, none waits in a collective
+    dist.broadcast_object_list(recorded, src=0)
+    if isinstance(recorded[0], str):
+        raise CheckpointError(recorded[0])
+    if not recorded[0]:
+        log.warning("%s has no %s: its files are read unverified", ckpt_dir, CHECKSUMS_FILE)
+        return
+    paths = sorted(recorded[0])[dist.get_rank() :: dist.get_world_size()]
+    found = problems(ckpt_dir, recorded[0], paths)
+    gathered: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, found)
+    found = [p for part in gathered for p in part]
+    if found:
+        raise damaged_error(ckpt_dir, found)
 
 
 class _gathered:
@@ -282,6 +339,7 @@ def load_checkpoint(
     Returns:
         (train state, this DP rank's loader state or None, "exact" | "weights").
     """
+    verify_checkpoint(ckpt_dir)
     meta = read_meta(ckpt_dir)
     state = TrainState(**meta["train_state"])
     same_spec = meta["model_spec"] == stage_engine.spec.to_dict()

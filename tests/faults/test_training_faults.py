@@ -277,12 +277,29 @@ def _flip(path: Path) -> None:
         ("meta.json", _truncate, ()),
         ("meta.json", _flip, ()),
         ("rng/rank_00000.pt", _truncate, ()),
+        ("rng/rank_00000.pt", _flip, ()),
         ("loader/dp_00000.json", _truncate, ()),
+        ("loader/dp_00000.json", _flip, ()),
         ("deepspeed/ds/mp_rank_00_model_states.pt", _truncate, ()),
+        ("deepspeed/ds/mp_rank_00_model_states.pt", _flip, ()),
+        ("model/layer_001-tp00.safetensors", _flip, ()),
+        ("checksums.json", _truncate, ()),
         # a layout change reads the per-layer files instead of DeepSpeed's
         ("model/layer_001-tp00.safetensors", _truncate, ("--parallel.zero_stage", "0")),
     ],
-    ids=["meta-truncated", "meta-flipped", "rng", "loader", "deepspeed", "layer-file"],
+    ids=[
+        "meta-truncated",
+        "meta-flipped",
+        "rng-truncated",
+        "rng-flipped",
+        "loader-truncated",
+        "loader-flipped",
+        "deepspeed-truncated",
+        "deepspeed-flipped",
+        "layer-file-flipped",
+        "checksums-truncated",
+        "layer-file-truncated-layout-change",
+    ],
 )
 def test_damaged_checkpoint_file_is_named_and_kept(reference, tmp_path, part, damage, extra):
     run_dir = tmp_path / "run"
@@ -366,3 +383,23 @@ def test_loader_state_of_another_configuration_is_one_line(reference, tmp_path):
     proc = _train(run_dir, "--train.steps", "10", "--job.seed", "7")
     assert proc.returncode == EXIT_DATA, proc.stderr[-3000:]
     assert "seed" in _one_line(proc.stderr, "ts-train:")
+
+
+def test_export_of_a_changed_layer_file_is_refused_before_writing(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    layer = run_dir / "checkpoints/step_00000010/model/layer_002-tp00.safetensors"
+    _flip(layer)
+    out = tmp_path / "hf"
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_ts.convert.cli", "to-hf", str(run_dir), str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]  # ts-convert: every unusable input is 2
+    line = _one_line(proc.stderr, "ts-convert:")
+    assert str(layer) in line and "sha256" in line
+    assert not out.exists()
