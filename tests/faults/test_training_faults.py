@@ -226,7 +226,14 @@ def small_disk(tmp_path):
 
 def test_full_disk_keeps_the_last_good_checkpoint_and_recovers(small_disk, reference):
     run_dir = small_disk / "run"
-    args = ("--train.steps", "10", "--checkpoint.interval_steps", "2", "--checkpoint.keep_last", "2")
+    args = (
+        "--train.steps",
+        "10",
+        "--checkpoint.interval_steps",
+        "2",
+        "--checkpoint.keep_last",
+        "2",
+    )
     proc = _train(run_dir, *args)
     assert proc.returncode == EXIT_STORAGE, proc.stderr[-3000:]
     line = _one_line(proc.stderr, "ts-train:")

@@ -54,7 +54,11 @@ def test_known_classes_carry_their_documented_code():
         (OSError(errno.ENOSPC, "No space left on device", "/runs/a/x"), 4, "disk full (/runs/a/x)"),
         (OSError(errno.EROFS, "Read-only file system", "/ro/run"), 4, "read-only file system"),
         (PermissionError(errno.EACCES, "Permission denied", "/etc/x"), 4, "permission denied"),
-        (FileNotFoundError(errno.ENOENT, "No such file", "/nope.toml"), 2, "not found (/nope.toml)"),
+        (
+            FileNotFoundError(errno.ENOENT, "No such file", "/nope.toml"),
+            2,
+            "not found (/nope.toml)",
+        ),
     ],
 )
 def test_platform_errors_become_one_line(err, code, words):
