@@ -410,3 +410,36 @@ def test_export_of_a_changed_layer_file_is_refused_before_writing(reference, tmp
     line = _one_line(proc.stderr, "ts-convert:")
     assert str(layer) in line and "sha256" in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("pipeline", [1, 2], ids=["dp2", "pp2"])
+def test_nonfinite_guard_agrees_across_ranks(tmp_path, pipeline):
+    """ZeRO-0 fp32 on two ranks (data- or pipeline-parallel): every rank skips the same steps."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(29700 + pipeline),
+            *_cmd(run_dir, "--parallel.pipeline", str(pipeline), "--parallel.zero_stage", "0")[1:],
+            *("--optim.lr", "1e4", "--optim.warmup_steps", "0", "--train.steps", "8"),
+            *("--checkpoint.interval_steps", "1", "--train.max_nonfinite_in_row", "3"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+    )
+    # torchrun reports a failed worker with exit 1 and a traceback of its own; each rank's line
+    # is the contract (srun, used by slurm/train.sbatch, passes the rank's code through)
+    assert proc.returncode != 0
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("ts-train: 3 non-finite steps")]
+    assert len(lines) == 2, proc.stderr[-3000:]
+    assert [c.name for c in _checkpoints(run_dir)] == ["step_00000001"]
+    assert _all_finite(run_dir / "checkpoints/step_00000001")
+    assert [r["train/skipped_steps"] for r in _metrics(run_dir)] == [0, 1, 2, 3]
