@@ -334,7 +334,7 @@ def _is_done(output: str, index: int, url: str, endpoint_url: str | None) -> dic
         return None
     try:
         rec = json.loads(storage.read_bytes(rec_url, endpoint_url))
-    except (json.JSONDecodeError, OSError):
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return None
     if rec.get("url") != url or rec.get("failed"):
         return None  # another input list, or a failure that may have been transient: redo it
@@ -473,6 +473,17 @@ def tokenize(
     return result
 
 
+def _read_record(url: str, endpoint_url: str | None) -> dict:
+    """A rank summary or done record, with a damaged one named (ValueError: usage, exit 2)."""
+    try:
+        return json.loads(storage.read_bytes(url, endpoint_url))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"{url} is damaged ({exc}): delete it and re-run the rank that wrote it (inputs it "
+            "finished are skipped)"
+        ) from None
+
+
 def merge(output: str, endpoint_url: str | None = None) -> str:
     """Writes manifest.json of `output` from its rank summaries and per-input done records.
 
@@ -483,7 +494,7 @@ def merge(output: str, endpoint_url: str | None = None) -> str:
     rank_urls = storage.list_prefix(storage.join(output, RANKS_DIR), endpoint_url, ".json")
     if not rank_urls:
         raise ValueError(f"{output}: no rank summaries under {RANKS_DIR}/; run `ts-data tokenize`")
-    summaries = [json.loads(storage.read_bytes(u, endpoint_url)) for u in rank_urls]
+    summaries = [_read_record(u, endpoint_url) for u in rank_urls]
     world = max(s["world_size"] for s in summaries)
     latest = {s["rank"]: s for s in summaries if s["world_size"] == world}
     missing = sorted(set(range(world)) - set(latest))
@@ -510,7 +521,7 @@ def merge(output: str, endpoint_url: str | None = None) -> str:
                 f"{output}: input shard #{index} has no done record ({rec_url}); re-run rank "
                 f"{index % world} of {world}"
             )
-        rec = json.loads(storage.read_bytes(rec_url, endpoint_url))
+        rec = _read_record(rec_url, endpoint_url)
         shards += [ShardEntry(**s) for s in rec["shards"]]
         for s in rec["skipped"]:
             reasons[s["reason"].split(":")[0]] += 1

@@ -194,7 +194,7 @@ def load_manifest(url: str, endpoint_url: str | None = None) -> Manifest:
         ) from exc
     try:
         data = json.loads(raw)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{murl} is not valid JSON: {exc}") from exc
     return Manifest.from_dict(data, murl)
 

@@ -84,7 +84,7 @@ def _load_manifest(url: str, endpoint_url: str | None) -> dict:
         ) from exc
     try:
         manifest = json.loads(raw)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataSourceError(f"source manifest {url} is not valid JSON: {exc}") from exc
     for key in ("format", "grid", "shards"):
         if key not in manifest:

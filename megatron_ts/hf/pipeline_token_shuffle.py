@@ -61,7 +61,7 @@ def _read_json(path: Path, what: str) -> dict:
         raise ModelDirError(f"{path} is missing ({what}); re-run `ts-convert to-hf` into this dir")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelDirError(f"{path} is not valid JSON ({err})") from None
 
 

@@ -371,9 +371,10 @@ def test_changed_shard_stops_training_naming_it(tmp_path, damage):
     assert shard.name in line and "max_error_rate" in line
 
 
-def test_damaged_manifest_is_one_line(tmp_path):
+@pytest.mark.parametrize("damage", [_flip, _truncate], ids=["bit-flip", "truncated"])
+def test_damaged_manifest_is_one_line(tmp_path, damage):
     src = write_source(tmp_path, shards=2, per_shard=8, name="a", grid=4)
-    _truncate(src / "manifest.json")
+    damage(src / "manifest.json")
     run_dir = tmp_path / "run"
     config = tmp_path / "shards.toml"
     config.write_text(SHARD_CONFIG.format(run_dir=run_dir, src=src))
