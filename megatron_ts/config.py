@@ -245,7 +245,10 @@ class CheckpointConfig:
     keep_last: int = 3
     """Checkpoints kept in the run directory; older ones are deleted after a good save."""
     load: str | None = None
-    """Initialise from this checkpoint or HF directory when the run directory has none."""
+    """Initialise from this checkpoint or HF directory when the run directory has none: weights
+    only (docs/checkpoint.md)."""
+    load_optimizer: bool = False
+    """With checkpoint.load: also load the optimizer state (same layout and model only)."""
     resume: bool = True
     """Resume from the run directory's latest checkpoint when one exists."""
     save_on_exit: bool = True
@@ -781,6 +784,11 @@ def validate(cfg: Config, world_size: int | None = 1) -> list[ResolvedStage]:
         raise ConfigError("parallel.sequence_parallel = true needs parallel.tensor > 1")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last = {cfg.checkpoint.keep_last}; keep at least 1")
+    if cfg.checkpoint.load_optimizer and cfg.checkpoint.load is None:
+        raise ConfigError(
+            "checkpoint.load_optimizer = true without checkpoint.load; set checkpoint.load to the "
+            "checkpoint whose optimizer state to load, or drop checkpoint.load_optimizer"
+        )
     if not 0.0 <= cfg.data.caption_dropout < 1.0:
         raise ConfigError(f"data.caption_dropout = {cfg.data.caption_dropout}; use 0 <= p < 1")
 

@@ -169,6 +169,76 @@ def _complete_steps(ckpt_root: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: p.name)
 
 
+HF_CONFIG_FILE = "config.json"
+
+
+def is_hf_directory(path: str | Path) -> bool:
+    """Whether `path` is a Hugging Face model directory (config.json) rather than a checkpoint."""
+    path = Path(path)
+    return (
+        (path / HF_CONFIG_FILE).is_file()
+        and not (path / META_FILE).exists()
+        and not (path / LATEST_FILE).exists()
+        and not (path / "checkpoints").is_dir()
+    )
+
+
+# model_spec fields a checkpoint must share with the model it initialises, and the config field
+# a user changes to match; the layout fields (tensor_parallel, attention_backend,
+# activation_checkpointing) and init_std (which loaded weights override) may differ.
+_SPEC_FIELDS = (
+    ("shape.hidden_size", "model.hidden_size"),
+    ("shape.num_layers", "model.num_layers"),
+    ("shape.num_heads", "model.num_heads"),
+    ("shape.num_kv_heads", "model.num_kv_heads"),
+    ("shape.ffn_hidden_size", "model.ffn_hidden_size"),
+    ("vocab.text_size", "tokenizer.text_size"),
+    ("vocab.codebook_size", "tokenizer.codebook_size"),
+    ("vocab.specials", "the special tokens (vocab.specials)"),
+    ("vocab.text_tokenizer", "tokenizer.text"),
+    ("vocab.vq_tokenizer", "tokenizer.vq_format / tokenizer.vq_checkpoint"),
+    ("vocab_multiple", "model.vocab_multiple"),
+    ("rope_theta", "model.rope_theta"),
+    ("norm_eps", "model.norm_eps"),
+    ("shuffle_window", "model.shuffle_window"),
+    ("shuffle_mlp_blocks", "model.shuffle_mlp_blocks"),
+)
+
+
+def check_spec(source_spec: dict, run_spec: dict, source: Path) -> None:
+    """Checks that a checkpoint's model spec fits the model it initialises (`checkpoint.load`).
+
+    A source without token-shuffle (window 1) fits a run with any window: the run's shuffle
+    layers keep their initial values, as when a curriculum turns token-shuffle on.
+
+    Args:
+        source_spec: the checkpoint's `model_spec` (meta.json, or an HF export's config.json).
+        run_spec: `ModelSpec.to_dict()` of the model being trained.
+        source: the checkpoint, named in the error.
+
+    Raises:
+        CheckpointError: one line naming the first field that differs and both values.
+    """
+    skip = set()
+    if source_spec.get("shuffle_window") == 1:
+        skip = {"shuffle_window", "shuffle_mlp_blocks"}
+    for key, field in _SPEC_FIELDS:
+        if key in skip:
+            continue
+        theirs, ours = source_spec, run_spec
+        for part in key.split("."):
+            theirs = theirs.get(part) if isinstance(theirs, dict) else None
+            ours = ours.get(part) if isinstance(ours, dict) else None
+        if isinstance(theirs, list | tuple):
+            theirs, ours = list(theirs), list(ours or [])
+        if theirs != ours:
+            raise CheckpointError(
+                f"checkpoint.load {source} holds another model: {field} is {theirs!r} there and "
+                f"{ours!r} in this run ({key} of the model spec); load a checkpoint of this "
+                f"model or change {field} to match"
+            )
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """Finds the checkpoint directory a user means.
 
@@ -197,6 +267,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
         path = target
     elif not (path / META_FILE).exists():
         steps = _complete_steps(path) if path.is_dir() else []
+        if not steps and is_hf_directory(path):
+            raise CheckpointError(
+                f"{path} is a Hugging Face model directory, not a training checkpoint; "
+                "`ts-convert from-hf` turns it into one (checkpoint.load reads it directly)"
+            )
         if not steps:
             raise CheckpointError(
                 f"{path} holds no checkpoint (no meta.json, no `latest`, no complete step_* dir)"

@@ -308,6 +308,50 @@ def _from_llama(
     )
 
 
+def _export_config(src: Path) -> dict:
+    """config.json of an export of ours (`model_type` token_shuffle), checked."""
+    cfg_path = src / "config.json"
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise HFImportError(f"{cfg_path} cannot be read ({type(err).__name__}: {err})") from None
+    if config.get("model_type") != "token_shuffle":
+        raise HFImportError(
+            f"{cfg_path}: model_type {config.get('model_type')!r}; checkpoint.load reads "
+            "token_shuffle exports (ts-convert to-hf) directly; turn other models into a "
+            "checkpoint with `ts-convert from-hf` first and load that"
+        )
+    if not config.get("model_spec"):
+        raise HFImportError(f"{cfg_path} has no model_spec (written by ts-convert to-hf)")
+    return config
+
+
+def export_model_spec(src: str | Path) -> dict:
+    """The model spec (`ModelSpec.to_dict()` form) of an export of ours, from its config.json.
+
+    Raises:
+        HFImportError: not an export of ours (another model_type, no model_spec).
+    """
+    return ModelSpec.from_dict(_export_config(Path(src))["model_spec"]).to_dict()
+
+
+def checkpoint_from_export(src: str | Path, out: str | Path) -> Path:
+    """An export of ours as a checkpoint (`checkpoint.load` of an HF directory).
+
+    The same conversion as `ts-convert from-hf` (safetensors and JSON only, nothing unpickled),
+    plus checksums.json so the load verifies the files like any other checkpoint.
+
+    Raises:
+        HFImportError: not an export of ours, or a weight file missing.
+    """
+    from megatron_ts.checkpoint.integrity import file_digest, list_files, write_checksums
+
+    src, out = Path(src), Path(out)
+    ckpt = _from_export(src, _export_config(src), out)
+    write_checksums(ckpt, {rel: file_digest(ckpt / rel) for rel in list_files(ckpt)})
+    return ckpt
+
+
 def import_from_hf(
     src: str | Path,
     out: str | Path,

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from megatron_ts.checkpoint.integrity import (
     CHECKSUMS_FILE,
@@ -55,6 +57,7 @@ from megatron_ts.training.nonfinite import check_weights_finite
 log = get_logger(__name__)
 
 CHECKPOINTS = "checkpoints"
+HISTORY_STEPS = 1000  # meta.json is rewritten at every save: keep it small at 10^6 steps
 
 
 @dataclass
@@ -76,7 +79,12 @@ class TrainState:
     nonfinite_in_row: int = 0
     """Consecutive skipped steps at the time of the save."""
     history: list = field(default_factory=list)
-    """(global_step, loss) of every step, for exact-resume checks and the curriculum report."""
+    """(global_step, loss) of the last HISTORY_STEPS steps (metrics.jsonl keeps every step)."""
+
+    def record(self, loss: float) -> None:
+        """Appends this step's loss to the bounded history."""
+        self.history.append([self.global_step, loss])
+        del self.history[:-HISTORY_STEPS]
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -102,6 +110,15 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return resolve_checkpoint(root)
 
 
+RNG_FORMAT = "megatron_ts.rng/1"
+"""Format tag in the metadata of `rng/rank_RRRRR.safetensors`."""
+
+
+def rng_file(ckpt_dir: Path, rank: int) -> Path:
+    """A rank's RNG state file of a step directory."""
+    return Path(ckpt_dir) / "rng" / f"rank_{rank:05d}.safetensors"
+
+
 def _rng_state() -> dict:
     state = {
         "python": random.getstate(),
@@ -119,6 +136,90 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_rng(path: Path, state: dict) -> None:
+    """Writes `_rng_state()` as safetensors: data, never code (a pickle runs code when read).
+
+    Tensors: `torch` and `cuda` (the generators' uint8 state), `python_mt` (the 625 ints of
+    `random.getstate()[1]`: 624 MT19937 words and the index) and `numpy_key` (the 624 words of the
+    numpy MT19937 key), both int64. Metadata (JSON strings): `python` {version, gauss_next},
+    `numpy` {bit_generator, pos, has_gauss, cached_gaussian}; JSON floats round-trip exactly.
+    """
+    version, words, gauss_next = state["python"]
+    bit_generator, key, pos, has_gauss, cached_gaussian = state["numpy"]
+    tensors = {
+        "torch": state["torch"].contiguous(),
+        "python_mt": torch.tensor(words, dtype=torch.int64),
+        "numpy_key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+    }
+    if "cuda" in state:
+        tensors["cuda"] = state["cuda"].cpu().contiguous()
+    metadata = {
+        "format": RNG_FORMAT,
+        "python": json.dumps({"version": version, "gauss_next": gauss_next}),
+        "numpy": json.dumps(
+            {
+                "bit_generator": bit_generator,
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "cached_gaussian": float(cached_gaussian),
+            }
+        ),
+    }
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _read_rng(path: Path) -> dict:
+    """The state `_write_rng` wrote, in `_rng_state()`'s form; ValueError when it is not one."""
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iter
+    if metadata.get("format") != RNG_FORMAT:
+        raise ValueError(f"format {metadata.get('format')!r}, expected {RNG_FORMAT!r}")
+    python = json.loads(metadata["python"])
+    numpy = json.loads(metadata["numpy"])
+    state = {
+        "python": (
+            python["version"],
+            tuple(int(w) for w in tensors["python_mt"].tolist()),
+            python["gauss_next"],
+        ),
+        "numpy": (
+            numpy["bit_generator"],
+            tensors["numpy_key"].numpy().astype(np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        ),
+        "torch": tensors["torch"],
+    }
+    if "cuda" in tensors:
+        state["cuda"] = tensors["cuda"]
+    return state
+
+
+def _restore_rng(ckpt_dir: Path, rank: int) -> None:
+    """Restores this rank's RNG state; never unpickles (an old `rng/*.pt` is tried as weights
+    only and otherwise skipped with a warning: that resume is not bit-exact)."""
+    path = rng_file(ckpt_dir, rank)
+    if path.is_file():
+        _set_rng_state(_read_part(path, ckpt_dir, _read_rng))
+        return
+    old = path.with_suffix(".pt")
+    if not old.is_file():
+        return
+    try:
+        # python tuples and numpy arrays are not among the types weights_only admits: this
+        # fails for the files older versions wrote, and it never runs code from the file
+        _set_rng_state(torch.load(old, map_location="cpu", weights_only=True))
+    except Exception as err:  # noqa: BLE001 - refused pickles raise assorted errors
+        log.warning(
+            "%s is a pickle from an older version and is not unpickled (a pickle can run code; "
+            "%s): the RNG state is not restored, so this resume is not bit-exact",
+            old,
+            type(err).__name__,
+        )
 
 
 def save_checkpoint(
@@ -208,7 +309,7 @@ def _write_checkpoint(
         and parallel_state.get_pipeline_model_parallel_rank() == 0
     ):
         (tmp / "loader" / f"dp_{dp_rank:05d}.json").write_text(json.dumps(loader_state))
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    _write_rng(rng_file(tmp, rank), _rng_state())
     if os.environ.get("MEGATRON_TS_KILL_IN_SAVE") == str(state.global_step):
         # Fault injection for the atomicity test: die with the save half written.
         os.kill(os.getpid(), signal.SIGKILL)
@@ -327,6 +428,7 @@ def load_checkpoint(
     load_optimizer: bool,
     allow_missing: tuple[str, ...] = (),
     load_average: bool = False,
+    load_rng: bool = True,
 ) -> tuple[TrainState, dict | None, str]:
     """Restores weights (and optimizer when possible) into `stage_engine`.
 
@@ -335,6 +437,8 @@ def load_checkpoint(
     layout and the optimizer starts fresh (logged). An engine with a weight average
     (`stage_engine.ema`) reads it from `model_ema/` when `load_average` (a resume inside a
     stage) and the checkpoint has one; otherwise the average restarts at the loaded weights.
+    Every rank's RNG state is restored with an exact load, unless `load_rng` is False (a
+    `checkpoint.load` of another run's optimizer state).
 
     Returns:
         (train state, this DP rank's loader state or None, "exact" | "weights").
@@ -388,9 +492,8 @@ def load_checkpoint(
         _refresh_optimizer_master(stage_engine.engine)
     if ema is not None and not average_loaded:
         ema.capture()
-    rng_file = ckpt_dir / "rng" / f"rank_{dist.get_rank():05d}.pt"
-    if rng_file.is_file() and mode == "exact":
-        _set_rng_state(_read_part(rng_file, ckpt_dir, lambda f: torch.load(f, weights_only=False)))
+    if mode == "exact" and load_rng:
+        _restore_rng(ckpt_dir, dist.get_rank())
     loader_file = ckpt_dir / "loader" / f"dp_{parallel_state.get_data_parallel_rank():05d}.json"
     loader_state = (
         _read_part(loader_file, ckpt_dir, lambda f: json.loads(f.read_text()))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_ts.config import Config, ResolvedStage, save_resolved, validate
+from megatron_ts.config import Config, ConfigError, ResolvedStage, save_resolved, validate
 from megatron_ts.distributed.init import init_distributed, init_model_parallel
 from megatron_ts.errors import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE
 from megatron_ts.logging import get_logger, setup_logging
@@ -36,6 +37,7 @@ from megatron_ts.training.engine import StageEngine
 from megatron_ts.training.lr_schedule import learning_rate
 from megatron_ts.training.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb
 from megatron_ts.training.plan import vocab_from_config
+from megatron_ts.training.run_lock import RunDirBusyError, RunLock
 
 log = get_logger(__name__)
 
@@ -94,6 +96,8 @@ def _stage_meta(stage: ResolvedStage, downsample: int) -> dict:
         "shuffle_window": stage.shuffle_window,
         "caption_len": stage.caption_len,
         "grid": stage.grid(downsample),
+        "steps": stage.steps,
+        "global_batch": stage.global_batch,
     }
 
 
@@ -108,6 +112,8 @@ class Trainer:
         self.device = _device(dist.get_backend())
         self.bf16 = _use_bf16(cfg.train.precision, self.device)
         self.run_dir = Path(cfg.job.run_dir)
+        self.lock = self._lock_run_dir()
+        self._extension: tuple[int, int, int] | None = None
         # Leftovers of an interrupted save go first: after a full disk they hold the space
         # that writing config.json needs.
         clean_incomplete(self.run_dir)
@@ -119,6 +125,17 @@ class Trainer:
         self.signals = SignalFlag()
         self.peak = device_peak_tflops(cfg.logging)
 
+    def _lock_run_dir(self) -> RunLock | None:
+        """Rank 0 locks the run directory before anything touches it; every rank learns how."""
+        lock, verdict = None, [None]
+        if self.rank == 0:
+            lock = RunLock(self.run_dir)
+            verdict[0] = lock.acquire()
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None:
+            raise RunDirBusyError(verdict[0])
+        return lock
+
     def run(self) -> int:
         cfg = self.cfg
         latest = latest_checkpoint(self.run_dir) if cfg.checkpoint.resume else None
@@ -126,10 +143,20 @@ class Trainer:
         if latest is not None:
             from megatron_ts.checkpoint.model_files import read_meta
 
-            state = TrainState(**read_meta(latest)["train_state"])
+            meta = read_meta(latest)
+            state = self._extend_finished(TrainState(**meta["train_state"]), meta, latest)
             log.info(
                 "resuming from %s (stage %d, step %d)", latest, state.stage_index, state.global_step
             )
+        if state.stage_index >= len(self.stages):
+            log.info(
+                "nothing to train: the run finished at step %d with all %d stages; raise the last "
+                "stage's steps or add a stage to train on",
+                state.global_step,
+                len(self.stages),
+            )
+            self.metrics.close()
+            return EXIT_OK
         try:
             for stage in self.stages[state.stage_index :]:
                 code = self._run_stage(stage, state, latest)
@@ -140,6 +167,44 @@ class Trainer:
             self.metrics.close()
         log.info("training finished at step %d", state.global_step)
         return EXIT_OK
+
+    def _extend_finished(self, state: TrainState, meta: dict, latest: Path) -> TrainState:
+        """Re-enters the stage a checkpoint ended when the config now gives it more steps.
+
+        A save at the end of stage k (stage_index k + 1, stage_step 0) records the steps k was
+        configured with. With more steps now, training continues in k where it stopped: the
+        optimizer, the loader position and the step counts carry on, and the learning rate
+        follows the schedule of the new length (at the resumed step, the rate a run configured
+        with the new length from the start would use there; docs/curriculum.md).
+        """
+        done, k = meta.get("stage") or {}, state.stage_index - 1
+        if state.stage_step != 0 or not 0 <= k < len(self.stages) or "steps" not in done:
+            return state
+        stage = self.stages[k]
+        if done.get("index") != k or done.get("name") != stage.name or stage.steps <= done["steps"]:
+            return state
+        if not any((latest / "loader").glob("*.json")):
+            raise ConfigError(
+                f"cannot extend stage {stage.name} ({latest}): the checkpoint holds no loader "
+                "state, so its data would start over; add a curriculum stage instead"
+            )
+        old = done["steps"]
+        args = (stage.lr, stage.min_lr, stage.warmup_steps, stage.schedule)
+        log.warning(
+            "extending stage %s from %d to %d steps: the learning rate follows the new length "
+            "(%.3g at its last step, %.3g at the next)",
+            stage.name,
+            old,
+            stage.steps,
+            learning_rate(old - 1, old, *args, self.cfg.optim.decay_fraction),
+            learning_rate(old, stage.steps, *args, self.cfg.optim.decay_fraction),
+        )
+        state.stage_index, state.stage_step = k, old
+        state.stage_samples = old * done.get("global_batch", stage.global_batch)
+        # the checkpoint's own train state says "stage k done": _run_stage puts this back after
+        # restoring from it
+        self._extension = (k, state.stage_step, state.stage_samples)
+        return state
 
     # -- one stage ---------------------------------------------------------------------------
 
@@ -198,19 +263,69 @@ class Trainer:
                 loader.load_state_dict(loader_state)
             log.info("resumed stage %s at step %d (%s)", stage.name, restored.stage_step, mode)
             return restored
-        source = latest
-        if source is None and cfg.checkpoint.load:
-            from megatron_ts.checkpoint.model_files import resolve_checkpoint
-
-            source = resolve_checkpoint(cfg.checkpoint.load)
-        if source is not None:
+        if latest is not None:  # a stage boundary of this run: what carry_over says
             _, _, mode = load_checkpoint(
-                source,
+                latest,
                 engine,
                 load_optimizer=stage.carry_over == "weights+optimizer",
                 allow_missing=("shuffle.",),
             )
-            log.info("stage %s starts from %s (%s)", stage.name, source, mode)
+            log.info("stage %s starts from %s (%s)", stage.name, latest, mode)
+            return state
+        if not cfg.checkpoint.load:
+            return state
+        # checkpoint.load: weights only (safetensors, no pickle), the optimizer state only with
+        # checkpoint.load_optimizer, never the other run's RNG, loader position or step count
+        from megatron_ts.checkpoint.model_files import (
+            CheckpointError,
+            check_spec,
+            is_hf_directory,
+            read_meta,
+            resolve_checkpoint,
+        )
+
+        load = Path(cfg.checkpoint.load)
+        scratch = None
+        if is_hf_directory(load):
+            from megatron_ts.hf.import_hf import checkpoint_from_export, export_model_spec
+
+            check_spec(export_model_spec(load), engine.spec.to_dict(), load)
+            if cfg.checkpoint.load_optimizer:
+                raise CheckpointError(
+                    f"checkpoint.load {load} is a Hugging Face export, which holds no optimizer "
+                    "state; set checkpoint.load_optimizer = false"
+                )
+            # rank 0 converts it into the run directory (shared by all ranks, like checkpoints)
+            scratch = self.run_dir / ".checkpoint-load-hf"
+            failed: list[str | None] = [None]
+            if self.rank == 0:
+                try:
+                    if scratch.exists():
+                        shutil.rmtree(scratch)  # left by an interrupted start
+                    checkpoint_from_export(load, scratch)
+                except Exception as err:  # noqa: BLE001 - every rank raises it, none waits
+                    failed[0] = f"checkpoint.load {load}: {type(err).__name__}: {err}"
+            dist.broadcast_object_list(failed, src=0)
+            if failed[0] is not None:
+                raise CheckpointError(failed[0])
+            source = scratch
+        else:
+            source = resolve_checkpoint(load)
+            check_spec(read_meta(source)["model_spec"], engine.spec.to_dict(), source)
+        try:
+            _, _, mode = load_checkpoint(
+                source,
+                engine,
+                load_optimizer=cfg.checkpoint.load_optimizer,
+                allow_missing=("shuffle.",),
+                load_rng=False,
+            )
+        finally:
+            if scratch is not None:
+                dist.barrier()
+                if self.rank == 0:
+                    shutil.rmtree(scratch, ignore_errors=True)
+        log.info("stage %s starts from checkpoint.load %s (%s)", stage.name, load, mode)
         return state
 
     def _run_stage(self, stage: ResolvedStage, state: TrainState, latest: Path | None) -> int:
@@ -220,6 +335,9 @@ class Trainer:
         restored = self._restore(stage, engine, loader, state, latest)
         for key, value in vars(restored).items():
             setattr(state, key, value)
+        if self._extension is not None and self._extension[0] == stage.index:
+            state.stage_index, state.stage_step, state.stage_samples = self._extension
+            self._extension = None
         batches = iter(loader) if loader is not None else None
         shape = resolve_model_shape(cfg.model)
         flops_per_sample = sample_flops(
@@ -271,7 +389,7 @@ class Trainer:
                 state.stage_step += 1
                 state.consumed_samples += stage.global_batch
                 state.stage_samples += stage.global_batch
-                state.history.append([state.global_step, result.loss])
+                state.record(result.loss)
 
                 finite = math.isfinite(result.loss) and not result.skipped
                 if not finite:
@@ -371,7 +489,8 @@ class Trainer:
             state.stage_step = 0
             state.stage_samples = 0
             if cfg.checkpoint.save_on_exit or state.stage_index < len(self.stages):
-                self._save(engine, state, None, meta_extra)
+                # with the loader position, so that the stage can be extended later
+                self._save(engine, state, loader, meta_extra)
             return EXIT_OK
         finally:
             if loader is not None:

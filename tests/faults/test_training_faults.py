@@ -283,8 +283,8 @@ def _flip(path: Path) -> None:
     [
         ("meta.json", _truncate, ()),
         ("meta.json", _flip, ()),
-        ("rng/rank_00000.pt", _truncate, ()),
-        ("rng/rank_00000.pt", _flip, ()),
+        ("rng/rank_00000.safetensors", _truncate, ()),
+        ("rng/rank_00000.safetensors", _flip, ()),
         ("loader/dp_00000.json", _truncate, ()),
         ("loader/dp_00000.json", _flip, ()),
         ("deepspeed/ds/mp_rank_00_model_states.pt", _truncate, ()),
@@ -444,3 +444,58 @@ def test_nonfinite_guard_agrees_across_ranks(tmp_path, pipeline):
     assert [c.name for c in _checkpoints(run_dir)] == ["step_00000001"]
     assert _all_finite(run_dir / "checkpoints/step_00000001")
     assert [r["train/skipped_steps"] for r in _metrics(run_dir)] == [0, 1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Two trainers, finished runs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_second_trainer_on_the_same_run_directory_stops(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**ENV, "MEGATRON_TS_STEP_DELAY": "0.5"}
+    first = subprocess.Popen(
+        _cmd(run_dir, "--train.steps", "40", "--checkpoint.interval_steps", "2"),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text()):
+            time.sleep(0.1)
+        proc = _train(run_dir, "--train.steps", "40")
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        line = _one_line(proc.stderr, "ts-train:")
+        assert f"pid {first.pid}" in line and str(run_dir) in line
+        assert first.poll() is None  # the first one trains on, its saves untouched
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    # the kernel dropped the lock with the killed process: the next start proceeds
+    proc = _train(run_dir, "--train.steps", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_finished_run_extends_exactly(tmp_path):
+    """3 steps, then the same run with 6: equal to a 6-step run (constant LR after warmup)."""
+    flags = ("--optim.schedule", "constant", "--checkpoint.interval_steps", "100")
+    whole = tmp_path / "whole"
+    assert _train(whole, "--train.steps", "6", *flags).returncode == 0
+    run_dir = tmp_path / "run"
+    assert _train(run_dir, "--train.steps", "3", *flags).returncode == 0
+    proc = _train(run_dir, "--train.steps", "6", *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "extending stage" in proc.stderr
+    ours, ref = _losses(run_dir), _losses(whole)
+    assert sorted(ours) == list(range(1, 7))
+    for step in range(4, 7):  # same optimizer state and the next samples, not the first ones
+        assert ours[step] == pytest.approx(ref[step], abs=1e-6), step
+    meta = json.loads((run_dir / "checkpoints" / _latest(run_dir) / "meta.json").read_text())
+    assert meta["train_state"]["global_step"] == 6
+    # nothing left to do: says so, trains nothing
+    proc = _train(run_dir, "--train.steps", "6", *flags)
+    assert proc.returncode == 0 and "nothing to train" in proc.stderr
+    assert sorted(_losses(run_dir)) == list(range(1, 7))

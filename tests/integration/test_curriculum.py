@@ -189,3 +189,21 @@ def test_interrupted_inside_stage_b_resumes_to_the_same_losses(full_run, tmp_pat
     assert sorted(part) == [7, 8, 9]
     for step in part:
         assert part[step]["loss"] == pytest.approx(full[step]["loss"], abs=1e-6), f"step {step}"
+
+
+def test_a_finished_run_takes_an_added_stage(full_run, sources, tmp_path):
+    """Stages a and b trained and finished; the config then gains stage c: only c runs, from
+    b's last checkpoint, and ends where the three-stage run ends."""
+    run_dir = tmp_path / "run"
+    two = CONFIG.format(run_dir=run_dir, src=sources)
+    two = two[: two.index('[[curriculum.stages]]\nname = "c"')]
+    (tmp_path / "two.toml").write_text(two)
+    proc = _train(tmp_path / "two.toml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(_metrics(run_dir)) == list(range(1, 8))
+    proc = _train(_write_config(tmp_path, run_dir, sources))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, ref = _metrics(run_dir), _metrics(full_run)
+    assert sorted(ours) == list(range(1, 10))
+    for step in (8, 9):
+        assert ours[step]["loss"] == pytest.approx(ref[step]["loss"], abs=1e-6), step

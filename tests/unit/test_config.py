@@ -530,6 +530,7 @@ NO_BAD_VALUE = {
     "data.s3_endpoint": "a URL, reached at run time (storage errors name it)",
     "data.synthetic": "a flag",
     "curriculum.stages.0.name": "any text",
+    "checkpoint.load_optimizer": "a flag",
     "checkpoint.resume": "a flag",
     "checkpoint.save_on_exit": "a flag",
     "logging.tensorboard": "a flag",
