@@ -105,8 +105,6 @@ class ParallelConfig:
     """DeepSpeed ZeRO stage 0-3. With pipeline > 1 only 0 or 1 are possible."""
     activation_checkpointing: str = "none"
     """none, selective (core attention only) or full (every transformer block)."""
-    sequence_parallel: bool = False
-    """megatron-core sequence parallelism; GPU only (its mappings allocate on CUDA)."""
     backend: str = "auto"
     """torch.distributed backend: auto (nccl on CUDA, else gloo), nccl or gloo."""
 
@@ -780,8 +778,6 @@ def validate(cfg: Config, world_size: int | None = 1) -> list[ResolvedStage]:
             "train.ema_decay with parallel.zero_stage = 3: the weight average is not supported "
             "with partitioned parameters; use parallel.zero_stage = 1 or 2, or train.ema_decay = 0"
         )
-    if cfg.parallel.sequence_parallel and cfg.parallel.tensor == 1:
-        raise ConfigError("parallel.sequence_parallel = true needs parallel.tensor > 1")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last = {cfg.checkpoint.keep_last}; keep at least 1")
     if cfg.checkpoint.load_optimizer and cfg.checkpoint.load is None:

@@ -95,7 +95,7 @@ class ModelSpec:
         )
 
 
-def transformer_config(spec: ModelSpec, sequence_parallel: bool = False) -> TransformerConfig:
+def transformer_config(spec: ModelSpec) -> TransformerConfig:
     """megatron-core TransformerConfig for a Llama block: RMSNorm, SwiGLU, no biases, no dropout.
 
     Dropout is 0 as in LLM pretraining (megatron's default 0.1 also needs its CUDA RNG tracker
@@ -121,7 +121,6 @@ def transformer_config(spec: ModelSpec, sequence_parallel: bool = False) -> Tran
         attention_dropout=0.0,
         init_method_std=spec.init_std,
         tensor_model_parallel_size=spec.tensor_parallel,
-        sequence_parallel=sequence_parallel,
         use_cpu_initialization=True,
         perform_initialization=True,
         params_dtype=torch.float32,
@@ -276,11 +275,9 @@ def layer_seed(seed: int, index: int) -> int:
     return seed * 1000 + index * 7
 
 
-def build_stage_modules(
-    spec: ModelSpec, seed: int, sequence_parallel: bool = False
-) -> list[nn.Module]:
+def build_stage_modules(spec: ModelSpec, seed: int) -> list[nn.Module]:
     """Builds every stage module (single process, or for tests). Pipelines build slices lazily."""
-    config = transformer_config(spec, sequence_parallel)
+    config = transformer_config(spec)
     layers: list[nn.Module] = [InputStage(spec, config, layer_seed(seed, 0))]
     for i in range(spec.shape.num_layers):
         layers.append(BlockStage(spec, config, i, layer_seed(seed, i + 1)))
@@ -291,10 +288,10 @@ def build_stage_modules(
 class TokenShuffleLM(nn.Module):
     """The whole decoder in one process (any TP size, no pipeline)."""
 
-    def __init__(self, spec: ModelSpec, seed: int = 1234, sequence_parallel: bool = False):
+    def __init__(self, spec: ModelSpec, seed: int = 1234):
         super().__init__()
         self.spec = spec
-        stages = build_stage_modules(spec, seed, sequence_parallel)
+        stages = build_stage_modules(spec, seed)
         self.input_stage = stages[0]
         self.blocks = nn.ModuleList(stages[1:-1])
         self.output_stage = stages[-1]

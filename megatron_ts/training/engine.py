@@ -43,11 +43,9 @@ log = get_logger(__name__)
 class SingleStageModel(nn.Module):
     """All stage modules in one process; forward returns the micro-batch loss."""
 
-    def __init__(
-        self, spec: ModelSpec, seed: int, loss_fn: TokenShuffleLoss, sequence_parallel: bool
-    ):
+    def __init__(self, spec: ModelSpec, seed: int, loss_fn: TokenShuffleLoss):
         super().__init__()
-        self.layers = nn.ModuleList(build_stage_modules(spec, seed, sequence_parallel))
+        self.layers = nn.ModuleList(build_stage_modules(spec, seed))
         self.loss_fn = loss_fn
 
     def forward(
@@ -106,7 +104,7 @@ class StageEngine:
         )
         self.accumulation = ds_cfg["gradient_accumulation_steps"]
         if not self.pipeline:
-            model = SingleStageModel(spec, seed, self.loss_fn, parallel.sequence_parallel)
+            model = SingleStageModel(spec, seed, self.loss_fn)
             self.engine, *_ = deepspeed.initialize(
                 model=model,
                 model_parameters=param_groups(model, optim.weight_decay),
@@ -115,7 +113,7 @@ class StageEngine:
             )
             self.local_layers = dict(enumerate(model.layers))
         else:
-            config = transformer_config(spec, parallel.sequence_parallel)
+            config = transformer_config(spec)
             n = spec.shape.num_layers
             specs = [LayerSpec(InputStage, spec, config, layer_seed(seed, 0))]
             specs += [

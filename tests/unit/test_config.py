@@ -134,15 +134,15 @@ def test_cli_list_index_and_literal_values(tmp_path: Path):
             "--curriculum.stages.0.lr=1e-4",
             "--data.sources",
             '[{url = "s3://b/x/", weight = 2.0}]',
-            "--parallel.sequence_parallel",
-            "true",
+            "--parallel.backend",
+            "gloo",
         ],
     )
     assert [st.steps for st in cfg.curriculum.stages] == [10, 200]
     assert cfg.curriculum.stages[0].lr == 1e-4
     assert cfg.curriculum.stages[1].shuffle_window == 2  # the rest of the stage kept
     assert cfg.data.sources == [config_mod.SourceConfig(url="s3://b/x/", weight=2.0)]
-    assert cfg.parallel.sequence_parallel is True
+    assert cfg.parallel.backend == "gloo"
     with pytest.raises(ConfigError, match="curriculum.stages.2"):
         load_config(path, ["--curriculum.stages.2.steps", "5"])
 
@@ -272,7 +272,6 @@ INVALID = {
     "zero-micro-batch": (["--train.micro_batch", "0"], 1, "train.micro_batch"),
     "zero-global-batch": (["--train.global_batch", "0"], 1, "train.global_batch"),
     "zero-tensor": (["--parallel.tensor", "0"], 1, "parallel.tensor"),
-    "sequence-parallel-needs-tp": (["--parallel.sequence_parallel", "true"], 1, "parallel.tensor"),
     "caption-dropout": (["--data.caption_dropout", "1.0"], 1, "data.caption_dropout"),
     "keep-last": (["--checkpoint.keep_last", "0"], 1, "checkpoint.keep_last"),
     "heads-vs-hidden": (["--model.num_heads", "5"], 1, "model.num_heads"),
@@ -463,7 +462,6 @@ BAD_VALUE = {
     "parallel.pipeline": 0,
     "parallel.zero_stage": 4,
     "parallel.activation_checkpointing": "some",
-    "parallel.sequence_parallel": True,  # with parallel.tensor = 1
     "parallel.backend": "mpi",
     "optim.lr": NAN,
     "optim.min_lr": -1e-5,
