@@ -46,12 +46,6 @@ _DISK_FIXES = {
 }
 
 
-class KnownError(Exception):
-    """Base for failures the tools report in one line; subclasses set `exit_code`."""
-
-    exit_code = EXIT_UNEXPECTED
-
-
 def _one_line(message: str) -> str:
     """The message itself; for an error re-raised from a DataLoader worker, the original one.
 

@@ -200,3 +200,16 @@ class DeepSpeedMPU:
     get_tensor_model_parallel_rank = get_model_parallel_rank
     get_tensor_model_parallel_world_size = get_model_parallel_world_size
     get_tensor_model_parallel_group = get_model_parallel_group
+
+
+def any_rank(flag: bool | torch.Tensor) -> bool:
+    """Collective: True on every rank when `flag` is true (non-zero) on any rank.
+
+    Args:
+        flag: a Python bool or a 0-d tensor (on any device; NCCL reduces it on the GPU).
+    """
+    value = torch.as_tensor(flag, dtype=torch.float32).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.cuda() if dist.get_backend() == "nccl" else value.cpu()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)

@@ -308,13 +308,21 @@ def _from_llama(
     )
 
 
+def _read_config(src: Path) -> dict:
+    """config.json of an HF directory, with a missing or damaged one named (HFImportError)."""
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        raise HFImportError(f"{cfg_path} is missing: {src} is not a Hugging Face model directory")
+    try:
+        return json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise HFImportError(f"{cfg_path} cannot be read ({type(err).__name__}: {err})") from None
+
+
 def _export_config(src: Path) -> dict:
     """config.json of an export of ours (`model_type` token_shuffle), checked."""
     cfg_path = src / "config.json"
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise HFImportError(f"{cfg_path} cannot be read ({type(err).__name__}: {err})") from None
+    config = _read_config(src)
     if config.get("model_type") != "token_shuffle":
         raise HFImportError(
             f"{cfg_path}: model_type {config.get('model_type')!r}; checkpoint.load reads "
@@ -379,9 +387,7 @@ def import_from_hf(
     """
     src, out = Path(src), Path(out)
     cfg_path = src / "config.json"
-    if not cfg_path.is_file():
-        raise HFImportError(f"{cfg_path} is missing: {src} is not a Hugging Face model directory")
-    config = json.loads(cfg_path.read_text())
+    config = _read_config(src)
     kind = config.get("model_type")
     if kind == "token_shuffle":
         return _from_export(src, config, out)

@@ -339,17 +339,11 @@ def _write_checkpoint(
     return final
 
 
-def _slice_of_files(ckpt_dir: Path) -> tuple[list[str], list[str]]:
-    """(every file of the step directory, this rank's share of them): rank 0 lists, all agree."""
-    listing = [list_files(ckpt_dir) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(listing, src=0)
-    files = listing[0]
-    return files, files[dist.get_rank() :: dist.get_world_size()]
-
-
 def _record_checksums(tmp: Path) -> None:
     """Collective: every rank hashes its share of the files; rank 0 writes checksums.json."""
-    _, mine = _slice_of_files(tmp)
+    listing = [list_files(tmp) if dist.get_rank() == 0 else None]  # rank 0 lists, all agree
+    dist.broadcast_object_list(listing, src=0)
+    mine = listing[0][dist.get_rank() :: dist.get_world_size()]
     digests = {rel: file_digest(tmp / rel) for rel in mine}
     gathered: list[dict | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, digests)
@@ -429,7 +423,7 @@ def load_checkpoint(
     allow_missing: tuple[str, ...] = (),
     load_average: bool = False,
     load_rng: bool = True,
-) -> tuple[TrainState, dict | None, str]:
+) -> tuple[dict | None, str]:
     """Restores weights (and optimizer when possible) into `stage_engine`.
 
     The DeepSpeed engine checkpoint is used when the layout, ZeRO stage and model spec are the
@@ -441,11 +435,11 @@ def load_checkpoint(
     `checkpoint.load` of another run's optimizer state).
 
     Returns:
-        (train state, this DP rank's loader state or None, "exact" | "weights").
+        (this DP rank's loader state or None, "exact" | "weights"); the train state is the
+        caller's to read from meta.json (`Trainer.run` does, before building the engine).
     """
     verify_checkpoint(ckpt_dir)
     meta = read_meta(ckpt_dir)
-    state = TrainState(**meta["train_state"])
     same_spec = meta["model_spec"] == stage_engine.spec.to_dict()
     same_layout = meta["layout"] == layout_of(stage_engine)
     mode = "exact" if (same_spec and same_layout and load_optimizer) else "weights"
@@ -500,7 +494,7 @@ def load_checkpoint(
         if loader_file.is_file()
         else None
     )
-    return state, loader_state, mode
+    return loader_state, mode
 
 
 def _read_part(path: Path, ckpt_dir: Path, read):

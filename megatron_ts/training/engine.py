@@ -134,7 +134,7 @@ class StageEngine:
             self.local_layers = {
                 idx: getattr(pipe, str(idx)) for idx in range(pipe._local_start, pipe._local_stop)
             }
-        self.guarded = guard_plain_optimizer(self.engine)
+        guard_plain_optimizer(self.engine)
         self.is_first_stage = 0 in self.local_layers
         self.ema = WeightAverage(self.local_layers, ema_decay) if ema_decay else None
         self.is_last_stage = (spec.shape.num_layers + 1) in self.local_layers

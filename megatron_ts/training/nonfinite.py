@@ -15,15 +15,8 @@ import torch.distributed as dist
 from deepspeed.runtime.base_optimizer import ZeROOptimizer
 from deepspeed.runtime.utils import clip_grad_norm_
 
+from megatron_ts.distributed.init import any_rank
 from megatron_ts.errors import EXIT_DIVERGED
-
-
-def _any_rank(flag: torch.Tensor) -> bool:
-    """True on every rank when `flag` (a 0-d float tensor) is non-zero on any rank."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        flag = flag.cuda() if dist.get_backend() == "nccl" else flag.cpu()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item() > 0)
 
 
 def _local_nonfinite(params: list[torch.nn.Parameter]) -> torch.Tensor:
@@ -55,7 +48,7 @@ class _PlainOptimizerGuard:
         self.optimizer.overflow = False
 
     def _bad(self) -> bool:
-        return _any_rank(_local_nonfinite(self.params))
+        return any_rank(_local_nonfinite(self.params))
 
     def clip(self) -> None:
         # The engine's own clip_fp32_gradients makes this same call but drops the norm, so
@@ -121,7 +114,7 @@ def check_weights_finite(modules: dict, where: str) -> None:
         where: what is about to be written, for the message.
     """
     bad = nonfinite_weights(modules)
-    if _any_rank(torch.tensor(1.0 if bad else 0.0)):
+    if any_rank(bool(bad)):
         rank = dist.get_rank() if dist.is_initialized() else 0
         names = ", ".join(bad[:4]) or "on another rank"
         raise NonFiniteWeightsError(

@@ -63,7 +63,7 @@ class RunLock:
         record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
         os.write(fd, json.dumps(record).encode())
         os.fsync(fd)
-        self._fd = fd
+        self._fd = fd  # held open for the life of the process: closing it drops the lock
         return None
 
     def _describe(self, holder: str) -> str:
@@ -77,8 +77,3 @@ class RunLock:
             f"run directory in use by another ts-train ({self.path.parent}: {who}): wait for it "
             "to end or stop it, or give this run another job.run_dir"
         )
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None

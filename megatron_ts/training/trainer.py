@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_ts.config import Config, ConfigError, ResolvedStage, save_resolved, validate
-from megatron_ts.distributed.init import init_distributed, init_model_parallel
+from megatron_ts.distributed.init import any_rank, init_distributed, init_model_parallel
 from megatron_ts.errors import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE
 from megatron_ts.logging import get_logger, setup_logging
 from megatron_ts.models.flavors import resolve_model_shape
@@ -65,11 +65,7 @@ class SignalFlag:
 
     def any_rank(self) -> bool:
         """True on every rank when any rank got a signal (a collective)."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
-        if dist.get_backend() == "nccl":
-            flag = flag.cuda()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return any_rank(self.received is not None)
 
 
 def _device(backend: str) -> torch.device:
@@ -113,7 +109,6 @@ class Trainer:
         self.bf16 = _use_bf16(cfg.train.precision, self.device)
         self.run_dir = Path(cfg.job.run_dir)
         self.lock = self._lock_run_dir()
-        self._extension: tuple[int, int, int] | None = None
         # Leftovers of an interrupted save go first: after a full disk they hold the space
         # that writing config.json needs.
         clean_incomplete(self.run_dir)
@@ -201,9 +196,6 @@ class Trainer:
         )
         state.stage_index, state.stage_step = k, old
         state.stage_samples = old * done.get("global_batch", stage.global_batch)
-        # the checkpoint's own train state says "stage k done": _run_stage puts this back after
-        # restoring from it
-        self._extension = (k, state.stage_step, state.stage_samples)
         return state
 
     # -- one stage ---------------------------------------------------------------------------
@@ -253,27 +245,33 @@ class Trainer:
         loader,
         state: TrainState,
         latest: Path | None,
-    ) -> TrainState:
+    ) -> None:
+        """Loads what `stage` starts from into `engine` and `loader`; `state` is not changed.
+
+        Inside a stage, `state` is already the position `run` read from `latest`'s meta.json
+        (moved back into a finished stage by `_extend_finished`), so only the engine and the
+        loader are restored.
+        """
         cfg = self.cfg
         if latest is not None and state.stage_index == stage.index and state.stage_step > 0:
-            restored, loader_state, mode = load_checkpoint(
+            loader_state, mode = load_checkpoint(
                 latest, engine, load_optimizer=True, load_average=True
             )
             if loader is not None and loader_state is not None:
                 loader.load_state_dict(loader_state)
-            log.info("resumed stage %s at step %d (%s)", stage.name, restored.stage_step, mode)
-            return restored
+            log.info("resumed stage %s at step %d (%s)", stage.name, state.stage_step, mode)
+            return
         if latest is not None:  # a stage boundary of this run: what carry_over says
-            _, _, mode = load_checkpoint(
+            _, mode = load_checkpoint(
                 latest,
                 engine,
                 load_optimizer=stage.carry_over == "weights+optimizer",
                 allow_missing=("shuffle.",),
             )
             log.info("stage %s starts from %s (%s)", stage.name, latest, mode)
-            return state
+            return
         if not cfg.checkpoint.load:
-            return state
+            return
         # checkpoint.load: weights only (safetensors, no pickle), the optimizer state only with
         # checkpoint.load_optimizer, never the other run's RNG, loader position or step count
         from megatron_ts.checkpoint.model_files import (
@@ -313,7 +311,7 @@ class Trainer:
             source = resolve_checkpoint(load)
             check_spec(read_meta(source)["model_spec"], engine.spec.to_dict(), source)
         try:
-            _, _, mode = load_checkpoint(
+            _, mode = load_checkpoint(
                 source,
                 engine,
                 load_optimizer=cfg.checkpoint.load_optimizer,
@@ -326,18 +324,12 @@ class Trainer:
                 if self.rank == 0:
                     shutil.rmtree(scratch, ignore_errors=True)
         log.info("stage %s starts from checkpoint.load %s (%s)", stage.name, load, mode)
-        return state
 
     def _run_stage(self, stage: ResolvedStage, state: TrainState, latest: Path | None) -> int:
         cfg = self.cfg
         ds = cfg.tokenizer.downsample
         engine, loader = self._build(stage)
-        restored = self._restore(stage, engine, loader, state, latest)
-        for key, value in vars(restored).items():
-            setattr(state, key, value)
-        if self._extension is not None and self._extension[0] == stage.index:
-            state.stage_index, state.stage_step, state.stage_samples = self._extension
-            self._extension = None
+        self._restore(stage, engine, loader, state, latest)
         batches = iter(loader) if loader is not None else None
         shape = resolve_model_shape(cfg.model)
         flops_per_sample = sample_flops(

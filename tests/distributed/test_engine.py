@@ -212,7 +212,7 @@ def _reshard_world(rank: int, world: int, run_dir: str) -> tuple[str, dict]:
         cfg.model, vocab_from_config(cfg.tokenizer), stage.shuffle_window, 2
     )
     engine = StageEngine(spec, stage, cfg.parallel, cfg.optim, 1.0, 99, torch.device("cpu"), False)
-    _, _, mode = load_checkpoint(latest_checkpoint(run_dir), engine, load_optimizer=True)
+    _, mode = load_checkpoint(latest_checkpoint(run_dir), engine, load_optimizer=True)
     local = {}
     for idx, module in engine.local_layers.items():
         prefix = (
