@@ -8,7 +8,6 @@ small tmpfs / a read-only bind mount and skip, saying why, where mounting is not
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
@@ -21,41 +20,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.ts_train import ENV, ROOT, losses, run_train, train_cmd
 from tests.unit.test_loader_helpers import write_source
 
 pytestmark = pytest.mark.faults
 
-ROOT = Path(__file__).resolve().parents[2]
-DEBUG = ROOT / "pretrain/configs/debug.toml"
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 # megatron_ts.errors
 EXIT_DATA, EXIT_STORAGE, EXIT_CHECKPOINT, EXIT_DIVERGED, EXIT_REQUEUE = 3, 4, 5, 6, 75
-
-
-def _cmd(run_dir: Path, *overrides: str, config: Path = DEBUG) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "pretrain.train",
-        "--config",
-        str(config),
-        "--job.run_dir",
-        str(run_dir),
-        "--data.num_workers",
-        "0",
-        *overrides,
-    ]
-
-
-def _train(run_dir: Path, *overrides: str, env: dict | None = None, config: Path = DEBUG):
-    return subprocess.run(
-        _cmd(run_dir, *overrides, config=config),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env or ENV,
-    )
 
 
 def _one_line(stderr: str, prefix: str) -> str:
@@ -68,10 +39,6 @@ def _one_line(stderr: str, prefix: str) -> str:
 
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["train/loss"] for r in _metrics(run_dir)}
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
@@ -101,7 +68,7 @@ def _all_finite(ckpt: Path) -> bool:
 def test_nonfinite_steps_are_never_applied_nor_saved(tmp_path, zero, precision):
     # lr 1e4: step 1 is finite and applied; its weights give infinite gradients from step 2 on.
     run_dir = tmp_path / "run"
-    proc = _train(
+    proc = run_train(
         run_dir,
         *("--parallel.zero_stage", str(zero), "--train.precision", precision),
         *("--optim.lr", "1e4", "--optim.warmup_steps", "0", "--train.steps", "8"),
@@ -123,7 +90,7 @@ def test_nonfinite_steps_are_never_applied_nor_saved(tmp_path, zero, precision):
 
 def test_a_streak_at_the_end_of_the_run_is_not_saved_as_final(tmp_path):
     run_dir = tmp_path / "run"
-    proc = _train(
+    proc = run_train(
         run_dir,
         *("--parallel.zero_stage", "0", "--optim.lr", "1e4", "--optim.warmup_steps", "0"),
         *("--train.steps", "3", "--checkpoint.interval_steps", "100"),
@@ -142,7 +109,7 @@ def test_a_streak_at_the_end_of_the_run_is_not_saved_as_final(tmp_path):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    proc = _train(run_dir, "--train.steps", "10", "--checkpoint.interval_steps", "2")
+    proc = run_train(run_dir, "--train.steps", "10", "--checkpoint.interval_steps", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -154,7 +121,7 @@ def test_kill_9_loop_resumes_exactly(reference, tmp_path):
     rng = random.Random(7)
     for _ in range(3):
         proc = subprocess.Popen(
-            _cmd(run_dir, "--train.steps", "10", "--checkpoint.interval_steps", "2"),
+            train_cmd(run_dir, "--train.steps", "10", "--checkpoint.interval_steps", "2"),
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
@@ -170,9 +137,9 @@ def test_kill_9_loop_resumes_exactly(reference, tmp_path):
         time.sleep(rng.uniform(0.0, 0.8))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
-    proc = _train(run_dir, "--train.steps", "10", "--checkpoint.interval_steps", "2")
+    proc = run_train(run_dir, "--train.steps", "10", "--checkpoint.interval_steps", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _losses(run_dir)[10] == pytest.approx(_losses(reference)[10], abs=1e-6)
+    assert losses(run_dir)[10] == pytest.approx(losses(reference)[10], abs=1e-6)
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
     assert (run_dir / "checkpoints" / _latest(run_dir) / "COMPLETE").exists()
 
@@ -181,7 +148,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(reference, tmp_path):
     run_dir = tmp_path / "run"
     env = {**ENV, "MEGATRON_TS_STEP_DELAY": "0.2"}
     proc = subprocess.Popen(
-        _cmd(run_dir, "--train.steps", "10", "--checkpoint.interval_steps", "2"),
+        train_cmd(run_dir, "--train.steps", "10", "--checkpoint.interval_steps", "2"),
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -198,9 +165,9 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(reference, tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_REQUEUE, err[-3000:]
     assert "Traceback" not in err
-    proc = _train(run_dir, "--train.steps", "10", "--checkpoint.interval_steps", "2")
+    proc = run_train(run_dir, "--train.steps", "10", "--checkpoint.interval_steps", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _losses(run_dir)[10] == pytest.approx(_losses(reference)[10], abs=1e-6)
+    assert losses(run_dir)[10] == pytest.approx(losses(reference)[10], abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +201,7 @@ def test_full_disk_keeps_the_last_good_checkpoint_and_recovers(small_disk, refer
         "--checkpoint.keep_last",
         "2",
     )
-    proc = _train(run_dir, *args)
+    proc = run_train(run_dir, *args)
     assert proc.returncode == EXIT_STORAGE, proc.stderr[-3000:]
     line = _one_line(proc.stderr, "ts-train:")
     assert "disk full" in line and str(run_dir) in line
@@ -243,9 +210,9 @@ def test_full_disk_keeps_the_last_good_checkpoint_and_recovers(small_disk, refer
     assert _all_finite(run_dir / "checkpoints" / good)
     # more room: the next start removes the half-written save first and finishes the run
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
-    proc = _train(run_dir, *args)
+    proc = run_train(run_dir, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _losses(run_dir)[10] == pytest.approx(_losses(reference)[10], abs=1e-6)
+    assert losses(run_dir)[10] == pytest.approx(losses(reference)[10], abs=1e-6)
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
 
 
@@ -255,7 +222,7 @@ def test_read_only_run_directory_is_one_line(tmp_path):
     ro.mkdir()
     _mount("--bind", "-o", "ro", str(src), str(ro))
     try:
-        proc = _train(ro / "run", "--train.steps", "2")
+        proc = run_train(ro / "run", "--train.steps", "2")
     finally:
         subprocess.run(["umount", "-l", str(ro)], check=False)
     assert proc.returncode == EXIT_STORAGE, proc.stderr[-3000:]
@@ -313,7 +280,7 @@ def test_damaged_checkpoint_file_is_named_and_kept(reference, tmp_path, part, da
     assert target.is_file(), sorted(p.name for p in target.parent.iterdir())
     damage(target)
     damaged = target.read_bytes()
-    proc = _train(run_dir, "--train.steps", "10", "--checkpoint.interval_steps", "2", *extra)
+    proc = run_train(run_dir, "--train.steps", "10", "--checkpoint.interval_steps", "2", *extra)
     assert proc.returncode == EXIT_CHECKPOINT, proc.stderr[-3000:]
     line = _one_line(proc.stderr, "ts-train:")
     assert "step_00000008" in line
@@ -360,7 +327,7 @@ def test_changed_shard_stops_training_naming_it(tmp_path, damage):
     run_dir = tmp_path / "run"
     config = tmp_path / "shards.toml"
     config.write_text(SHARD_CONFIG.format(run_dir=run_dir, src=src))
-    proc = _train(run_dir, config=config)
+    proc = run_train(run_dir, config=config)
     assert proc.returncode == EXIT_DATA, proc.stderr[-3000:]
     line = _one_line(proc.stderr, "ts-train:")
     assert shard.name in line and "max_error_rate" in line
@@ -373,7 +340,7 @@ def test_damaged_manifest_is_one_line(tmp_path, damage):
     run_dir = tmp_path / "run"
     config = tmp_path / "shards.toml"
     config.write_text(SHARD_CONFIG.format(run_dir=run_dir, src=src))
-    proc = _train(run_dir, config=config)
+    proc = run_train(run_dir, config=config)
     assert proc.returncode == EXIT_DATA, proc.stderr[-3000:]
     assert "manifest.json" in _one_line(proc.stderr, "ts-train:")
 
@@ -383,7 +350,7 @@ def test_loader_state_of_another_configuration_is_one_line(reference, tmp_path):
     shutil.copytree(reference, run_dir)
     (run_dir / "checkpoints/latest").write_text("step_00000008\n")
     shutil.rmtree(run_dir / "checkpoints/step_00000010")
-    proc = _train(run_dir, "--train.steps", "10", "--job.seed", "7")
+    proc = run_train(run_dir, "--train.steps", "10", "--job.seed", "7")
     assert proc.returncode == EXIT_DATA, proc.stderr[-3000:]
     assert "seed" in _one_line(proc.stderr, "ts-train:")
 
@@ -421,7 +388,9 @@ def test_nonfinite_guard_agrees_across_ranks(tmp_path, pipeline):
             "2",
             "--master_port",
             str(29700 + pipeline),
-            *_cmd(run_dir, "--parallel.pipeline", str(pipeline), "--parallel.zero_stage", "0")[1:],
+            *train_cmd(run_dir, "--parallel.pipeline", str(pipeline), "--parallel.zero_stage", "0")[
+                1:
+            ],
             *("--optim.lr", "1e4", "--optim.warmup_steps", "0", "--train.steps", "8"),
             *("--checkpoint.interval_steps", "1", "--train.max_nonfinite_in_row", "3"),
         ],
@@ -450,7 +419,7 @@ def test_second_trainer_on_the_same_run_directory_stops(tmp_path):
     run_dir = tmp_path / "run"
     env = {**ENV, "MEGATRON_TS_STEP_DELAY": "0.5"}
     first = subprocess.Popen(
-        _cmd(run_dir, "--train.steps", "40", "--checkpoint.interval_steps", "2"),
+        train_cmd(run_dir, "--train.steps", "40", "--checkpoint.interval_steps", "2"),
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -461,7 +430,7 @@ def test_second_trainer_on_the_same_run_directory_stops(tmp_path):
         deadline = time.time() + 120
         while time.time() < deadline and not (metrics.exists() and metrics.read_text()):
             time.sleep(0.1)
-        proc = _train(run_dir, "--train.steps", "40")
+        proc = run_train(run_dir, "--train.steps", "40")
         assert proc.returncode == 2, proc.stderr[-3000:]
         line = _one_line(proc.stderr, "ts-train:")
         assert f"pid {first.pid}" in line and str(run_dir) in line
@@ -470,7 +439,7 @@ def test_second_trainer_on_the_same_run_directory_stops(tmp_path):
         first.kill()
         first.wait(timeout=60)
     # the kernel dropped the lock with the killed process: the next start proceeds
-    proc = _train(run_dir, "--train.steps", "2")
+    proc = run_train(run_dir, "--train.steps", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -478,19 +447,19 @@ def test_a_finished_run_extends_exactly(tmp_path):
     """3 steps, then the same run with 6: equal to a 6-step run (constant LR after warmup)."""
     flags = ("--optim.schedule", "constant", "--checkpoint.interval_steps", "100")
     whole = tmp_path / "whole"
-    assert _train(whole, "--train.steps", "6", *flags).returncode == 0
+    assert run_train(whole, "--train.steps", "6", *flags).returncode == 0
     run_dir = tmp_path / "run"
-    assert _train(run_dir, "--train.steps", "3", *flags).returncode == 0
-    proc = _train(run_dir, "--train.steps", "6", *flags)
+    assert run_train(run_dir, "--train.steps", "3", *flags).returncode == 0
+    proc = run_train(run_dir, "--train.steps", "6", *flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "extending stage" in proc.stderr
-    ours, ref = _losses(run_dir), _losses(whole)
+    ours, ref = losses(run_dir), losses(whole)
     assert sorted(ours) == list(range(1, 7))
     for step in range(4, 7):  # same optimizer state and the next samples, not the first ones
         assert ours[step] == pytest.approx(ref[step], abs=1e-6), step
     meta = json.loads((run_dir / "checkpoints" / _latest(run_dir) / "meta.json").read_text())
     assert meta["train_state"]["global_step"] == 6
     # nothing left to do: says so, trains nothing
-    proc = _train(run_dir, "--train.steps", "6", *flags)
+    proc = run_train(run_dir, "--train.steps", "6", *flags)
     assert proc.returncode == 0 and "nothing to train" in proc.stderr
-    assert sorted(_losses(run_dir)) == list(range(1, 7))
+    assert sorted(losses(run_dir)) == list(range(1, 7))

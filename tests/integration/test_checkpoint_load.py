@@ -4,7 +4,6 @@ only, from a run directory, a step directory or an HF export, never unpickling a
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -15,35 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-DEBUG = ROOT / "pretrain/configs/debug.toml"
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+from tests.ts_train import ENV, ROOT, losses, run_train
+
 STEP_2, STEP_4 = "step_00000002", "step_00000004"
 
 
 def _train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pretrain.train",
-        "--config",
-        str(DEBUG),
-        "--job.run_dir",
-        str(run_dir),
-        "--data.num_workers",
-        "0",
-        "--checkpoint.interval_steps",
-        "2",
-        *overrides,
-    ]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {
-        r["step"]: r["loss"]
-        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-    }
+    return run_train(run_dir, "--checkpoint.interval_steps", "2", *overrides)
 
 
 class _Payload:
@@ -153,7 +130,7 @@ def test_checkpoints_hold_safetensors_rng_and_resume_exactly(source, tmp_path):
     proc = _train(run_dir, "--train.steps", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(exact)" in proc.stderr and "not bit-exact" not in proc.stderr
-    ref, got = _losses(source), _losses(run_dir)
+    ref, got = losses(source), losses(run_dir)
     assert [got[s] for s in (3, 4)] == [ref[s] for s in (3, 4)]  # bit for bit
 
 
@@ -172,7 +149,7 @@ def test_a_pickle_as_rng_file_is_never_executed(source, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     warning = [line for line in proc.stderr.splitlines() if "rank_00000.pt" in line]
     assert warning and "not bit-exact" in warning[0], proc.stderr[-3000:]
-    assert _losses(run_dir)[4] == _losses(source)[4]  # training itself draws no random numbers
+    assert losses(run_dir)[4] == losses(source)[4]  # training itself draws no random numbers
 
 
 def test_checkpoint_load_reads_the_same_weights_from_run_step_and_hf_dirs(
@@ -193,11 +170,11 @@ def test_checkpoint_load_reads_the_same_weights_from_run_step_and_hf_dirs(
         assert "(weights)" in proc.stderr, proc.stderr[-3000:]
         assert "rank_00000.pt" not in proc.stderr  # the RNG state is not even looked at
         assert not (run_dir / ".checkpoint-load-hf").exists()
-        first[name] = _losses(run_dir)
+        first[name] = losses(run_dir)
     fresh = tmp_path / "fresh"
     assert _train(fresh, "--train.steps", "1").returncode == 0
     assert first["run"][1] == first["step"][1] == first["hf"][1]
-    assert first["run"][1] != _losses(fresh)[1]  # the weights were loaded
+    assert first["run"][1] != losses(fresh)[1]  # the weights were loaded
     # a fresh optimizer, the same for all three: the second losses agree too
     assert first["run"][2] == first["step"][2] == first["hf"][2]
 
@@ -217,7 +194,7 @@ def test_checkpoint_load_optimizer_is_an_explicit_opt_in(source, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(exact)" in proc.stderr
-    a, b = _losses(plain), _losses(with_opt)
+    a, b = losses(plain), losses(with_opt)
     assert a[1] == b[1]  # the same weights
     assert a[2] != b[2]  # the Adam moments of the source run change the first update
 

@@ -3,59 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-DEBUG = ROOT / "pretrain/configs/debug.toml"
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-
-
-def _cmd(run_dir: Path, *overrides: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "pretrain.train",
-        "--config",
-        str(DEBUG),
-        "--job.run_dir",
-        str(run_dir),
-        "--data.num_workers",
-        "0",
-        *overrides,
-    ]
-
-
-def _train(run_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        _cmd(run_dir, *overrides),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env or ENV,
-    )
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {
-        r["step"]: r["loss"]
-        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-    }
+from tests.ts_train import ENV, ROOT, losses, run_train, train_cmd
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """The uninterrupted 12-step debug run every other test compares with."""
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    proc = _train(run_dir, "--train.steps", "12", "--checkpoint.interval_steps", "4")
+    proc = run_train(run_dir, "--train.steps", "12", "--checkpoint.interval_steps", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -81,9 +44,9 @@ def test_tensorboard_has_the_documented_metrics(reference):
         "data/wait_fraction",
     ):
         assert tag in tags, f"{tag} missing from TensorBoard (has {sorted(tags)})"
-    losses = [e.value for e in acc.Scalars("train/loss")]
-    assert len(losses) == 12
-    assert losses == pytest.approx(list(_losses(reference).values()), rel=1e-6)
+    logged = [e.value for e in acc.Scalars("train/loss")]
+    assert len(logged) == 12
+    assert logged == pytest.approx(list(losses(reference).values()), rel=1e-6)
     lrs = [e.value for e in acc.Scalars("train/lr")]
     assert lrs[0] < lrs[1]  # warmup
     assert lrs[-1] < max(lrs)  # decay
@@ -94,17 +57,17 @@ def test_tensorboard_has_the_documented_metrics(reference):
 def test_kill_during_a_save_resumes_from_the_previous_checkpoint(reference, tmp_path):
     run_dir = tmp_path / "run"
     env = {**ENV, "MEGATRON_TS_KILL_IN_SAVE": "8"}
-    proc = _train(run_dir, "--train.steps", "12", "--checkpoint.interval_steps", "4", env=env)
+    proc = run_train(run_dir, "--train.steps", "12", "--checkpoint.interval_steps", "4", env=env)
     assert proc.returncode == -signal.SIGKILL
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_00000004"
     assert (ckpts / ".tmp-step_00000008").is_dir()  # the half-written save
     assert not (ckpts / "step_00000008").exists()
-    proc = _train(run_dir, "--train.steps", "12", "--checkpoint.interval_steps", "4")
+    proc = run_train(run_dir, "--train.steps", "12", "--checkpoint.interval_steps", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from" in proc.stderr and "step_00000004" in proc.stderr
     assert not (ckpts / ".tmp-step_00000008").exists()
-    ref, got = _losses(reference), _losses(run_dir)
+    ref, got = losses(reference), losses(run_dir)
     for step in range(5, 13):
         assert got[step] == pytest.approx(ref[step], abs=1e-6), f"step {step}"
 
@@ -112,7 +75,7 @@ def test_kill_during_a_save_resumes_from_the_previous_checkpoint(reference, tmp_
 def test_sigusr1_checkpoints_and_exits_for_requeue(reference, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        _cmd(
+        train_cmd(
             run_dir,
             "--train.steps",
             "12",
@@ -138,9 +101,9 @@ def test_sigusr1_checkpoints_and_exits_for_requeue(reference, tmp_path):
     latest = (run_dir / "checkpoints/latest").read_text().strip()
     stopped_at = int(latest.split("_")[1])
     assert 2 <= stopped_at < 12
-    proc = _train(run_dir, "--train.steps", "12", "--checkpoint.interval_steps", "4")
+    proc = run_train(run_dir, "--train.steps", "12", "--checkpoint.interval_steps", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _losses(run_dir)[12] == pytest.approx(_losses(reference)[12], abs=1e-6)
+    assert losses(run_dir)[12] == pytest.approx(losses(reference)[12], abs=1e-6)
 
 
 def test_truncated_checkpoint_fails_with_a_clear_message(reference, tmp_path):
@@ -150,18 +113,18 @@ def test_truncated_checkpoint_fails_with_a_clear_message(reference, tmp_path):
     shutil.rmtree(run_dir / "checkpoints/step_00000012")
     states = next((run_dir / "checkpoints/step_00000008/deepspeed/ds").glob("*model_states.pt"))
     states.write_bytes(states.read_bytes()[:1000])
-    proc = _train(run_dir, "--train.steps", "12", "--checkpoint.interval_steps", "4")
+    proc = run_train(run_dir, "--train.steps", "12", "--checkpoint.interval_steps", "4")
     assert proc.returncode == 5  # megatron_ts.errors.EXIT_CHECKPOINT
     assert "step_00000008" in proc.stderr and "damaged" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def test_missing_init_checkpoint_and_bad_config_fail_clearly(tmp_path):
-    proc = _train(tmp_path / "run", "--checkpoint.load", str(tmp_path / "nowhere"))
+    proc = run_train(tmp_path / "run", "--checkpoint.load", str(tmp_path / "nowhere"))
     assert proc.returncode == 5 and "Traceback" not in proc.stderr
     assert "nowhere" in proc.stderr and "does not exist" in proc.stderr
-    proc = _train(tmp_path / "run2", "--parallel.zero_stage", "3", "--parallel.pipeline", "2")
+    proc = run_train(tmp_path / "run2", "--parallel.zero_stage", "3", "--parallel.pipeline", "2")
     assert proc.returncode == 2
     assert "parallel.zero_stage" in proc.stderr
-    proc = _train(tmp_path / "run3", "--optim.lrr", "1")
+    proc = run_train(tmp_path / "run3", "--optim.lrr", "1")
     assert proc.returncode == 2 and "lrr" in proc.stderr
