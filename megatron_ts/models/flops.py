@@ -2,7 +2,8 @@
 
 Counts matrix multiplies as 2 * m * n * k. Causal attention is counted as such: query i attends
 to i + 1 keys, so QK^T and AV cost 2 * 2 * d * L(L+1)/2 in total per layer. Token-shuffle and
-token-unshuffle MLPs and the output head over the padded vocabulary are included; norms,
+token-unshuffle MLPs and the output head (the padded vocabulary at text positions, the codebook
+rows at image positions when `image_head_rows` says so) are included; norms,
 activations, RoPE and softmax are not (they are bandwidth, not FLOPs). Training FLOPs are
 3x the forward (backward = 2x forward); activation recomputation is not counted (model FLOPs,
 as MFU is defined by PaLM and Megatron).
@@ -49,6 +50,7 @@ def sample_flops(
     grid: int,
     shuffle_window: int,
     shuffle_mlp_blocks: int,
+    image_head_rows: int | None = None,
 ) -> FlopsBreakdown:
     """Forward FLOPs of one training sample (sequence format of megatron_ts.models.model).
 
@@ -59,6 +61,9 @@ def sample_flops(
         grid: codes per image side.
         shuffle_window: s; 1 means no token-shuffle.
         shuffle_mlp_blocks: residual MLP blocks on each side of the shuffle.
+        image_head_rows: head rows each predicted code is scored against: the codebook size
+            for the training model (`OutputStage` in train mode); None counts the whole padded
+            vocabulary (eval mode, the HF model).
     """
     d, f = shape.hidden_size, shape.ffn_hidden_size
     s = shuffle_window
@@ -77,7 +82,8 @@ def sample_flops(
     attention_core = layers * 2.0 * 2.0 * d * (seq * (seq + 1) / 2.0)
     mlp = layers * 6.0 * seq * d * f
     # text positions 0..t-2 predict text; the n positions from <boi> predict s^2 codes each
-    head = 2.0 * d * padded_vocab * ((t - 1) + codes)
+    rows = padded_vocab if image_head_rows is None else image_head_rows
+    head = 2.0 * d * (padded_vocab * (t - 1) + rows * codes)
     return FlopsBreakdown(shuffle, attention_linear, attention_core, mlp, unshuffle, head)
 
 

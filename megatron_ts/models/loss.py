@@ -1,12 +1,16 @@
 """Cross-entropy and z-loss over tensor-parallel vocabulary shards.
 
-log Z is computed across TP ranks (max then sum of exponentials, both all-reduced), so the same
-code serves TP = 1 and TP > 1, and z-loss (coef * (log Z)^2, PaLM / Chameleon) comes for free.
-Image predictions see only codebook logits; text predictions see the unpadded vocabulary.
+log Z is computed across TP ranks (each rank's log-sum-exp, then their max and sum of
+exponentials, both all-reduced), so the same code serves TP = 1 and TP > 1, and z-loss
+(coef * (log Z)^2, PaLM / Chameleon) comes for free. Image predictions see only codebook logits;
+text predictions see the unpadded vocabulary. Both are column slices of a rank's logits, so
+nothing outside them is computed: no mask, and image logits may arrive as the codebook columns
+only (what `OutputStage` returns in training).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -14,64 +18,96 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
-from megatron_ts.models.model import image_targets
+from megatron_ts.models.model import code_columns, image_targets, vocab_columns
 from megatron_ts.vocab import VocabLayout
 
 
 def vocab_parallel_ce(
-    logits: torch.Tensor, targets: torch.Tensor, allowed: tuple[int, int]
+    logits: torch.Tensor, targets: torch.Tensor, first_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-prediction cross-entropy and log-partition over a TP-sharded vocabulary.
+    """Per-prediction cross-entropy and log-partition over a TP-sharded set of competing ids.
+
+    Every TP rank must call it (it all-reduces), also one whose slice is empty.
 
     Args:
-        logits: (..., V/tp) this rank's slice of the logits.
-        targets: (...) vocabulary ids, inside `allowed`.
-        allowed: [lo, hi) vocabulary ids that compete; the rest are masked out.
+        logits: (..., W) this rank's logits of vocabulary ids [first_id, first_id + W); all of
+            them compete, and the ranks' slices together cover the competing ids once.
+        targets: (...) vocabulary ids among the competing ones.
+        first_id: vocabulary id of column 0.
 
     Returns:
         (ce, log_z), each shaped like `targets`, in fp32.
     """
     tp_world = parallel_state.get_tensor_model_parallel_world_size()
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    part = logits.shape[-1]
-    start = tp_rank * part
-    ids = torch.arange(start, start + part, device=logits.device)
-    logits = logits.float().masked_fill((ids < allowed[0]) | (ids >= allowed[1]), float("-inf"))
-
-    local_max = logits.max(dim=-1).values.detach()
+    width = logits.shape[-1]
+    logits = logits.float()
+    log_z = torch.logsumexp(logits, dim=-1)  # (...), -inf for an empty slice
     if tp_world > 1:
+        # log Z = M + log sum_r exp(lse_r - M); M is detached (log Z does not depend on it)
+        shift = log_z.detach().clone()
         dist.all_reduce(
-            local_max, op=dist.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group()
+            shift, op=dist.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group()
         )
-    sum_exp = torch.exp(logits - local_max.unsqueeze(-1)).sum(dim=-1)
-    # megatron's all-reduce works on input.contiguous(): a non-contiguous view would be left
-    # unreduced, so hand it contiguous tensors.
-    sum_exp = reduce_from_tensor_model_parallel_region(sum_exp.contiguous())
-    log_z = local_max + torch.log(sum_exp)
+        # megatron's all-reduce sums its input in place (exp's backward would then read the sum:
+        # hand it a copy) and works on input.contiguous() (a non-contiguous view would be left
+        # unreduced: hand it contiguous tensors).
+        sum_exp = reduce_from_tensor_model_parallel_region(torch.exp(log_z - shift).clone())
+        log_z = shift + torch.log(sum_exp)
 
-    local_target = targets - start
-    in_shard = (local_target >= 0) & (local_target < part)
-    picked = torch.gather(logits, -1, local_target.clamp(0, part - 1).unsqueeze(-1)).squeeze(-1)
-    picked = torch.where(in_shard, picked, torch.zeros_like(picked))
+    local_target = targets - first_id
+    in_slice = (local_target >= 0) & (local_target < width)
+    if width:
+        index = local_target.clamp(0, width - 1).unsqueeze(-1)
+        picked = torch.gather(logits, -1, index).squeeze(-1)
+        picked = torch.where(in_slice, picked, torch.zeros_like(picked))
+    else:
+        picked = torch.zeros(targets.shape, dtype=logits.dtype, device=logits.device)
     target_logit = reduce_from_tensor_model_parallel_region(picked.contiguous())
     return log_z - target_logit, log_z
 
 
 @dataclass
 class LossParts:
-    """Detached components of the last loss, for metrics."""
+    """Detached components of one micro-batch's loss, for metrics.
 
-    total: float
-    image: float
-    text: float
-    z_loss: float
+    They stay on the device until a field is first read, then come to the host together in one
+    transfer: computing the loss makes no device-to-host sync.
+    """
+
+    values: torch.Tensor
+    """(5,) detached: total, image, text, z_loss, text tokens."""
     image_tokens: int
-    text_tokens: int
+
+    @functools.cached_property
+    def _host(self) -> list[float]:
+        return self.values.tolist()
+
+    @property
+    def total(self) -> float:
+        return self._host[0]
+
+    @property
+    def image(self) -> float:
+        return self._host[1]
+
+    @property
+    def text(self) -> float:
+        return self._host[2]
+
+    @property
+    def z_loss(self) -> float:
+        return self._host[3]
+
+    @property
+    def text_tokens(self) -> int:
+        return int(self._host[4])
 
 
 class TokenShuffleLoss:
     """loss(outputs, labels) for one micro-batch, usable as DeepSpeed's pipeline `loss_fn`.
 
+    outputs = (text logits (T-1, B, V/tp), image logits (N, B, s^2, C)) as `OutputStage`
+    returns them: C is this rank's codebook columns (`code_columns`) or its whole shard V/tp.
     labels = (text (B, T), text_mask (B, T), codes (B, G, G)). The total is
     image_ce + text_weight * text_ce + z_coef * mean(log_z^2), each a mean over its tokens.
     """
@@ -91,16 +127,25 @@ class TokenShuffleLoss:
         text_logits, image_logits = outputs
         text, text_mask, codes = labels
         vocab = self.vocab
+        width = text_logits.shape[-1]  # V/tp, this rank's head rows
+        first = parallel_state.get_tensor_model_parallel_rank() * width
 
+        a, b = code_columns(vocab, width)
+        if image_logits.shape[-1] == width:
+            image_logits = image_logits[..., a:b]  # a whole shard (eval mode): its codes only
+        elif image_logits.shape[-1] != b - a:
+            raise ValueError(
+                f"image logits have {image_logits.shape[-1]} columns; expected this rank's "
+                f"{b - a} codebook columns or its whole vocabulary shard of {width}"
+            )
         img_targets = image_targets(codes, self.window, vocab)  # (N, B, s^2)
-        img_ce, img_lz = vocab_parallel_ce(
-            image_logits, img_targets, (vocab.code_offset, vocab.code_offset + vocab.codebook_size)
-        )
+        img_ce, img_lz = vocab_parallel_ce(image_logits, img_targets, first + a)
         image_loss = img_ce.mean()
 
+        ta, tb = vocab_columns(first, width, 0, vocab.size)  # the padding rows never compete
         txt_targets = text[:, 1:].transpose(0, 1)  # (T-1, B)
         mask = text_mask[:, 1:].transpose(0, 1).float()  # (T-1, B)
-        txt_ce, txt_lz = vocab_parallel_ce(text_logits, txt_targets, (0, vocab.size))
+        txt_ce, txt_lz = vocab_parallel_ce(text_logits[..., ta:tb], txt_targets, first + ta)
         n_text = mask.sum()
         text_loss = (txt_ce * mask).sum() / n_text.clamp(min=1.0)
 
@@ -108,16 +153,8 @@ class TokenShuffleLoss:
         z_loss = ((img_lz**2).sum() + (txt_lz**2 * mask).sum()) / (n_img + n_text).clamp(min=1.0)
 
         total = image_loss + self.text_weight * text_loss + self.z_coef * z_loss
-        self.history.append(
-            LossParts(
-                total=float(total.detach()),
-                image=float(image_loss.detach()),
-                text=float(text_loss.detach()),
-                z_loss=float(z_loss.detach()),
-                image_tokens=int(n_img),
-                text_tokens=int(n_text.detach()),
-            )
-        )
+        values = torch.stack([total, image_loss, text_loss, z_loss, n_text]).detach()
+        self.history.append(LossParts(values=values, image_tokens=n_img))
         return total
 
     def pop_history(self) -> list[LossParts]:

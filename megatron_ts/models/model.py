@@ -8,7 +8,8 @@ Sequence format of one sample (T = caption_len + 2 text positions, N image posit
 Position t predicts the token at t+1: text positions 0..T-2 predict the caption (masked by
 text_mask), and positions T-1..T+N-2 (<boi> and the first N-1 windows) each predict the s^2
 codes of the next window through token-unshuffle and the shared output head. Inside the image
-span only codebook logits compete.
+span only codebook logits compete, so in training the head scores image positions against the
+codebook rows only (`OutputHead`, `vocab_columns`): a third of the paper's vocabulary.
 
 The model is the list [InputStage, BlockStage x L, OutputStage]. Each element takes and returns
 the tuple (hidden (S, B, d), text_len (1,) int64), the shape DeepSpeed's pipeline engine passes
@@ -25,7 +26,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
@@ -225,10 +228,51 @@ class BlockStage(nn.Module):
         return hidden, text_len
 
 
+def vocab_columns(first_id: int, width: int, lo: int, hi: int) -> tuple[int, int]:
+    """Columns [a, b) of a vocabulary shard holding ids [first_id, first_id + width) in [lo, hi).
+
+    a == b when the shard holds none of them (a TP rank whose rows are all text, say).
+    """
+    a = min(max(lo - first_id, 0), width)
+    return a, max(min(hi - first_id, width), a)
+
+
+def code_columns(vocab: VocabLayout, width: int) -> tuple[int, int]:
+    """Columns [a, b) of the codebook in this TP rank's head shard of `width` rows."""
+    first = parallel_state.get_tensor_model_parallel_rank() * width
+    return vocab_columns(first, width, vocab.code_offset, vocab.code_offset + vocab.codebook_size)
+
+
+class OutputHead(ColumnParallelLinear):
+    """The vocabulary-parallel output head; can score against a range of this shard's rows only.
+
+    A subclass rather than a bare `F.linear` on `weight[a:b]`, so the call goes through the
+    module (ZeRO-3 gathers parameters in module hooks) and the parameter stays `head.weight`.
+    """
+
+    def forward(
+        self,
+        input_: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        runtime_gather_output: bool | None = None,
+        rows: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, None]:
+        """Args as ColumnParallelLinear; `rows` = (a, b) scores against local rows a..b-1 only."""
+        if rows is None:
+            return super().forward(input_, weight, runtime_gather_output)
+        # identity forward; backward all-reduces the input gradient over TP, as the full head
+        # does (a rank with a == b contributes zeros but still joins the all-reduce)
+        x = copy_to_tensor_model_parallel_region(input_)
+        return F.linear(x, self.weight[rows[0] : rows[1]]), None  # (..., b - a)
+
+
 class OutputStage(nn.Module):
     """Last pipeline stage: final RMSNorm, token-unshuffle of the image span, output head.
 
-    Returns local (TP-partitioned) logits: text (T-1, B, V/tp) and image (N, B, s^2, V/tp).
+    Returns local (TP-partitioned) logits: text (T-1, B, V/tp) and image (N, B, s^2, C). In
+    training C is this rank's share of the codebook, columns `code_columns(vocab, V/tp)` of its
+    shard (only codes compete there, and the loss needs no more); in eval mode C = V/tp, the
+    whole shard, as the HF model returns it. `TokenShuffleLoss` takes either.
     """
 
     def __init__(self, spec: ModelSpec, config: TransformerConfig, seed: int):
@@ -243,7 +287,7 @@ class OutputStage(nn.Module):
                     d, spec.shuffle_window, spec.shuffle_mlp_blocks, config
                 )
         with _seeded(seed):
-            self.head = ColumnParallelLinear(
+            self.head = OutputHead(
                 d,
                 spec.padded_vocab,
                 config=config,
@@ -265,9 +309,10 @@ class OutputStage(nn.Module):
         else:
             img = img.unsqueeze(2)  # (N, B, 1, d)
         n, b, s2, d = img.shape
+        rows = code_columns(self.spec.vocab, self.head.output_size_per_partition)
         # megatron's linear backward wants 3-D input: fold the s^2 codes into the batch dim.
-        image_logits, _ = self.head(img.reshape(n, b * s2, d))  # (N, B*s^2, V/tp)
-        return text_logits, image_logits.reshape(n, b, s2, -1)  # (N, B, s^2, V/tp)
+        image_logits, _ = self.head(img.reshape(n, b * s2, d), rows=rows if self.training else None)
+        return text_logits, image_logits.reshape(n, b, s2, -1)  # (N, B, s^2, C)
 
 
 def layer_seed(seed: int, index: int) -> int:

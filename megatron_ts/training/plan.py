@@ -97,6 +97,7 @@ def dry_run_report(cfg: Config, stages: list[ResolvedStage]) -> dict:
             st.grid(ds),
             st.shuffle_window,
             cfg.model.shuffle_mlp_blocks,
+            image_head_rows=vocab.codebook_size,  # image positions score codes only
         )
         seq = st.seq_len(ds)
         report["stages"].append(

@@ -8,6 +8,9 @@ One spawned world (rank start-up costs ~7 s) runs every check for three model va
 2. With identical random weights (TP = 1 weights split by `shard_state_dict`), logits, the loss
    (cross-entropy, text weight and z-loss over the vocabulary-parallel log Z) and the merged
    gradients of every parameter agree with TP = 1 in fp32.
+3. The code-only image head (each rank scores image positions against its shard's overlap with
+   the codebook, maybe none) gives the loss and the head-weight and hidden-input gradients of
+   the full-vocabulary head with the masked loss (tests/unit/test_image_head.py) to 1e-6.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ VARIANTS = [
     ("s4-gqa", 4, {"num_kv_heads": 2}),
 ]
 TOL = {"rtol": 1e-5, "atol": 1e-5}
+# (name, vocabulary, image columns on TP ranks 0 and 1): the codes straddle the shard boundary;
+# rank 0 holds no code (of 640 rows, codes are ids 517..580) and joins the collectives with none
+HEAD_CASES = [("straddle", (256, 512), (187, 325)), ("rank0-no-codes", (512, 64), (0, 64))]
 
 
 def _step(model, s: int, labels: tuple) -> tuple:
@@ -105,6 +111,39 @@ def _parity_worker(rank: int, world: int) -> dict:
             "ref": (ref_text, ref_image, ref_parts, ref_grads),
             "tp": (tp_text, tp_image, tp_parts, grads_merged),
         }
+    out["image_head"] = _image_head_cases(rank, world, gather)
+    return out
+
+
+def _image_head_cases(rank: int, world: int, gather) -> dict:
+    """Per case: the reference at TP = 1 (full head, masked loss) and the code-only head at TP = 2."""
+    from megatron_ts.config import ModelConfig
+    from megatron_ts.distributed.init import init_model_parallel
+    from megatron_ts.models.model import ModelSpec, OutputStage, transformer_config
+    from megatron_ts.models.sharding import shard_state_dict
+    from megatron_ts.testing import randomize_weights
+    from megatron_ts.vocab import VocabLayout
+    from tests.unit.test_image_head import run, stage_inputs
+
+    out = {}
+    for name, (text_size, codebook), _ in HEAD_CASES:
+        vocab = VocabLayout(text_size=text_size, codebook_size=codebook)
+        spec1 = ModelSpec.from_config(ModelConfig(flavor="debug"), vocab, 2, tensor_parallel=1)
+        spec2 = ModelSpec.from_config(ModelConfig(flavor="debug"), vocab, 2, tensor_parallel=2)
+        inputs, labels = stage_inputs(spec1, b=2, caption=6, grid=8, seed=6)
+        init_model_parallel(1, 1)
+        ref = OutputStage(spec1, transformer_config(spec1), seed=SEED)
+        randomize_weights(ref, seed=7)
+        ref_loss, ref_grads, _ = run(ref, inputs, labels, reference=True)
+        init_model_parallel(2, 1)
+        tp = OutputStage(spec2, transformer_config(spec2), seed=SEED)
+        tp.load_state_dict(shard_state_dict(ref.state_dict(), rank, world))
+        loss, (head_grad, hidden_grad), (_, image_logits) = run(tp, inputs, labels, False)
+        out[name] = {
+            "ref": (ref_loss, *ref_grads),
+            "tp": (loss, torch.cat(gather(head_grad), dim=0), hidden_grad),
+            "image_columns": image_logits.shape[-1],
+        }
     return out
 
 
@@ -147,6 +186,20 @@ def test_logits_loss_and_grads_match_tp1(parity: list[dict], variant: str):
         for key in ref_grads:
             assert ref_grads[key].abs().max() > 0, f"{key}: no gradient, the check is vacuous"
             torch.testing.assert_close(tp_grads[key], ref_grads[key], **TOL, msg=key)
+
+
+@pytest.mark.parametrize("case", [c[0] for c in HEAD_CASES])
+def test_code_only_image_head_matches_full_vocabulary_head(parity: list[dict], case: str):
+    from tests.unit.test_image_head import assert_rel
+
+    columns = dict((c[0], c[2]) for c in HEAD_CASES)[case]
+    for rank, rank_out in enumerate(parity):
+        res = rank_out["image_head"][case]
+        assert res["image_columns"] == columns[rank]
+        for what, got, want in zip(
+            ("loss", "head weight grad", "hidden grad"), res["tp"], res["ref"]
+        ):
+            assert_rel(got, want, f"rank {rank}, {case}: {what}")
 
 
 def test_ranks_agree(parity: list[dict]):

@@ -136,7 +136,15 @@ def test_report_codes_and_positions_per_stage(report: dict):
 def test_report_flops_and_lengths(report: dict):
     padded = 48512
     for st, grid in zip(report["stages"], (32, 64, 128)):
-        expected = sample_flops(FLAVORS["2.7B"], padded, 126, grid, st["shuffle_window"], 2)
+        expected = sample_flops(
+            FLAVORS["2.7B"],
+            padded,
+            126,
+            grid,
+            st["shuffle_window"],
+            2,
+            image_head_rows=report["vocab"]["codes"],  # image positions score codes only
+        )
         assert st["training_flops_per_sample"] == expected.training
         assert st["flops_breakdown_per_sample"] == expected.to_dict()
         assert st["training_flops_per_step"] == expected.training * st["global_batch"]
