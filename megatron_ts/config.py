@@ -176,16 +176,17 @@ class DataConfig:
     num_workers: int = 2
     """Loader worker processes per rank."""
     shuffle_buffer: int = 1000
-    """Sample-level shuffle buffer per worker."""
+    """Sample-level shuffle buffer per stream (changing it changes the sample order)."""
     max_error_rate: float = 0.01
     """Fraction of corrupt samples tolerated before the run stops, naming shard and key."""
     resample_shards: bool = False
-    """Allow fewer shards than DP ranks x workers by resampling shards (no exact epochs)."""
+    """Allow fewer shards than data.streams by resampling shards (no exact epochs)."""
     s3_endpoint: str | None = None
     """Endpoint URL for S3-compatible stores; None uses AWS."""
-    on_dp_change: str = "error"
-    """Resuming with another data-parallel size: error (stop with a message) or next_epoch
-    (re-split the shards deterministically from the next epoch, no repeats; docs/loader.md)."""
+    streams: int = 0
+    """Canonical streams (lanes) per source; 0: the largest power of two <= min(64, shards of
+    any source). The sample order depends on it (like the seed), never on the DP size or
+    workers; a multiple of the DP size avoids reading a stream on several ranks (docs/loader.md)."""
     synthetic: bool = False
     """Train on random codes and captions (throughput runs without data)."""
 
@@ -608,7 +609,6 @@ _CHOICES = {
     "parallel.backend": ("auto", "nccl", "gloo"),
     "optim.schedule": ("cosine", "linear", "constant", "wsd"),
     "train.precision": ("auto", "bf16", "fp32"),
-    "data.on_dp_change": ("error", "next_epoch"),
     "sampling.cfg_schedule": ("constant", "linear", "half-linear"),
 }
 
@@ -651,6 +651,7 @@ _FIELD_RULES = {
     "data.caption_len": _AT_LEAST_0,
     "data.num_workers": (_AT_LEAST_0[0], "use 0 (load in the training process) or more"),
     "data.shuffle_buffer": (_AT_LEAST_0[0], "use 0 (no shuffling) or more"),
+    "data.streams": (_AT_LEAST_0[0], "use 0 (auto: from the shard counts) or more"),
     "data.max_error_rate": (lambda v: 0 <= v <= 1, "use a fraction 0 <= rate <= 1"),
     "checkpoint.interval_steps": (_AT_LEAST_0[0], "use 0 (no step-based saves) or more"),
     "checkpoint.interval_minutes": (_NON_NEGATIVE[0], "use a finite number >= 0 (0 = off)"),
@@ -762,7 +763,6 @@ def validate(cfg: Config, world_size: int | None = 1) -> list[ResolvedStage]:
     choice("parallel.backend", cfg.parallel.backend)
     choice("optim.schedule", cfg.optim.schedule)
     choice("train.precision", cfg.train.precision)
-    choice("data.on_dp_change", cfg.data.on_dp_change)
     choice("sampling.cfg_schedule", cfg.sampling.cfg_schedule)
     _check_ranges(cfg)
 

@@ -1,23 +1,27 @@
-"""The training data loader: deterministic, exactly resumable micro-batches per DP rank.
+"""The training data loader: elastic, deterministic, exactly resumable micro-batches per DP rank.
 
     loader = build_loader(cfg.data, stage, vocab, seed=cfg.job.seed, dp_rank=r, dp_size=n,
                           downsample=cfg.tokenizer.downsample)
-    loader.load_state_dict(saved)        # optional, before or after iterating
+    loader.load_state_dict(saved)        # this rank's state, or the list of all old ranks'
     batch = next(loader)                 # one micro-batch (see megatron_ts.data.batching)
     ckpt["loader"] = loader.state_dict() # per DP rank
     loader.metrics()                     # samples/s, data-wait fraction, bytes, retries, skipped
 
-The sample stream of a rank is a pure function of (seed, stage, dp_rank, dp_size, num_workers)
-and the data: every TP rank and pipeline stage of one DP group that builds a loader gets the same
-batches. Logical worker w produces micro-batches w, w + W, w + 2W, ... of its rank; the main
-process takes them in that fixed round-robin order (torch DataLoader's in-order delivery, or a
-plain loop when `num_workers = 0` / `processes=False`), never in order of arrival.
+The global sample order of a stage is a function of (seed, stage, data.streams) and the data
+only (`megatron_ts.data.order`): optimizer step t consumes the same set of samples whatever the
+DP size, micro-batch and worker count, and a resume at another layout continues right after
+the last consumed sample. Every TP rank and pipeline stage of one DP group that builds a loader
+gets the same batches. Each logical worker reads the lanes it owns and contributes their
+samples to every micro-batch; the main process takes one chunk per worker, in worker order
+(torch DataLoader's in-order delivery, or a plain loop when `num_workers = 0` /
+`processes=False`), never in order of arrival, and collates the micro-batch.
 """
 
 from __future__ import annotations
 
 import atexit
 import inspect
+import itertools
 import time
 import weakref
 from collections.abc import Iterator
@@ -28,12 +32,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megatron_ts.config import DataConfig, ResolvedStage
 from megatron_ts.data.batching import Collator
+from megatron_ts.data.order import LaneCounter, Layout, lane_positions_before
 from megatron_ts.data.pipeline import (
     ErrorTracker,
     SourceStream,
     StreamContext,
-    SyntheticStream,
-    mixed_samples,
+    StreamReader,
+    synthetic_sample,
 )
 from megatron_ts.data.s3_stream import IOCounters, register_s3_scheme
 from megatron_ts.data.sources import DataSourceError, SourceSpec, epoch_order, read_source
@@ -43,7 +48,8 @@ from megatron_ts.vocab import VocabLayout
 
 logger = get_logger(__name__)
 
-ON_DP_CHANGE = ("error", "next_epoch")
+AUTO_STREAMS_MAX = 64
+"""`data.streams = 0` picks the largest power of two <= min(shards of any source, this)."""
 
 # Loaders with live worker processes, closed at interpreter exit before torch's own handlers run
 # (atexit is last-in first-out), so that exiting never waits on a worker.
@@ -56,9 +62,18 @@ def _close_live_loaders() -> None:
         loader.close()
 
 
+def auto_streams(shard_counts: list[int]) -> int:
+    """The lane count for `data.streams = 0`: from the data only, never from the layout.
+
+    A power of two so that the usual DP sizes divide it (then no lane is read by two ranks).
+    """
+    n = min([AUTO_STREAMS_MAX, *shard_counts])
+    return 1 << (max(1, n).bit_length() - 1)
+
+
 @dataclass(frozen=True)
 class LoaderPlan:
-    """What a worker process needs to rebuild its stream (picklable)."""
+    """What a worker process needs to rebuild its streams (picklable)."""
 
     ctx: StreamContext
     specs: tuple[SourceSpec, ...]
@@ -68,109 +83,88 @@ class LoaderPlan:
     synthetic: bool
 
 
-def worker_batches(plan: LoaderPlan, worker: int, state: WorkerState) -> Iterator[dict]:
-    """Micro-batches of one logical worker from `state` on; each carries `_state` after it."""
+def worker_chunks(
+    plan: LoaderPlan, layout: Layout, worker: int, state: WorkerState, batch: int
+) -> Iterator[dict]:
+    """This worker's part of every micro-batch from number `batch` on.
+
+    Yields {"samples": [(slot j, Sample), ...], "_state": the worker state after it}; the
+    samples are those of the micro-batch's positions whose lane this worker owns.
+    """
     register_s3_scheme(plan.ctx.endpoint_url)
+    ctx = plan.ctx
     tracker = ErrorTracker(
-        plan.ctx.max_error_rate,
+        ctx.max_error_rate,
         seen=state.seen,
         skipped=state.skipped,
         missing_shards=state.missing_shards,
         counters=IOCounters(state.bytes_read, state.retries),
     )
-    if plan.synthetic:
-        streams: list = [SyntheticStream(plan.ctx, worker, tracker)]
-        weights = [1.0]
-    else:
-        streams = [
-            SourceStream(plan.ctx, spec, i, worker, tracker) for i, spec in enumerate(plan.specs)
-        ]
-        weights = list(plan.weights)
-    cursors = [list(c) for c in state.cursors]
-    n = state.samples
-    c = plan.ctx
-    gen = mixed_samples(streams, weights, cursors, n, [c.seed, c.stage, c.dp_rank, worker])
-    while True:
-        group = []
-        for _ in range(plan.micro_batch):
-            sample, src, cur = next(gen)
-            cursors[src] = list(cur)
-            group.append(sample)
-            n += 1
-        batch = _pack(plan.collator(group))
-        batch["_state"] = WorkerState(
-            samples=n,
-            cursors=[list(x) for x in cursors],
-            seen=tracker.seen,
-            skipped=tracker.skipped,
-            missing_shards=tracker.missing_shards,
-            bytes_read=tracker.counters.bytes_read,
-            retries=tracker.counters.retries,
-        ).to_dict()
-        yield batch
+
+    def new_lane(c: int, n: int = 0, counts: list[int] | None = None) -> LaneCounter:
+        return LaneCounter(c, ctx.streams, plan.weights, ctx.seed, ctx.stage, n, counts)
+
+    def new_reader(s: int, c: int, index: int = 0, cursor=(0, 0, 0)) -> StreamReader:
+        return StreamReader(SourceStream(ctx, plan.specs[s], s, c, tracker), index, cursor)
+
+    lanes = {c: new_lane(c, n, counts) for c, n, counts in state.lanes}
+    readers = {(s, c): new_reader(s, c, i, (e, w, o)) for s, c, i, e, w, o in state.readers}
+    mine = set(layout.worker_lanes(worker))
+    for k in itertools.count(batch):
+        chunk = []
+        for j in range(plan.micro_batch):
+            p = layout.position(k, j)
+            c = p % ctx.streams
+            if c not in mine:
+                continue
+            if plan.synthetic:
+                tracker.ok()
+                chunk.append((j, synthetic_sample(ctx, p)))
+                continue
+            if c not in lanes:
+                lanes[c] = new_lane(c)  # counting from lane position 0 is always right
+            s, i = lanes[c].take(p)
+            if (s, c) not in readers:
+                readers[(s, c)] = new_reader(s, c)  # reads forward from the stream's start
+            chunk.append((j, readers[(s, c)].get(i)))
+        yield {
+            "samples": chunk,
+            "_state": WorkerState(
+                lanes=[lanes[c].entry() for c in sorted(lanes)],
+                readers=[[s, c, r.index, *r.cursor] for (s, c), r in sorted(readers.items())],
+                seen=tracker.seen,
+                skipped=tracker.skipped,
+                missing_shards=tracker.missing_shards,
+                bytes_read=tracker.counters.bytes_read,
+                retries=tracker.counters.retries,
+            ).to_dict(),
+        }
 
 
-_PACKED = ("text", "text_mask", "codes", "dropped")
-
-
-def _pack(batch: dict) -> dict:
-    """Moves the batch's tensors into one byte buffer (8-byte aligned slices).
-
-    A worker process hands every tensor to the trainer process through its own shared-memory
-    segment and file descriptor; one buffer per batch instead of four halves that cost.
-    """
-    parts, layout, offset = [], [], 0
-    for name in _PACKED:
-        t = batch.pop(name).contiguous()
-        raw = (
-            t.view(torch.uint8).reshape(-1)
-            if t.dtype != torch.bool
-            else t.to(torch.uint8).reshape(-1)
-        )
-        pad = -raw.numel() % 8
-        parts.append(raw)
-        if pad:
-            parts.append(torch.zeros(pad, dtype=torch.uint8))
-        layout.append(
-            (name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, raw.numel())
-        )
-        offset += raw.numel() + pad
-    batch["_packed"] = torch.cat(parts)
-    batch["_layout"] = layout
-    return batch
-
-
-def _unpack(batch: dict) -> dict:
-    """Inverse of `_pack`: views into the one buffer (no copy)."""
-    buf = batch.pop("_packed")
-    for name, dtype, shape, offset, nbytes in batch.pop("_layout"):
-        raw = buf[offset : offset + nbytes]
-        if dtype == "bool":
-            batch[name] = raw.view(torch.bool).view(shape)
-        else:
-            batch[name] = raw.view(getattr(torch, dtype)).view(shape)
-    return batch
+def _as_is(item):
+    """DataLoader collate_fn: keep the chunk as the worker built it (numpy, no tensors)."""
+    return item
 
 
 class _WorkerDataset(IterableDataset):
-    """DataLoader worker i plays logical worker (i + rotation) % W, starting from its state."""
+    """DataLoader worker i plays logical worker i, from its state and micro-batch `batch` on."""
 
-    def __init__(self, plan: LoaderPlan, states: list[dict], rotation: int):
+    def __init__(self, plan: LoaderPlan, layout: Layout, states: list[dict], batch: int):
         super().__init__()
-        self.plan, self.states, self.rotation = plan, states, rotation
+        self.plan, self.layout, self.states, self.batch = plan, layout, states, batch
 
     def __iter__(self):
         info = get_worker_info()
-        wid = info.id if info is not None else 0
-        w = (wid + self.rotation) % self.plan.ctx.num_workers
+        w = info.id if info is not None else 0
         # One thread per worker: several torch intra-op threads per worker only contend on
         # the CPU cores the trainer needs.
         torch.set_num_threads(1)
-        return worker_batches(self.plan, w, WorkerState.from_dict(self.states[w]))
+        state = WorkerState.from_dict(self.states[w])
+        return worker_chunks(self.plan, self.layout, w, state, self.batch)
 
 
 class TokenLoader:
-    """Iterator over fixed-shape micro-batches of one DP rank, with exact resume.
+    """Iterator over fixed-shape micro-batches of one DP rank, with exact and elastic resume.
 
     Build it with `build_loader`. Not thread-safe; one per process and stage.
     """
@@ -178,24 +172,23 @@ class TokenLoader:
     def __init__(
         self,
         plan: LoaderPlan,
+        layout: Layout,
         *,
         stage_name: str,
         processes: bool,
         timeout: float,
         prefetch_factor: int,
         mp_context: str | None,
-        on_dp_change: str,
     ):
         self.plan = plan
+        self.layout = layout
         self.stage_name = stage_name
         self.processes = processes
         self.timeout = timeout
         self.prefetch_factor = prefetch_factor
         self.mp_context = mp_context
-        self.on_dp_change = on_dp_change
-        self.num_workers = plan.ctx.num_workers
-        nsrc = 1 if plan.synthetic else len(plan.specs)
-        self._workers = [WorkerState.fresh(nsrc).to_dict() for _ in range(self.num_workers)]
+        self.num_workers = layout.num_workers
+        self._workers = [WorkerState().to_dict() for _ in range(self.num_workers)]
         self._batches = 0
         self._it: Iterator[dict] | None = None
         self._dl_iter = None
@@ -209,15 +202,17 @@ class TokenLoader:
     # -- iteration ------------------------------------------------------------------------------
 
     def _start(self) -> None:
-        rotation = self._batches % self.num_workers
         if self.processes:
-            dataset = _WorkerDataset(self.plan, [dict(s) for s in self._workers], rotation)
+            dataset = _WorkerDataset(
+                self.plan, self.layout, [dict(s) for s in self._workers], self._batches
+            )
             kwargs = {}
             if "in_order" in inspect.signature(DataLoader).parameters:  # torch >= 2.6
-                kwargs["in_order"] = True  # batch i from worker i % W, whatever finishes first
+                kwargs["in_order"] = True  # item i from worker i % W, whatever finishes first
             loader = DataLoader(
                 dataset,
                 batch_size=None,
+                collate_fn=_as_is,
                 num_workers=self.num_workers,
                 timeout=self.timeout,
                 prefetch_factor=self.prefetch_factor,
@@ -230,15 +225,20 @@ class TokenLoader:
             self._it = self._dl_iter
         else:
             gens = [
-                worker_batches(self.plan, w, WorkerState.from_dict(self._workers[w]))
+                worker_chunks(
+                    self.plan,
+                    self.layout,
+                    w,
+                    WorkerState.from_dict(self._workers[w]),
+                    self._batches,
+                )
                 for w in range(self.num_workers)
             ]
 
             def round_robin() -> Iterator[dict]:
-                w = rotation
                 while True:
-                    yield next(gens[w])
-                    w = (w + 1) % self.num_workers
+                    for gen in gens:
+                        yield next(gen)
 
             self._it = round_robin()
 
@@ -252,15 +252,21 @@ class TokenLoader:
         if self._it is None:
             self._start()
         try:
-            batch = next(self._it)
+            chunks = [next(self._it) for _ in range(self.num_workers)]
         except BaseException:
             self.close()  # stop worker processes now, not whenever the loader is collected
             raise
+        group: list = [None] * self.plan.micro_batch
+        for chunk in chunks:
+            for j, sample in chunk["samples"]:
+                group[j] = sample
+        if any(s is None for s in group):  # a bug in the lane ownership, never the data
+            raise RuntimeError(f"micro-batch {self._batches}: slots without a sample")
+        batch = self.plan.collator(group)
         t1 = time.perf_counter()
         self._t_wait += t1 - t0
         self._last_return = t1
-        self._workers[self._batches % self.num_workers] = dict(batch.pop("_state"))
-        batch = _unpack(batch)
+        self._workers = [dict(chunk["_state"]) for chunk in chunks]
         self._batches += 1
         self._n_samples += len(batch["keys"])
         return batch
@@ -282,98 +288,151 @@ class TokenLoader:
 
     # -- state ----------------------------------------------------------------------------------
 
+    @property
+    def consumed(self) -> int:
+        """Samples of the stage taken by all DP ranks up to this rank's last micro-batch."""
+        lay = self.layout
+        return lay.start + self._batches * lay.dp_size * lay.micro_batch
+
     def state_dict(self) -> dict:
         """The position after the last micro-batch returned by `next()` (JSON-able)."""
-        c = self.plan.ctx
+        c, lay = self.plan.ctx, self.layout
         return {
             "format": STATE_FORMAT,
             "seed": c.seed,
             "stage": c.stage,
             "stage_name": self.stage_name,
-            "dp_rank": c.dp_rank,
-            "dp_size": c.dp_size,
-            "num_workers": c.num_workers,
-            "micro_batch": self.plan.micro_batch,
             "sources": [s.url for s in self.plan.specs],
             "synthetic": self.plan.synthetic,
+            "streams": c.streams,
+            "dp_rank": lay.dp_rank,
+            "dp_size": lay.dp_size,
+            "num_workers": lay.num_workers,
+            "micro_batch": lay.micro_batch,
+            "start": lay.start,
             "batches": self._batches,
-            "workers": [dict(w, cursors=[list(x) for x in w["cursors"]]) for w in self._workers],
+            "consumed": self.consumed,
+            "workers": [WorkerState.from_dict(w).to_dict() for w in self._workers],
         }
 
     def load_state_dict(self, state: dict | list[dict]) -> None:
-        """Restores a position saved by `state_dict`.
+        """Restores a position saved by `state_dict`, at this layout or another one.
 
         Args:
-            state: this rank's saved state, or the list of every old rank's states (needed only
-                when the DP size or worker count changed and `on_dp_change = "next_epoch"`).
+            state: this rank's saved state (same layout), or the list of every old DP rank's
+                state (any DP size, micro-batch and worker count; the checkpoint's
+                `loader/dp_*.json`).
 
         Raises:
-            LoaderStateError: the state belongs to another seed, stage or source list, or the
-                DP size / worker count changed and `on_dp_change = "error"`.
+            LoaderStateError: the state belongs to another seed, stage, source list or
+                `data.streams`, is of the old format, or (at another layout) the list is
+                incomplete or its ranks disagree on the consumed position.
         """
         states = state if isinstance(state, list) else [state]
         if not states:
             raise LoaderStateError("empty loader state list")
-        c = self.plan.ctx
+        c, lay = self.plan.ctx, self.layout
         for st in states:
-            if st.get("format") != STATE_FORMAT:
-                raise LoaderStateError(
-                    f"loader state format {st.get('format')!r}; this loader reads {STATE_FORMAT!r}"
-                )
+            _check_format(st)
             for name, mine in (
                 ("seed", c.seed),
                 ("stage", c.stage),
                 ("sources", [s.url for s in self.plan.specs]),
                 ("synthetic", self.plan.synthetic),
+                ("streams", c.streams),
             ):
                 if st.get(name) != mine:
+                    what = "data.streams" if name == "streams" else name
                     raise LoaderStateError(
-                        f"loader state has {name} = {st.get(name)!r} but this loader has "
+                        f"loader state has {what} = {st.get(name)!r} but this loader has "
                         f"{mine!r}; resume with the configuration the checkpoint was saved with "
                         "(or start the stage's data afresh without loading the loader state)"
                     )
-        old = states[0]
-        same_layout = old["dp_size"] == c.dp_size and old["num_workers"] == c.num_workers
-        if same_layout and old.get("micro_batch") == self.plan.micro_batch:
-            mine = [s for s in states if s["dp_rank"] == c.dp_rank]
+        layouts = {(st["dp_size"], st["num_workers"], st["micro_batch"]) for st in states}
+        if len(layouts) > 1:
+            raise LoaderStateError(f"loader states of different layouts {sorted(layouts)}")
+        old_dp, old_w, old_mb = layouts.pop()
+        if (old_dp, old_w, old_mb) == (lay.dp_size, lay.num_workers, lay.micro_batch):
+            mine = [s for s in states if s["dp_rank"] == lay.dp_rank]
             if not mine:
                 have = sorted(s["dp_rank"] for s in states)
                 raise LoaderStateError(
-                    f"loader state for dp_rank {c.dp_rank} needed, got states of dp ranks {have}; "
-                    "pass this rank's own saved state"
+                    f"loader state for dp_rank {lay.dp_rank} needed, got states of dp ranks "
+                    f"{have}; pass this rank's own saved state or the list of all ranks' states"
                 )
-            self._restore(mine[0]["batches"], mine[0]["workers"])
+            self._restore(mine[0]["start"], mine[0]["batches"], mine[0]["workers"])
             return
         change = (
-            f"dp_size {old['dp_size']} -> {c.dp_size}, num_workers {old['num_workers']} -> "
-            f"{c.num_workers}, micro_batch {old.get('micro_batch')} -> {self.plan.micro_batch}"
+            f"dp_size {old_dp} -> {lay.dp_size}, num_workers {old_w} -> {lay.num_workers}, "
+            f"micro_batch {old_mb} -> {lay.micro_batch}"
         )
-        if self.on_dp_change != "next_epoch":
+        ranks = sorted(s["dp_rank"] for s in states)
+        if ranks != list(range(old_dp)):
             raise LoaderStateError(
-                f"the data layout changed since the checkpoint ({change}); the loader cannot "
-                "continue the same sample stream. Resume with the old data-parallel size, "
-                "data.num_workers and micro_batch, or build the loader with on_dp_change="
-                "'next_epoch' and pass every old rank's state to start each source at the next "
-                "epoch boundary (no sample repeats within an epoch; the rest of the interrupted "
-                "epoch is not read)"
+                f"the data layout changed ({change}): pass the list of all {old_dp} old DP "
+                f"ranks' loader states (checkpoint loader/dp_*.json); got dp ranks {ranks}"
             )
-        if len(states) != old["dp_size"]:
+        consumed = {s["consumed"] for s in states}
+        if len(consumed) > 1:
             raise LoaderStateError(
-                f"on_dp_change='next_epoch' needs the states of all {old['dp_size']} old DP "
-                f"ranks; got {len(states)}"
+                f"the old DP ranks' loader states are at different positions {sorted(consumed)} "
+                "(consumed samples); they were not saved at the same optimizer step"
             )
-        nsrc = len(self._workers[0]["cursors"])
-        next_epoch = [
-            1 + max(w["cursors"][s][0] for st in states for w in st["workers"]) for s in range(nsrc)
-        ]
-        logger.warning(
-            "data layout changed (%s); every source restarts at epoch %s", change, next_epoch
+        start = consumed.pop()
+        self.layout = Layout(
+            lay.dp_rank, lay.dp_size, lay.micro_batch, lay.num_workers, c.streams, start
         )
-        fresh = WorkerState(cursors=[[e, 0, 0] for e in next_epoch]).to_dict()
-        self._restore(0, [dict(fresh) for _ in range(self.num_workers)])
+        logger.info(
+            "data layout changed (%s): continuing the stage's sample order at position %d",
+            change,
+            start,
+        )
+        self._restore(start, 0, self._relayout(states))
 
-    def _restore(self, batches: int, workers: list[dict]) -> None:
+    def _relayout(self, states: list[dict]) -> list[dict]:
+        """Worker states of this layout at `self.layout.start` from the old ranks' states.
+
+        Each lane this rank's workers read starts from the old lane entry with the largest n at
+        or before the resume point, and each stream from the old reader entry with the largest
+        index at or before the one needed next (a stream without one starts at its beginning);
+        readers read forward from there.
+        """
+        c, lay = self.plan.ctx, self.layout
+        lane_entries: dict[int, list[tuple[int, list[int]]]] = {}
+        reader_entries: dict[tuple[int, int], list[tuple[int, list[int]]]] = {}
+        for st in states:
+            for w in st["workers"]:
+                ws = WorkerState.from_dict(w)
+                for lane, n, counts in ws.lanes:
+                    lane_entries.setdefault(lane, []).append((n, counts))
+                for s, lane, index, *cursor in ws.readers:
+                    reader_entries.setdefault((s, lane), []).append((index, cursor))
+        out = []
+        for w in range(lay.num_workers):
+            ws = WorkerState()
+            for lane in [] if self.plan.synthetic else lay.worker_lanes(w):
+                target = lane_positions_before(lay.start, lane, c.streams)
+                known = [e for e in lane_entries.get(lane, []) if e[0] <= target]
+                n, counts = max(known, key=lambda e: e[0]) if known else (0, None)
+                counter = LaneCounter(
+                    lane, c.streams, self.plan.weights, c.seed, c.stage, n, counts
+                )
+                counter.advance(target)
+                ws.lanes.append(counter.entry())
+                for s, need in enumerate(counter.counts):
+                    known_r = [e for e in reader_entries.get((s, lane), []) if e[0] <= need]
+                    if known_r:
+                        index, cursor = max(known_r, key=lambda e: e[0])
+                        ws.readers.append([s, lane, index, *cursor])
+            out.append(ws.to_dict())
+        return out
+
+    def _restore(self, start: int, batches: int, workers: list[dict]) -> None:
         self.close()
+        lay = self.layout
+        self.layout = Layout(
+            lay.dp_rank, lay.dp_size, lay.micro_batch, lay.num_workers, lay.lanes, int(start)
+        )
         self._batches = int(batches)
         self._workers = [WorkerState.from_dict(w).to_dict() for w in workers]
 
@@ -385,11 +444,12 @@ class TokenLoader:
         Returns:
             samples_per_s, data_wait_fraction (time in `next()` / time between first and last
             `next()` of the interval), bytes_read, retries, skipped_samples, missing_shards,
-            samples_read, batches, epoch (lowest current epoch over workers and sources).
+            samples_read, batches, epoch (lowest current epoch over the streams being read).
         """
         now = time.perf_counter()
         elapsed = max(now - self._t_mark, 1e-9)
         total = self._t_wait + self._t_busy
+        epochs = [r[3] for w in self._workers for r in w["readers"]]
         out = {
             "samples_per_s": self._n_samples / elapsed,
             "data_wait_fraction": self._t_wait / total if total > 0 else 0.0,
@@ -399,12 +459,27 @@ class TokenLoader:
             "missing_shards": sum(w["missing_shards"] for w in self._workers),
             "samples_read": sum(w["seen"] for w in self._workers),
             "batches": self._batches,
-            "epoch": min(c[0] for w in self._workers for c in w["cursors"]),
+            "epoch": min(epochs) if epochs else 0,
         }
         self._t_wait = self._t_busy = 0.0
         self._n_samples = 0
         self._t_mark = now
         return out
+
+
+def _check_format(state: dict) -> None:
+    fmt = state.get("format")
+    if fmt == "megatron_ts.loader/1":
+        raise LoaderStateError(
+            "loader state format 'megatron_ts.loader/1' was saved by an older version whose "
+            "sample order depended on the DP size and worker count; this loader reads "
+            f"{STATE_FORMAT!r} and cannot continue that order. Finish the stage with the "
+            "version that saved it, or start the stage's data afresh from the checkpoint's "
+            "weights and optimizer (checkpoint.load = that checkpoint, "
+            "checkpoint.load_optimizer = true)"
+        )
+    if fmt != STATE_FORMAT:
+        raise LoaderStateError(f"loader state format {fmt!r}; this loader reads {STATE_FORMAT!r}")
 
 
 def build_loader(
@@ -421,12 +496,11 @@ def build_loader(
     timeout: float = 900.0,
     prefetch_factor: int = 4,
     mp_context: str | None = None,
-    on_dp_change: str = "error",
 ) -> TokenLoader:
     """Builds the loader of one DP rank for one stage; checks the data before any step.
 
     Args:
-        data_cfg: the [data] section (workers, shuffle buffer, dropout, error rate, S3 endpoint).
+        data_cfg: the [data] section (workers, streams, shuffle buffer, dropout, error rate, S3).
         stage: the resolved stage (resolution, caption_len, micro_batch, sources).
         vocab: the model's vocabulary layout; every source's manifest must match it.
         seed: run seed (job.seed).
@@ -435,26 +509,25 @@ def build_loader(
         downsample: pixels per code (tokenizer.downsample); grid = resolution // downsample.
         processes: use worker processes (default: when data_cfg.num_workers > 0). With False the
             same `max(1, num_workers)` logical workers run in this process: same batches.
-        shards_per_window: shards read interleaved (and replayed on resume) per worker.
-        timeout: seconds a worker process may take for one batch before the loader raises
+        shards_per_window: shards read interleaved (and replayed on resume) per stream.
+        timeout: seconds a worker process may take for one chunk before the loader raises
             instead of hanging.
-        prefetch_factor: batches each worker process prepares ahead.
+        prefetch_factor: chunks each worker process prepares ahead.
         mp_context: multiprocessing start method for workers (None: torch's default).
-        on_dp_change: "error" (default) or "next_epoch"; see `TokenLoader.load_state_dict`.
 
     Returns:
-        The loader, positioned at the start of the stage's stream.
+        The loader, positioned at the start of the stage's sample order.
 
     Raises:
-        DataSourceError: unreadable manifest, wrong grid, too few shards for ranks x workers.
+        DataSourceError: unreadable manifest, wrong grid, fewer shards than data.streams.
         VocabMismatchError: a source was tokenized with another vocabulary than the model's.
     """
-    if on_dp_change not in ON_DP_CHANGE:
-        raise ValueError(f"on_dp_change = {on_dp_change!r}; use one of {list(ON_DP_CHANGE)}")
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} outside [0, dp_size = {dp_size})")
     if not 0.0 <= data_cfg.caption_dropout < 1.0:
         raise ValueError(f"data.caption_dropout = {data_cfg.caption_dropout}; use 0 <= p < 1")
+    if data_cfg.streams < 0:
+        raise ValueError(f"data.streams = {data_cfg.streams}; use 0 (auto) or more")
     if stage.resolution % downsample:
         raise ValueError(
             f"stage {stage.name}: resolution {stage.resolution} is not a multiple of downsample {downsample}"
@@ -462,22 +535,6 @@ def build_loader(
     grid = stage.resolution // downsample
     num_workers = max(1, data_cfg.num_workers)
     register_s3_scheme(data_cfg.s3_endpoint)
-    ctx = StreamContext(
-        seed=seed,
-        stage=stage.index,
-        dp_rank=dp_rank,
-        dp_size=dp_size,
-        num_workers=num_workers,
-        grid=grid,
-        text_size=vocab.text_size,
-        codebook_size=vocab.codebook_size,
-        caption_len=stage.caption_len,
-        shuffle_buffer=data_cfg.shuffle_buffer,
-        shards_per_window=shards_per_window,
-        max_error_rate=data_cfg.max_error_rate,
-        resample_shards=data_cfg.resample_shards,
-        endpoint_url=data_cfg.s3_endpoint,
-    )
     specs: list[SourceSpec] = []
     if not data_cfg.synthetic:
         if not stage.sources:
@@ -485,7 +542,7 @@ def build_loader(
                 f"stage {stage.name} has no data sources; add [[curriculum.stages.sources]] "
                 "(or data.sources) or set data.synthetic = true"
             )
-        for i, src in enumerate(stage.sources):
+        for src in stage.sources:
             if src.weight <= 0:
                 raise DataSourceError(
                     f"stage {stage.name} source {src.url}: weight {src.weight} must be > 0"
@@ -496,22 +553,65 @@ def build_loader(
                     f"source {src.url}: manifest has no vocab layout; re-tokenize with ts-data"
                 )
             vocab.check_compatible(spec.vocab, what=f"token shards {src.url}")
-            # Raises now, not in a worker, when there are too few shards for ranks x workers.
+            specs.append(spec)
+    streams = data_cfg.streams or (
+        auto_streams([len(s.shards) for s in specs]) if specs else AUTO_STREAMS_MAX
+    )
+    for i, spec in enumerate(specs):
+        try:  # raises now, not in a worker, when a source has too few shards for the streams
             epoch_order(
                 len(spec.shards),
-                dp_size * num_workers,
+                streams,
                 seed=seed,
                 stage=stage.index,
                 source=i,
                 epoch=0,
                 resample=data_cfg.resample_shards,
             )
-            specs.append(spec)
+        except DataSourceError as exc:
+            raise DataSourceError(f"source {spec.url}: {exc}") from exc
+    if specs:
         logger.info(
-            "stage %s data: %s",
+            "stage %s data (%d streams): %s",
             stage.name,
+            streams,
             ", ".join(f"{s.url} ({len(s.shards)} shards, weight {s.weight})" for s in specs),
         )
+    layout = Layout(dp_rank, dp_size, stage.micro_batch, num_workers, streams, 0)
+    if layout.read_amplification > 1 and dp_rank == 0:
+        logger.warning(
+            "data.streams = %d is not a multiple of the DP size %d: every stream is read by %d "
+            "ranks (read amplification %dx); use a multiple of the DP size for data.streams "
+            "(it changes the sample order like the seed)",
+            streams,
+            dp_size,
+            layout.read_amplification,
+            layout.read_amplification,
+        )
+    busy = len(layout.rank_lanes())
+    if busy < num_workers and dp_rank == 0:
+        logger.warning(
+            "%d of data.num_workers = %d workers per rank have streams to read (%d streams, DP "
+            "size %d); the others idle",
+            busy,
+            num_workers,
+            streams,
+            dp_size,
+        )
+    ctx = StreamContext(
+        seed=seed,
+        stage=stage.index,
+        streams=streams,
+        grid=grid,
+        text_size=vocab.text_size,
+        codebook_size=vocab.codebook_size,
+        caption_len=stage.caption_len,
+        shuffle_buffer=data_cfg.shuffle_buffer,
+        shards_per_window=shards_per_window,
+        max_error_rate=data_cfg.max_error_rate,
+        resample_shards=data_cfg.resample_shards,
+        endpoint_url=data_cfg.s3_endpoint,
+    )
     collator = Collator(
         caption_len=stage.caption_len,
         grid=grid,
@@ -525,17 +625,17 @@ def build_loader(
     plan = LoaderPlan(
         ctx=ctx,
         specs=tuple(specs),
-        weights=tuple(s.weight for s in specs),
+        weights=tuple(s.weight for s in specs) or (1.0,),
         collator=collator,
         micro_batch=stage.micro_batch,
         synthetic=data_cfg.synthetic,
     )
     return TokenLoader(
         plan,
+        layout,
         stage_name=stage.name,
         processes=data_cfg.num_workers > 0 if processes is None else processes,
         timeout=timeout,
         prefetch_factor=prefetch_factor,
         mp_context=mp_context,
-        on_dp_change=on_dp_change,
     )

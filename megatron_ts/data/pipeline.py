@@ -1,18 +1,19 @@
-"""The per-worker sample pipeline: small generator stages, read top to bottom.
+"""The sample pipeline of one canonical stream: small generator stages, read top to bottom.
 
-One worker of one data-parallel rank reads, for each source of the stage:
+Canonical stream (source i, lane c) of C lanes (`data.streams`) reads:
 
-    epoch shard order -> this slot's shards -> windows of k shards
+    epoch shard order -> the lane's shards (order[c::C]) -> windows of k shards
       -> per shard: open (local / s3 with resume) -> check size -> tar members (hashed)
          -> group by key -> decode+check -> compare sha256 at the tar's end
       -> interleave the k shards in a seeded random order -> seeded shuffle buffer (drained at
          the window's end) -> (epoch, window, offset) cursor after every sample
 
-and mixes its sources by weight with a seeded choice per sample, then cuts micro-batches.
-Every random choice comes from an RNG seeded by (seed, stage, source, epoch, window, rank,
-worker), so the stream is a pure function of those numbers and the data. A cursor
-(epoch, window, offset) therefore restarts a source exactly: re-open that window's shards, replay
-it and drop `offset` samples; earlier windows and epochs are skipped without reading them.
+Every random choice comes from an RNG seeded by (seed, stage, source, epoch, window, lane), so
+a stream is a pure function of those numbers and the data, whoever reads it (no DP rank or
+worker enters). A cursor (epoch, window, offset) therefore restarts a stream exactly: re-open
+that window's shards, replay it and drop `offset` samples; earlier windows and epochs are
+skipped without reading them. `megatron_ts.data.order` says which stream sample fills which
+global position.
 """
 
 from __future__ import annotations
@@ -34,13 +35,12 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from megatron_ts.data.s3_stream import IOCounters, S3Reader, open_url
 from megatron_ts.data.sources import (
     TAG_BUFFER,
-    TAG_MIX,
     TAG_SYNTHETIC,
     TAG_WINDOW,
     DataSourceError,
     SourceSpec,
     epoch_order,
-    slot_shards,
+    stream_shards,
 )
 from megatron_ts.errors import EXIT_DATA
 from megatron_ts.logging import get_logger
@@ -50,7 +50,7 @@ logger = get_logger(__name__)
 CODES_FIELD = "codes.npy"
 IDS_FIELD = "ids.npy"
 _MIN_ERROR_DENOMINATOR = 100
-_MIX_BLOCK = 4096
+_MAX_EMPTY_EPOCHS = 8
 
 
 class CorruptDataError(RuntimeError):
@@ -374,28 +374,8 @@ def shuffle_buffer(items: Iterable, size: int, rng: np.random.Generator) -> Iter
         yield buf[j]
 
 
-def mix_choices(weights: list[float], start: int, seed_key: list[int]) -> Iterator[int]:
-    """Source index of every sample from number `start` on, drawn in seeded blocks.
-
-    Block b of `_MIX_BLOCK` choices uses an RNG seeded by `seed_key + [b]`, so the choice of sample
-    n does not depend on where the stream was started.
-    """
-    if len(weights) == 1:
-        yield from itertools.repeat(0)
-        return
-    p = np.asarray(weights, dtype=np.float64)
-    p = p / p.sum()
-    block, pos = divmod(start, _MIX_BLOCK)
-    while True:
-        rng = np.random.default_rng([*seed_key, block, TAG_MIX])
-        choices = rng.choice(len(p), size=_MIX_BLOCK, p=p)
-        for c in choices[pos:]:
-            yield int(c)
-        block, pos = block + 1, 0
-
-
 # ----------------------------------------------------------------------------------------------
-# Per-source streams of one (rank, worker) slot
+# Canonical streams
 # ----------------------------------------------------------------------------------------------
 
 
@@ -405,9 +385,8 @@ class StreamContext:
 
     seed: int
     stage: int
-    dp_rank: int
-    dp_size: int
-    num_workers: int
+    streams: int
+    """C: canonical streams (lanes) per source."""
     grid: int
     text_size: int
     codebook_size: int
@@ -424,36 +403,36 @@ Cursor = tuple[int, int, int]
 
 
 class SourceStream:
-    """The samples of one source for one (rank, worker) slot, resumable from a cursor."""
+    """Canonical stream (source `index`, lane `lane`), resumable from a cursor."""
 
     def __init__(
-        self, ctx: StreamContext, spec: SourceSpec, index: int, worker: int, tracker: ErrorTracker
+        self, ctx: StreamContext, spec: SourceSpec, index: int, lane: int, tracker: ErrorTracker
     ):
         self.ctx = ctx
         self.spec = spec
         self.index = index
-        self.worker = worker
+        self.lane = lane
         self.tracker = tracker
 
     def windows(self, epoch: int) -> list[list[int]]:
-        """Shard indices of this slot in epoch `epoch`, grouped in windows of k shards."""
+        """Shard indices of this lane in epoch `epoch`, grouped in windows of k shards."""
         c = self.ctx
         order = epoch_order(
             len(self.spec.shards),
-            c.dp_size * c.num_workers,
+            c.streams,
             seed=c.seed,
             stage=c.stage,
             source=self.index,
             epoch=epoch,
             resample=c.resample_shards,
         )
-        mine = slot_shards(order, c.dp_rank, c.dp_size, self.worker, c.num_workers)
+        mine = stream_shards(order, self.lane, c.streams)
         k = max(1, c.shards_per_window)
         return [mine[i : i + k] for i in range(0, len(mine), k)]
 
     def _window_samples(self, epoch: int, window: int, shards: list[int]) -> Iterator[Sample]:
         c = self.ctx
-        key = [c.seed, c.stage, self.index, epoch, window, c.dp_rank, self.worker]
+        key = [c.seed, c.stage, self.index, epoch, window, self.lane]
         infos = [self.spec.shards[i] for i in shards]
         per_shard = [
             decode_records(
@@ -477,6 +456,7 @@ class SourceStream:
     def samples(self, cursor: Cursor = (0, 0, 0)) -> Iterator[tuple[Sample, Cursor]]:
         """Yields (sample, cursor after it) forever, starting at `cursor`."""
         epoch, window, offset = cursor
+        empty = 0
         while True:
             windows = self.windows(epoch)
             produced = 0
@@ -489,45 +469,58 @@ class SourceStream:
                     produced += 1
                     yield sample, (epoch, window, emitted)
                 window, offset = window + 1, 0
-            if produced == 0 and cursor[0] != epoch:
+            # A lane may hold a single shard in an epoch, and that shard may be missing or
+            # corrupt; only a run of empty epochs means the source is unreadable.
+            empty = empty + 1 if produced == 0 else 0
+            if empty >= _MAX_EMPTY_EPOCHS:
                 raise DataSourceError(
-                    f"source {self.spec.url}: epoch {epoch} gave no readable samples to rank "
-                    f"{self.ctx.dp_rank} worker {self.worker}; check its shards"
+                    f"source {self.spec.url}: {empty} epochs in a row gave no readable samples "
+                    f"to stream {self.lane} of {self.ctx.streams}; check its shards"
                 )
             epoch, window, offset = epoch + 1, 0, 0
 
 
-class SyntheticStream:
-    """Random codes and captions, a pure function of (seed, stage, rank, worker, index)."""
+class StreamReader:
+    """Reads one canonical stream forward; `get(i)` returns its sample number i.
 
-    def __init__(self, ctx: StreamContext, worker: int, tracker: ErrorTracker):
-        self.ctx, self.worker, self.tracker = ctx, worker, tracker
+    Samples before i that this reader has not emitted yet are read and dropped: another rank
+    uses them (a lane shared by several ranks) or a resume started the reader from an earlier
+    saved position.
+    """
 
-    def samples(self, cursor: Cursor = (0, 0, 0)) -> Iterator[tuple[Sample, Cursor]]:
-        c = self.ctx
-        n = cursor[2]
-        url = f"synthetic://rank{c.dp_rank}/worker{self.worker}"
-        while True:
-            rng = np.random.default_rng([c.seed, c.stage, c.dp_rank, self.worker, n, TAG_SYNTHETIC])
-            codes = rng.integers(0, c.codebook_size, size=(c.grid, c.grid), dtype=np.uint16)
-            length = int(rng.integers(1, c.caption_len + 8))
-            ids = rng.integers(0, c.text_size, size=length, dtype=np.int32)
-            self.tracker.ok()
-            n += 1
-            yield (
-                Sample(f"synthetic-{c.dp_rank}-{self.worker}-{n - 1}", url, codes, ids, 0, 0),
-                (0, 0, n),
+    def __init__(self, stream: SourceStream, index: int = 0, cursor: Cursor = (0, 0, 0)):
+        self.stream = stream
+        self.index = index
+        """Number of the next sample the stream emits."""
+        self.cursor = tuple(cursor)
+        self._gen: Iterator[tuple[Sample, Cursor]] | None = None
+
+    def get(self, index: int) -> Sample:
+        if index < self.index:
+            raise RuntimeError(
+                f"stream {self.stream.lane} of source {self.stream.spec.url}: sample {index} "
+                f"requested after sample {self.index - 1} was read"
             )
+        if self._gen is None:
+            self._gen = self.stream.samples(self.cursor)
+        while True:
+            sample, self.cursor = next(self._gen)
+            self.index += 1
+            if self.index > index:
+                return sample
+
+    def close(self) -> None:
+        if self._gen is not None:
+            self._gen.close()
 
 
-def mixed_samples(
-    streams: list, weights: list[float], cursors: list[Cursor], start: int, seed_key: list[int]
-) -> Iterator[tuple[Sample, int, Cursor]]:
-    """Mixes per-source streams by weight; yields (sample, source index, that source's cursor)."""
-    gens = [s.samples(tuple(cur)) for s, cur in zip(streams, cursors)]
-    for src in mix_choices(weights, start, seed_key):
-        sample, cur = next(gens[src])
-        yield sample, src, cur
+def synthetic_sample(ctx: StreamContext, position: int) -> Sample:
+    """Random codes and caption at a global position: a pure function of (seed, stage, p)."""
+    rng = np.random.default_rng([ctx.seed, ctx.stage, position, TAG_SYNTHETIC])
+    codes = rng.integers(0, ctx.codebook_size, size=(ctx.grid, ctx.grid), dtype=np.uint16)
+    length = int(rng.integers(1, ctx.caption_len + 8))
+    ids = rng.integers(0, ctx.text_size, size=length, dtype=np.int32)
+    return Sample(f"synthetic-{position}", "synthetic://", codes, ids, 0, 0)
 
 
 def batched(items: Iterable, size: int, collate: Callable[[list], dict]) -> Iterator[dict]:

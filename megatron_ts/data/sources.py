@@ -1,10 +1,9 @@
-"""Token-shard sources: their manifests and the deterministic split of shards over readers.
+"""Token-shard sources: their manifests and the deterministic split of shards over streams.
 
 A source is a directory (local or `s3://bucket/prefix/`) holding `manifest.json` and the tar
-shards it lists. Every reader ("slot") is one worker of one data-parallel rank; there are
-`dp_size * num_workers` slots. For epoch `e` of source `i` the shards are permuted with an RNG
-seeded by (seed, stage, i, e) and dealt round-robin: first to DP ranks, then to that rank's
-workers, i.e. slot (rank r, worker w) reads `order[r + dp_size * w :: dp_size * num_workers]`.
+shards it lists. It is read as C canonical streams (lanes, `data.streams`), whatever the DP size
+and worker count. For epoch `e` of source `i` the shards are permuted with an RNG seeded by
+(seed, stage, i, e) and dealt round-robin: stream c reads `order[c::C]`.
 """
 
 from __future__ import annotations
@@ -141,7 +140,7 @@ def read_source(
 
 def epoch_order(
     num_shards: int,
-    num_slots: int,
+    num_streams: int,
     *,
     seed: int,
     stage: int,
@@ -149,24 +148,24 @@ def epoch_order(
     epoch: int,
     resample: bool,
 ) -> np.ndarray:
-    """The shard indices of one epoch in reading order (before dealing them to slots).
+    """The shard indices of one epoch in reading order (before dealing them to streams).
 
-    With fewer shards than slots and `resample`, the permutation is repeated (each repetition
-    drawn afresh) until every slot gets at least one shard; an epoch then holds repeats.
+    With fewer shards than streams and `resample`, the permutation is repeated (each repetition
+    drawn afresh) until every stream gets at least one shard; an epoch then holds repeats.
 
     Raises:
-        DataSourceError: fewer shards than slots without `resample`.
+        DataSourceError: fewer shards than streams without `resample`.
     """
     reps = 1
-    if num_shards < num_slots:
+    if num_shards < num_streams:
         if not resample:
             raise DataSourceError(
-                f"{num_shards} shards for {num_slots} readers (data-parallel ranks x workers): "
-                "every reader needs at least one shard; write more, smaller shards (ts-data "
-                "tokenize --samples-per-shard), lower data.num_workers, or set "
+                f"{num_shards} shards for {num_streams} streams (data.streams): every stream "
+                "needs at least one shard; write more, smaller shards (ts-data tokenize "
+                "--shard-samples), lower data.streams (0 picks a count that fits), or set "
                 "data.resample_shards = true"
             )
-        reps = -(-num_slots // num_shards)
+        reps = -(-num_streams // num_shards)
     parts = [
         np.random.default_rng([seed, stage, source, epoch, rep, TAG_SHARDS]).permutation(num_shards)
         for rep in range(reps)
@@ -174,8 +173,6 @@ def epoch_order(
     return np.concatenate(parts)
 
 
-def slot_shards(
-    order: np.ndarray, dp_rank: int, dp_size: int, worker: int, num_workers: int
-) -> list[int]:
-    """Shards of one (rank, worker) slot: round-robin to ranks, then to the rank's workers."""
-    return [int(i) for i in order[dp_rank + dp_size * worker :: dp_size * num_workers]]
+def stream_shards(order: np.ndarray, stream: int, num_streams: int) -> list[int]:
+    """Shards of canonical stream `stream`: the epoch order dealt round-robin to the streams."""
+    return [int(i) for i in order[stream::num_streams]]

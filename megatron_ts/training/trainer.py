@@ -234,7 +234,6 @@ class Trainer:
                 dp_rank=parallel_state.get_data_parallel_rank(),
                 dp_size=parallel_state.get_data_parallel_world_size(),
                 downsample=cfg.tokenizer.downsample,
-                on_dp_change=cfg.data.on_dp_change,
             )
         return engine, loader
 

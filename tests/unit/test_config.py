@@ -289,6 +289,8 @@ INVALID = {
     "wrong-type": (["--train.steps", "ten"], 1, "train.steps"),
     "fractional-int": (["--train.steps", "2.5"], 1, "train.steps"),
     "wrong-bool": (["--data.synthetic", "maybe"], 1, "data.synthetic"),
+    # removed: the loader resumes at any DP size (docs/loader.md)
+    "removed-on-dp-change": (["--data.on_dp_change", "next_epoch"], 1, "data.on_dp_change"),
     # bad choices
     "flavor": (["--model.flavor", "13B"], 1, "model.flavor"),
     "schedule": (["--optim.schedule", "cosin"], 1, "optim.schedule"),
@@ -489,7 +491,7 @@ BAD_VALUE = {
     "data.num_workers": -1,
     "data.shuffle_buffer": -1,
     "data.max_error_rate": 1.5,
-    "data.on_dp_change": "never",
+    "data.streams": -1,
     "curriculum.stages.0.resolution": -512,
     "curriculum.stages.0.shuffle_window": 0,
     "curriculum.stages.0.sources.0.url": " ",

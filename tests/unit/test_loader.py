@@ -42,7 +42,6 @@ def _loader(sources, *, seed=1, dp_rank=0, dp_size=2, mix=(("a", 1.0),), stage_k
     stage = make_stage([(str(sources[n]), w) for n, w in mix], **(stage_kw or {}))
     processes = cfg.pop("processes", False)
     spw = cfg.pop("shards_per_window", 4)
-    on_dp_change = cfg.pop("on_dp_change", "error")
     return build_loader(
         make_data_cfg(**cfg),
         stage,
@@ -53,7 +52,6 @@ def _loader(sources, *, seed=1, dp_rank=0, dp_size=2, mix=(("a", 1.0),), stage_k
         downsample=DOWNSAMPLE,
         processes=processes,
         shards_per_window=spw,
-        on_dp_change=on_dp_change,
     )
 
 
@@ -91,16 +89,15 @@ def test_batch_shapes_and_content(sources):
 
 
 def test_two_ranks_two_workers_one_epoch_is_disjoint_and_complete(sources):
-    # 8 shards x 10 samples over 2 ranks x 2 workers: 20 samples per worker per epoch,
-    # micro-batch 4 -> 5 batches per worker, 10 per rank.
+    # 8 shards x 10 samples in 8 streams (one shard each per epoch): the first 80 positions
+    # are one epoch; 2 ranks x 10 micro-batches of 4 consume them.
     per_rank = []
     for rank in range(2):
         loader = _loader(sources, dp_rank=rank, num_workers=2)
         per_rank.append(_keys(_take(loader, 10)))
-        assert all(
-            w["cursors"][0][:2] == [0, 0] or w["cursors"][0][0] == 1
-            for w in loader.state_dict()["workers"]
-        )
+        state = loader.state_dict()
+        assert state["streams"] == 8 and state["consumed"] == 80
+        assert all(r[3] == 0 for w in state["workers"] for r in w["readers"])  # still epoch 0
     assert len(set(per_rank[0])) == 40 and len(set(per_rank[1])) == 40
     assert not set(per_rank[0]) & set(per_rank[1])
     assert set(per_rank[0]) | set(per_rank[1]) == {
@@ -147,7 +144,7 @@ def test_resume_twice_equals_uninterrupted(sources, processes):
         state = loader.state_dict()
         loader.close()
     _same_batches(full, got)
-    assert max(c[0] for w in state["workers"] for c in w["cursors"]) >= 1  # crossed an epoch
+    assert max(r[3] for w in state["workers"] for r in w["readers"]) >= 1  # crossed an epoch
 
 
 def test_load_state_before_or_after_iterating(sources):
@@ -167,32 +164,17 @@ def test_sources_mix_by_weight(sources):
     assert 0.69 < frac_a < 0.81
 
 
-def test_dp_change_stops_with_a_clear_message_or_moves_to_the_next_epoch(sources):
-    states = []
-    for rank in range(2):
-        loader = _loader(sources, dp_rank=rank, dp_size=2)
-        _take(loader, 3)
-        states.append(loader.state_dict())
-    new = _loader(sources, dp_rank=0, dp_size=4, num_workers=1)
-    with pytest.raises(
-        LoaderStateError, match=r"dp_size 2 -> 4.*Resume with the old data-parallel size"
-    ):
-        new.load_state_dict(states[0])
-    per_rank = []
-    for rank in range(4):
-        loader = _loader(sources, dp_rank=rank, dp_size=4, num_workers=1, on_dp_change="next_epoch")
-        loader.load_state_dict(states)
-        per_rank.append(_keys(_take(loader, 5)))  # one epoch: 2 shards x 10 samples per rank
-        assert loader.state_dict()["workers"][0]["cursors"][0][0] == 1
-    everything = sum(per_rank, [])
-    assert len(everything) == len(set(everything)) == 80
-
-
 def test_too_few_shards_is_an_error_unless_resampling(sources):
-    with pytest.raises(DataSourceError, match=r"6 shards for 8 readers"):
-        _loader(sources, mix=(("b", 1.0),), dp_size=4, num_workers=2)
+    with pytest.raises(DataSourceError, match=r"b: 6 shards for 8 streams \(data.streams\)"):
+        _loader(sources, mix=(("b", 1.0),), dp_size=4, num_workers=2, streams=8)
     loader = _loader(
-        sources, mix=(("b", 1.0),), dp_size=4, dp_rank=3, num_workers=2, resample_shards=True
+        sources,
+        mix=(("b", 1.0),),
+        dp_size=4,
+        dp_rank=3,
+        num_workers=2,
+        resample_shards=True,
+        streams=8,
     )
     assert len(_keys(_take(loader, 4))) == 16
 
@@ -242,9 +224,11 @@ def test_corrupt_sample_is_skipped_and_counted_then_stops_past_the_rate(tmp_path
     src = _corrupt_source(tmp_path)
     stage = make_stage([(str(src), 1.0)])
     loader = _single_rank_loader(stage, max_error_rate=0.05)
-    keys = _keys(_take(loader, 30))  # the whole epoch of 120 samples, 119 of them good
+    # 120 positions over 2 streams of one shard each: the stream with the corrupt sample
+    # reaches its next epoch one position early, the other gives its 60 samples.
+    keys = _keys(_take(loader, 30))
     good = {f"c-{s:03d}-{j:04d}" for s in range(2) for j in range(60)} - {"c-000-0003"}
-    assert set(keys[:119]) == good and "c-000-0003" not in keys
+    assert set(keys) == good and "c-000-0003" not in keys
     assert loader.metrics()["skipped_samples"] >= 1
     strict = _single_rank_loader(stage, max_error_rate=0.0)
     with pytest.raises(CorruptDataError, match=r"shard .*shard-00000.tar key c-000-0003.*codebook"):
@@ -292,7 +276,7 @@ def test_truncated_shard_counts_lost_samples(tmp_path):
     (src / "manifest.json").write_text(json.dumps(manifest))
     stage = make_stage([(str(src), 1.0)])
     loader = build_loader(
-        make_data_cfg(num_workers=1, max_error_rate=0.6),
+        make_data_cfg(num_workers=1, max_error_rate=0.6, streams=1),  # one stream: no repeats
         stage,
         VOCAB,
         seed=0,

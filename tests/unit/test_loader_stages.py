@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import io
-import itertools
 
 import numpy as np
 import pytest
 
 from megatron_ts.data.batching import Collator, dropout_draw
+from megatron_ts.data.order import LaneCounter, source_draws
 from megatron_ts.data.pipeline import (
     CorruptDataError,
     ErrorTracker,
     Sample,
     decode_records,
     interleave,
-    mix_choices,
     shuffle_buffer,
 )
-from megatron_ts.data.sources import DataSourceError, epoch_order, slot_shards
+from megatron_ts.data.sources import DataSourceError, epoch_order, stream_shards
 
 
 def _rng(seed: int) -> np.random.Generator:
@@ -55,29 +54,41 @@ def test_shuffle_buffer_is_a_seeded_permutation():
     assert sorted(shuffle_buffer(range(5), 50, _rng(0))) == list(range(5))
 
 
-def test_mix_choices_resume_at_any_position_and_follow_weights():
-    key = [1, 2, 3, 4]
-    full = list(itertools.islice(mix_choices([3.0, 1.0], 0, key), 10000))
-    for start in (1, 4095, 4096, 5000):
-        assert (
-            list(itertools.islice(mix_choices([3.0, 1.0], start, key), 100))
-            == full[start : start + 100]
-        )
-    frac = full.count(0) / len(full)
-    assert 0.73 < frac < 0.77
+def test_source_draws_are_a_function_of_the_position_and_follow_weights():
+    full = source_draws(np.arange(20000), (3.0, 1.0), 1, 2)
+    assert np.array_equal(source_draws(np.arange(5000, 5100), (3.0, 1.0), 1, 2), full[5000:5100])
+    assert 0.73 < (full == 0).mean() < 0.77
+    assert not np.array_equal(full, source_draws(np.arange(20000), (3.0, 1.0), 2, 2))
+    assert not np.array_equal(full, source_draws(np.arange(20000), (3.0, 1.0), 1, 3))
+    assert (source_draws(np.arange(100), (1.0,), 1, 2) == 0).all()
+
+
+def test_lane_counter_gives_each_position_its_index_in_its_source_stream():
+    weights, lane, lanes = (2.0, 1.0, 1.0), 3, 8
+    draws = source_draws(lane + lanes * np.arange(1000), weights, 5, 0)
+    counter = LaneCounter(lane, lanes, weights, 5, 0)
+    for n in range(0, 1000, 7):  # a reader that needs every 7th position of the lane
+        src, index = counter.take(lane + lanes * n)
+        assert src == draws[n] and index == int((draws[:n] == src).sum())
+    # Restarted from a saved (n, counts), it continues the same count.
+    saved = LaneCounter(lane, lanes, weights, 5, 0, 500, np.bincount(draws[:500]).tolist())
+    saved.advance(900)
+    assert saved.counts == np.bincount(draws[:900], minlength=3).tolist()
+    with pytest.raises(ValueError, match="cannot go back"):
+        saved.advance(10)
 
 
 def test_epoch_order_split_is_disjoint_complete_and_guarded():
     order = epoch_order(10, 4, seed=1, stage=0, source=0, epoch=0, resample=False)
-    parts = [slot_shards(order, r, 2, w, 2) for r in range(2) for w in range(2)]
+    parts = [stream_shards(order, c, 4) for c in range(4)]
     assert sorted(sum(parts, [])) == list(range(10))
     assert not np.array_equal(
         order, epoch_order(10, 4, seed=1, stage=0, source=0, epoch=1, resample=False)
     )
-    with pytest.raises(DataSourceError, match="3 shards for 4 readers.*resample_shards"):
+    with pytest.raises(DataSourceError, match="3 shards for 4 streams.*resample_shards"):
         epoch_order(3, 4, seed=1, stage=0, source=0, epoch=0, resample=False)
     order = epoch_order(3, 4, seed=1, stage=0, source=0, epoch=0, resample=True)
-    assert all(slot_shards(order, r, 2, w, 2) for r in range(2) for w in range(2))
+    assert all(stream_shards(order, c, 4) for c in range(4))
 
 
 def _npy(arr) -> bytes:
