@@ -269,6 +269,10 @@ class LoggingConfig:
     peak_tflops: float | None = None
     """Peak dense TFLOP/s of one device for MFU; None looks the GPU up in the built-in table
     (docs/metrics.md). CPU runs report TFLOP/s but no MFU unless this is set."""
+    sample_keys: bool = False
+    """Append the keys of the samples each step trained on to run_dir/samples/dp_RRRRR.jsonl
+    (one JSON line {"step", "keys"} per step and data-parallel rank), to audit the data order.
+    A resume after a crash writes the replayed steps again: the last line of a step counts."""
 
 
 @dataclass

@@ -7,7 +7,8 @@ Layout written by the training engine (this module writes the model files, the e
         meta.json                              format, step, model_spec, layout, stage, config
         model/layer_000-tp00.safetensors       layer 0 = InputStage, 1..L = blocks, L+1 = Output
         model_ema/layer_000-tp00.safetensors   the weights' moving average (train.ema_decay > 0)
-        deepspeed/...                          optimizer state (DeepSpeed's own format)
+        optimizer/{master,exp_avg,exp_avg_sq}/layer_000-tp00.safetensors
+                                               AdamW state in the same layout (optimizer_state.py)
         COMPLETE                               written last
 
 Layer files hold the parameters of one stage module as named in its `state_dict` (ZeRO-gathered,
@@ -35,7 +36,9 @@ from megatron_ts.models.sharding import merge_tp, split_tp, tp_rule
 
 log = get_logger(__name__)
 
-FORMAT = "megatron_ts.ckpt/1"
+FORMAT = "megatron_ts.ckpt/2"
+READ_FORMATS = ("megatron_ts.ckpt/1", FORMAT)
+"""/1 kept the optimizer in DeepSpeed's pickles (`deepspeed/`); its weights still load."""
 META_FILE = "meta.json"
 COMPLETE_FILE = "COMPLETE"
 LATEST_FILE = "latest"
@@ -43,6 +46,14 @@ MODEL_DIR = "model"
 EMA_DIR = "model_ema"
 WEIGHTS = {"raw": MODEL_DIR, "ema": EMA_DIR}
 """Weight sets a checkpoint can hold: the trained weights and their moving average."""
+OPTIMIZER_DIR = "optimizer"
+OPTIMIZER_SETS = {
+    "master": f"{OPTIMIZER_DIR}/master",
+    "exp_avg": f"{OPTIMIZER_DIR}/exp_avg",
+    "exp_avg_sq": f"{OPTIMIZER_DIR}/exp_avg_sq",
+}
+"""Per-parameter AdamW state, stored exactly like a weight set (same files, names, TP rules)."""
+_SET_DIRS = {**WEIGHTS, **OPTIMIZER_SETS}
 _LAYER_RE = re.compile(r"layer_(\d{3,})-tp(\d{2,})\.safetensors")
 
 
@@ -90,11 +101,17 @@ def write_layer_file(module: nn.Module, layer_index: int, tp_rank: int, model_di
     Returns:
         Path of the written file.
     """
-    model_dir = Path(model_dir)
+    return write_tensor_file(_tensor_state(module), layer_index, tp_rank, model_dir)
+
+
+def write_tensor_file(
+    tensors: Mapping[str, torch.Tensor], layer_index: int, tp_rank: int, set_dir: Path
+) -> Path:
+    """Writes one (layer, TP rank) file of a weight or optimizer set as CPU fp32, atomically."""
+    model_dir = Path(set_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     tensors = {
-        k: v.detach().to(device="cpu", dtype=torch.float32).contiguous()
-        for k, v in _tensor_state(module).items()
+        k: v.detach().to(device="cpu", dtype=torch.float32).contiguous() for k, v in tensors.items()
     }
     path = model_dir / layer_file_name(layer_index, tp_rank)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -155,9 +172,9 @@ def read_meta(ckpt_dir: Path) -> dict:
             f"{path} is not valid JSON ({err}): the checkpoint is damaged; delete {ckpt_dir} (a "
             "run resumes from the previous one) or point checkpoint.load at another step"
         ) from None
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in READ_FORMATS:
         raise CheckpointError(
-            f"{path}: format {meta.get('format')!r}, this version reads {FORMAT!r}"
+            f"{path}: format {meta.get('format')!r}, this version reads {list(READ_FORMATS)}"
         )
     if "model_spec" not in meta:
         raise CheckpointError(f"{path} has no model_spec")
@@ -326,11 +343,11 @@ def layer_files(
     Args:
         ckpt_dir: the step directory.
         num_layers: transformer blocks L; when given, layers 0..L+1 must all be present.
-        weights: `raw` (model/) or `ema` (model_ema/).
+        weights: `raw` (model/), `ema` (model_ema/) or an optimizer set (`OPTIMIZER_SETS`).
     """
-    model_dir = Path(ckpt_dir) / WEIGHTS[weights]
+    model_dir = Path(ckpt_dir) / _SET_DIRS[weights]
     if not model_dir.is_dir():
-        raise CheckpointError(f"{model_dir} is missing: the checkpoint holds no model weights")
+        raise CheckpointError(f"{model_dir} is missing: the checkpoint holds no {weights} set")
     found: dict[int, dict[int, Path]] = {}
     for p in model_dir.iterdir():
         m = _LAYER_RE.fullmatch(p.name)
@@ -417,7 +434,8 @@ def iter_full_state_dict(
 
     Args:
         ckpt_dir: a run, checkpoints or step directory (see `resolve_checkpoint`).
-        weights: `raw`, `ema` or `auto` (see `choose_weights`).
+        weights: `raw`, `ema` or `auto` (see `choose_weights`), or an optimizer set
+            (`master`, `exp_avg`, `exp_avg_sq`).
     """
     for prefix, reader in _layer_readers(ckpt_dir, weights):
         for key in reader.keys:
@@ -428,7 +446,8 @@ def _layer_readers(ckpt_dir: Path, weights: str) -> Iterator[tuple[str, _LayerRe
     """(name prefix, reader) of each layer file of a checkpoint, in model order."""
     ckpt_dir = resolve_checkpoint(ckpt_dir)
     num_layers = num_model_layers(ckpt_dir)
-    files = layer_files(ckpt_dir, num_layers, choose_weights(ckpt_dir, weights))
+    name = weights if weights in OPTIMIZER_SETS else choose_weights(ckpt_dir, weights)
+    files = layer_files(ckpt_dir, num_layers, name)
     for layer in range(num_layers + 2):
         yield layer_prefix(layer, num_layers), _LayerReader(files[layer], ckpt_dir)
 
@@ -504,12 +523,54 @@ def load_into_model(
             or a truncated/corrupt file (naming it and the previous checkpoint).
     """
     ckpt_dir = resolve_checkpoint(ckpt_dir)
-    meta = read_meta(ckpt_dir)
-    num_layers = int(meta["model_spec"]["shape"]["num_layers"])
+    num_layers = num_model_layers(ckpt_dir)
     modules = _stage_modules(model_or_stage_modules, num_layers)
-    files = layer_files(ckpt_dir, num_layers, choose_weights(ckpt_dir, weights))
-    ckpt_tp = len(files[0])
     left: list[str] = []
+    sets = iter_resharded(
+        modules, ckpt_dir, tp_rank, tp_world, choose_weights(ckpt_dir, weights), allow_missing
+    )
+    for full_name, target, tensor in sets:
+        if tensor is None:
+            left.append(full_name)
+            continue
+        with torch.no_grad():
+            target.copy_(tensor.to(target.dtype))
+    if left:
+        log.info("left %d parameters at init (allow_missing): %s", len(left), left[:4])
+    return left
+
+
+def iter_resharded(
+    modules: Mapping[int, nn.Module],
+    ckpt_dir: Path,
+    tp_rank: int,
+    tp_world: int,
+    weights: str,
+    allow_missing: tuple[str, ...] = (),
+    targets=_tensor_state,
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """Yields (TokenShuffleLM name, model tensor, checkpoint tensor for this TP rank) per tensor.
+
+    Each local stage module reads only its own layer's files: shards are merged to the full
+    tensor and split for (tp_rank, tp_world), or read directly when the layouts agree. The
+    checkpoint tensor is None for a name matched by `allow_missing` that the files lack.
+
+    Args:
+        modules: {layer index: stage module} of this rank.
+        ckpt_dir: a step directory (already resolved).
+        tp_rank: this rank's tensor-parallel rank.
+        tp_world: the model's tensor-parallel size.
+        weights: the set to read (`WEIGHTS` or `OPTIMIZER_SETS` key).
+        allow_missing: name substrings the checkpoint may lack.
+        targets: module -> {name: tensor} the set holds (default: its tensor state dict).
+
+    Raises:
+        CheckpointError: a missing/unexpected tensor or a shape mismatch (naming the first),
+            or a truncated/corrupt file (naming it and the previous checkpoint).
+    """
+    num_layers = num_model_layers(ckpt_dir)
+    files = layer_files(ckpt_dir, num_layers, weights)
+    ckpt_tp = len(files[0])
     for layer, module in sorted(modules.items()):
         if layer not in files:
             raise CheckpointError(
@@ -518,11 +579,11 @@ def load_into_model(
             )
         prefix = layer_prefix(layer, num_layers)
         reader = _LayerReader(files[layer], ckpt_dir)
-        params = _tensor_state(module)
+        params = targets(module)
         unexpected = sorted(set(reader.keys) - set(params))
         if unexpected:
             raise CheckpointError(
-                f"{files[layer][0].name}: parameter {prefix + unexpected[0]} is in the checkpoint "
+                f"{files[layer][0]}: parameter {prefix + unexpected[0]} is in the checkpoint "
                 f"but not in the model ({len(unexpected)} such); the model spec differs from "
                 f"{ckpt_dir / META_FILE}"
             )
@@ -530,7 +591,7 @@ def load_into_model(
             full_name = prefix + key
             if key not in reader.keys:
                 if any(p in full_name for p in allow_missing):
-                    left.append(full_name)
+                    yield full_name, target, None
                     continue
                 raise CheckpointError(
                     f"parameter {full_name} of the model is missing from {files[layer][0]} "
@@ -540,14 +601,11 @@ def load_into_model(
                 tensor = reader.get(key, tp_rank)
             else:
                 tensor = split_tp(key, reader.full(key), tp_rank, tp_world)
-            if tuple(tensor.shape) != tuple(target.shape):
+            shape = tuple(getattr(target, "ds_shape", target.shape))  # ZeRO-3: the full one
+            if tuple(tensor.shape) != shape:
                 raise CheckpointError(
                     f"parameter {full_name}: checkpoint shape {tuple(tensor.shape)} (TP "
-                    f"{ckpt_tp} -> {tp_world}) != model shape {tuple(target.shape)}; the model "
+                    f"{ckpt_tp} -> {tp_world}) != model shape {shape}; the model "
                     f"spec differs from {ckpt_dir / META_FILE}"
                 )
-            with torch.no_grad():
-                target.copy_(tensor.to(target.dtype))
-    if left:
-        log.info("left %d parameters at init (allow_missing): %s", len(left), left[:4])
-    return left
+            yield full_name, target, tensor

@@ -110,6 +110,9 @@ class TokenShuffleLoss:
     returns them: C is this rank's codebook columns (`code_columns`) or its whole shard V/tp.
     labels = (text (B, T), text_mask (B, T), codes (B, G, G)). The total is
     image_ce + text_weight * text_ce + z_coef * mean(log_z^2), each a mean over its tokens.
+    The trainer calls `set_step_norm` before each step: the means are then over the tokens of
+    the whole global batch (each micro-batch's sums divided by the global counts per
+    micro-batch), so any split into micro-batches and DP ranks gives the same step.
     """
 
     def __init__(self, vocab: VocabLayout, window: int, text_weight: float, z_coef: float):
@@ -118,6 +121,12 @@ class TokenShuffleLoss:
         self.text_weight = text_weight
         self.z_coef = z_coef
         self.history: list[LossParts] = []
+        self.step_norm: torch.Tensor | None = None
+
+    def set_step_norm(self, norm: torch.Tensor | None) -> None:
+        """[text, image] predictions per micro-batch of the current global batch (None: each
+        micro-batch's own counts)."""
+        self.step_norm = norm
 
     def __call__(
         self,
@@ -140,17 +149,23 @@ class TokenShuffleLoss:
             )
         img_targets = image_targets(codes, self.window, vocab)  # (N, B, s^2)
         img_ce, img_lz = vocab_parallel_ce(image_logits, img_targets, first + a)
-        image_loss = img_ce.mean()
 
         ta, tb = vocab_columns(first, width, 0, vocab.size)  # the padding rows never compete
         txt_targets = text[:, 1:].transpose(0, 1)  # (T-1, B)
         mask = text_mask[:, 1:].transpose(0, 1).float()  # (T-1, B)
         txt_ce, txt_lz = vocab_parallel_ce(text_logits[..., ta:tb], txt_targets, first + ta)
         n_text = mask.sum()
-        text_loss = (txt_ce * mask).sum() / n_text.clamp(min=1.0)
-
         n_img = img_lz.numel()
-        z_loss = ((img_lz**2).sum() + (txt_lz**2 * mask).sum()) / (n_img + n_text).clamp(min=1.0)
+        if self.step_norm is not None:  # the global batch's counts per micro-batch
+            text_div, img_div = self.step_norm[0], self.step_norm[1]
+            z_div = text_div + img_div
+            text_div = text_div.clamp(min=1e-6)  # no text in the whole batch: the sum is 0
+        else:  # this micro-batch's own
+            text_div, img_div = n_text.clamp(min=1.0), float(n_img)
+            z_div = (n_img + n_text).clamp(min=1.0)
+        image_loss = img_ce.sum() / img_div
+        text_loss = (txt_ce * mask).sum() / text_div
+        z_loss = ((img_lz**2).sum() + (txt_lz**2 * mask).sum()) / z_div
 
         total = image_loss + self.text_weight * text_loss + self.z_coef * z_loss
         values = torch.stack([total, image_loss, text_loss, z_loss, n_text]).detach()

@@ -1,13 +1,14 @@
 """Atomic, layout-independent checkpoints of a training run.
 
-A save is collective. Every rank writes into `checkpoints/.tmp-step_N/`: DeepSpeed's engine
-checkpoint (model + optimizer, for an exact resume on the same layout), per-(layer, TP rank)
-model files (megatron_ts.checkpoint.model_files, for any other layout, conversion and the next
-curriculum stage) and, with `train.ema_decay`, the same files of the weights' moving average
-(`model_ema/`), the loader state of each DP rank and every rank's RNG state. Rank 0 then
-writes meta.json, renames the directory to `step_N`, writes COMPLETE and moves `latest`. A
-crash at any point leaves `latest` on the previous complete checkpoint; leftovers are removed
-at the next start.
+A save is collective. Every rank writes into `checkpoints/.tmp-step_N/`: per-(layer, TP rank)
+model files (megatron_ts.checkpoint.model_files), the AdamW state in the same layout
+(megatron_ts.training.optimizer_state) and, with `train.ema_decay`, the weights' moving
+average (`model_ema/`), the loader state of each DP rank and every rank's RNG state, all of it
+safetensors or JSON. Rank 0 then writes meta.json, every rank hashes a share of the files into
+checksums.json, rank 0 renames the directory to `step_N`, writes COMPLETE and moves `latest`.
+A crash at any point leaves `latest` on the previous complete checkpoint; leftovers are removed
+at the next start. Any layout (TP, PP, DP, ZeRO stage) resumes any checkpoint with its
+optimizer state; docs/checkpoint.md specifies the format.
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ from megatron_ts.checkpoint.model_files import (
 )
 from megatron_ts.logging import get_logger
 from megatron_ts.training.nonfinite import check_weights_finite
+from megatron_ts.training.optimizer_state import (
+    has_optimizer_state,
+    load_optimizer_state,
+    save_optimizer_state,
+)
 
 log = get_logger(__name__)
 
@@ -284,12 +290,7 @@ def _write_checkpoint(
     dist.barrier()
     start = time.perf_counter()
     engine = stage_engine.engine
-    engine.save_checkpoint(
-        str(tmp / "deepspeed"),
-        tag="ds",
-        client_state={"train_state": asdict(state)},
-        save_latest=False,
-    )
+    optimizer_meta = save_optimizer_state(stage_engine, tmp)
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -323,6 +324,7 @@ def _write_checkpoint(
                 "train_state": asdict(state),
                 "layout": layout_of(stage_engine),
                 "model_spec": stage_engine.spec.to_dict(),
+                "optimizer": optimizer_meta,
                 **({"ema": {"decay": ema.decay, "updates": ema.updates}} if ema else {}),
                 **meta_extra,
             },
@@ -423,26 +425,27 @@ def load_checkpoint(
     allow_missing: tuple[str, ...] = (),
     load_average: bool = False,
     load_rng: bool = True,
-) -> tuple[dict | None, str]:
-    """Restores weights (and optimizer when possible) into `stage_engine`.
+) -> tuple[list[dict], str]:
+    """Restores weights, and the optimizer when asked, into `stage_engine` on any layout.
 
-    The DeepSpeed engine checkpoint is used when the layout, ZeRO stage and model spec are the
-    ones it was saved with; otherwise the per-layer model files are resharded into the new
-    layout and the optimizer starts fresh (logged). An engine with a weight average
-    (`stage_engine.ema`) reads it from `model_ema/` when `load_average` (a resume inside a
-    stage) and the checkpoint has one; otherwise the average restarts at the loaded weights.
-    Every rank's RNG state is restored with an exact load, unless `load_rng` is False (a
-    `checkpoint.load` of another run's optimizer state).
+    The per-layer files are resharded into this run's layout (TP merge/split, this rank's
+    pipeline layers, ZeRO partitions), for the weights and for the AdamW state alike. An
+    engine with a weight average (`stage_engine.ema`) reads it from `model_ema/` when
+    `load_average` (a resume inside a stage) and the checkpoint has one; otherwise the average
+    restarts at the loaded weights. Every rank's RNG state is restored when the layout is the
+    one saved, unless `load_rng` is False (a `checkpoint.load` of another run).
 
     Returns:
-        (this DP rank's loader state or None, "exact" | "weights"); the train state is the
-        caller's to read from meta.json (`Trainer.run` does, before building the engine).
+        (every saved DP rank's loader state, ordered by DP rank; [] when none was saved,
+        mode): mode is "exact" (same layout: weights, optimizer, RNG), "resharded" (another
+        layout: weights and optimizer) or "weights". The train state is the caller's to read
+        from meta.json (`Trainer.run` does, before building the engine).
     """
     verify_checkpoint(ckpt_dir)
     meta = read_meta(ckpt_dir)
-    same_spec = meta["model_spec"] == stage_engine.spec.to_dict()
-    same_layout = meta["layout"] == layout_of(stage_engine)
-    mode = "exact" if (same_spec and same_layout and load_optimizer) else "weights"
+    same_layout = meta["layout"] == layout_of(stage_engine) and (
+        meta["model_spec"] == stage_engine.spec.to_dict()
+    )
     ema = getattr(stage_engine, "ema", None)
     average_loaded = False
     if ema is not None and load_average:
@@ -457,44 +460,42 @@ def load_checkpoint(
                 ckpt_dir,
                 EMA_DIR,
             )
-    if mode == "exact":
-        try:
-            path, _ = stage_engine.engine.load_checkpoint(
-                str(ckpt_dir / "deepspeed"),
-                tag="ds",
-                load_optimizer_states=True,
-                load_lr_scheduler_states=False,
-            )
-        except Exception as err:  # DeepSpeed raises assorted errors for damaged files
-            raise CheckpointError(
-                f"could not load the DeepSpeed state of {ckpt_dir} ({type(err).__name__}: {err}); "
-                "the checkpoint is damaged: delete it (the run resumes from the previous one) or "
-                "set checkpoint.load to an earlier step directory"
-            ) from err
-        if path is None:
-            raise CheckpointError(
-                f"{ckpt_dir / 'deepspeed'} holds no DeepSpeed checkpoint; delete {ckpt_dir}"
-            )
-    else:
+    _load_weights(stage_engine, ckpt_dir, allow_missing, "raw")
+    _refresh_optimizer_master(stage_engine.engine)
+    mode = "weights"
+    if load_optimizer and has_optimizer_state(ckpt_dir, meta):
+        left = load_optimizer_state(stage_engine, ckpt_dir, meta, allow_missing)
+        if left:
+            log.info("optimizer state starts fresh for %d new parameters: %s", len(left), left[:4])
+        engine = stage_engine.engine
+        engine.global_steps = int(meta["train_state"]["global_step"])
+        engine.global_samples = int(meta["train_state"]["consumed_samples"])
+        mode = "exact" if same_layout else "resharded"
         if not same_layout:
-            log.warning(
-                "layout changed %s -> %s: loading weights only, the optimizer state starts fresh",
+            log.info(
+                "layout %s -> %s: optimizer state resharded",
                 meta["layout"],
                 layout_of(stage_engine),
             )
-        _load_weights(stage_engine, ckpt_dir, allow_missing, "raw")
-        _refresh_optimizer_master(stage_engine.engine)
+    elif load_optimizer and (ckpt_dir / "deepspeed").is_dir():
+        log.warning(
+            "%s keeps its optimizer state in DeepSpeed's pickle files (format %s), which are "
+            "not unpickled (a pickle can run code): the weights are loaded and the optimizer "
+            "state starts fresh",
+            ckpt_dir,
+            meta.get("format"),
+        )
+    elif load_optimizer:
+        log.warning("%s holds no optimizer state: the optimizer starts fresh", ckpt_dir)
     if ema is not None and not average_loaded:
         ema.capture()
     if mode == "exact" and load_rng:
         _restore_rng(ckpt_dir, dist.get_rank())
-    loader_file = ckpt_dir / "loader" / f"dp_{parallel_state.get_data_parallel_rank():05d}.json"
-    loader_state = (
-        _read_part(loader_file, ckpt_dir, lambda f: json.loads(f.read_text()))
-        if loader_file.is_file()
-        else None
-    )
-    return loader_state, mode
+    loader_states = [
+        _read_part(path, ckpt_dir, lambda f: json.loads(f.read_text()))
+        for path in sorted((ckpt_dir / "loader").glob("dp_*.json"))
+    ]
+    return loader_states, mode
 
 
 def _read_part(path: Path, ckpt_dir: Path, read):

@@ -172,19 +172,21 @@ class StageEngine:
         keys: list[str] = []
         skipped_before = self.engine.skipped_steps
         needs_data = not self.pipeline or self.is_first_stage or self.is_last_stage
-        if not self.pipeline:
-            for _ in range(self.accumulation):
-                batch = next(batches)
+        micro: list[dict] = []
+        if needs_data:
+            micro = [next(batches) for _ in range(self.accumulation)]
+            for batch in micro:
                 keys.extend(batch.get("keys", []))
+            self.loss_fn.set_step_norm(self._step_norm(micro))
+        if not self.pipeline:
+            for batch in micro:
                 loss = self.engine(*self._to_device(batch))
                 self.engine.backward(loss)
                 self.engine.step()
         else:
 
             def micro_batches():
-                while True:
-                    batch = next(batches)
-                    keys.extend(batch.get("keys", []))
+                for batch in micro:
                     text, mask, codes = self._to_device(batch)
                     yield (text, codes), (text, mask, codes)
 
@@ -203,6 +205,24 @@ class StageEngine:
             skipped=skipped,
             keys=keys,
         )
+
+    def _step_norm(self, micro: list[dict]) -> torch.Tensor:
+        """[text, image] predictions per micro-batch of this step's global batch.
+
+        A micro-batch's loss is its sum over predictions divided by these (not by its own
+        counts), so the step's loss and gradients are the token means of the whole global batch
+        however it is split into micro-batches and data-parallel ranks: a run resumed on
+        another DP size or micro-batch size continues the same curve. Counted on the host
+        copies of the masks; on GPU the one all-reduce stays on the device (no host sync).
+        """
+        text = sum(int(b["text_mask"][:, 1:].sum()) for b in micro)
+        image = sum(b["codes"].numel() for b in micro)  # one prediction per code
+        counts = torch.tensor([text, image], dtype=torch.float32)
+        if self.data_parallel > 1:
+            if dist.get_backend() == "nccl":
+                counts = counts.to(self.device, non_blocking=True)
+            dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+        return (counts / (len(micro) * self.data_parallel)).to(self.device, non_blocking=True)
 
     def _reduce_loss_parts(self) -> list[float]:
         """Mean loss parts over micro-batches and data-parallel ranks, known on every rank."""

@@ -8,6 +8,7 @@ megatron_ts.errors.
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import shutil
@@ -253,11 +254,11 @@ class Trainer:
         """
         cfg = self.cfg
         if latest is not None and state.stage_index == stage.index and state.stage_step > 0:
-            loader_state, mode = load_checkpoint(
+            loader_states, mode = load_checkpoint(
                 latest, engine, load_optimizer=True, load_average=True
             )
-            if loader is not None and loader_state is not None:
-                loader.load_state_dict(loader_state)
+            if loader is not None and loader_states:
+                loader.load_state_dict(loader_states)  # every DP rank's: any DP size resumes
             log.info("resumed stage %s at step %d (%s)", stage.name, state.stage_step, mode)
             return
         if latest is not None:  # a stage boundary of this run: what carry_over says
@@ -338,6 +339,7 @@ class Trainer:
             stage.grid(ds),
             stage.shuffle_window,
             cfg.model.shuffle_mlp_blocks,
+            image_head_rows=self.vocab.codebook_size,  # image positions score codes only
         ).training
         seq_len = stage.seq_len(ds)
         meta_extra = {"config": cfg.to_dict(), "stage": _stage_meta(stage, ds)}
@@ -375,6 +377,8 @@ class Trainer:
                     time.sleep(_STEP_DELAY)
                 result = engine.train_step(batches)
                 last_keys = result.keys
+                if cfg.logging.sample_keys:
+                    self._record_keys(state.global_step + 1, result.keys)
                 elapsed = time.perf_counter() - start
                 state.global_step += 1
                 state.stage_step += 1
@@ -488,6 +492,20 @@ class Trainer:
                 loader.close()
             del engine
             gc.collect()
+
+    def _record_keys(self, step: int, keys: list[str]) -> None:
+        """One line of run_dir/samples/dp_RRRRR.jsonl (logging.sample_keys) from the rank that
+        represents its data-parallel group (TP rank 0 of the first pipeline stage)."""
+        if (
+            not keys
+            or parallel_state.get_tensor_model_parallel_rank() != 0
+            or parallel_state.get_pipeline_model_parallel_rank() != 0
+        ):
+            return
+        path = self.run_dir / "samples" / f"dp_{parallel_state.get_data_parallel_rank():05d}.jsonl"
+        path.parent.mkdir(exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps({"step": step, "keys": keys}) + "\n")
 
     def _streak_message(self, state: TrainState, keys: list[str], reached: str) -> str:
         latest = latest_checkpoint(self.run_dir)

@@ -213,6 +213,14 @@ def _reshard_world(rank: int, world: int, run_dir: str) -> tuple[str, dict]:
     )
     engine = StageEngine(spec, stage, cfg.parallel, cfg.optim, 1.0, 99, torch.device("cpu"), False)
     _, mode = load_checkpoint(latest_checkpoint(run_dir), engine, load_optimizer=True)
+    # write the state just loaded, untouched, as a checkpoint of the TP=2 layout
+    from megatron_ts.training.optimizer_state import save_optimizer_state
+
+    out = Path(run_dir) / "resaved"
+    if dist.get_rank() == 0:
+        out.mkdir()
+    dist.barrier()
+    step = save_optimizer_state(engine, out)["step"]
     local = {}
     for idx, module in engine.local_layers.items():
         prefix = (
@@ -223,25 +231,44 @@ def _reshard_world(rank: int, world: int, run_dir: str) -> tuple[str, dict]:
                 local[prefix + name] = tensor.detach().clone()
     shards = [None] * world
     dist.all_gather_object(shards, local)
-    return mode, merge_state_dicts(shards)
+    return mode, merge_state_dicts(shards), step
 
 
-def test_resume_into_another_layout_reshards_weights(tmp_path):
-    """A DP=2 checkpoint loaded into a TP=2 engine holds exactly the saved weights."""
+def test_resume_into_another_layout_reshards_weights_and_optimizer(tmp_path):
+    """A DP=2 ZeRO-1 checkpoint loaded into a TP=2 ZeRO-1 engine holds exactly the saved
+    weights, and its AdamW state (fp32 master, both moments, step), written back out from the
+    TP=2 layout, equals the saved one value for value."""
     run_dir = tmp_path / "run"
     assert run_distributed(_train_world, 2, str(run_dir), 3, ["--parallel.zero_stage", "1"]) == [
         0,
         0,
     ]
+    import torch
+
     from megatron_ts.checkpoint.model_files import load_full_state_dict
 
     saved = load_full_state_dict(run_dir / "checkpoints/step_00000003")
-    mode, loaded = run_distributed(_reshard_world, 2, str(run_dir))[0]
-    assert mode == "weights"
+    mode, loaded, step = run_distributed(_reshard_world, 2, str(run_dir))[0]
+    assert mode == "resharded"
     assert set(saved) == set(loaded)
     for name, tensor in saved.items():
         assert loaded[name].shape == tensor.shape, name
         assert (loaded[name] - tensor).abs().max() == 0, name
+    ckpt = run_dir / "checkpoints/step_00000003"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["optimizer"]["step"] == step == 3
+    resaved = run_dir / "resaved"
+    (resaved / "meta.json").write_text(json.dumps(meta))  # layer_files reads num_layers there
+    (resaved / "COMPLETE").write_text("")
+    moved = 0
+    for name in ("master", "exp_avg", "exp_avg_sq"):
+        before = load_full_state_dict(ckpt, name)
+        after = load_full_state_dict(resaved, name)
+        assert set(before) == set(after), name
+        for key, tensor in before.items():
+            assert torch.equal(after[key], tensor), f"{name} {key}"
+            moved += int(tensor.abs().sum() > 0)
+    assert moved > 0, "the saved optimizer state is all zeros: nothing was compared"
 
 
 @pytest.mark.parametrize("layout", ["tensor", "pipeline"])

@@ -252,10 +252,10 @@ def _flip(path: Path) -> None:
         ("meta.json", _flip, ()),
         ("rng/rank_00000.safetensors", _flip, ()),
         ("loader/dp_00000.json", _flip, ()),
-        ("deepspeed/ds/mp_rank_00_model_states.pt", _flip, ()),
+        ("optimizer/exp_avg/layer_001-tp00.safetensors", _flip, ()),
         ("model/layer_001-tp00.safetensors", _flip, ()),
         ("checksums.json", _truncate, ()),
-        # a layout change reads the per-layer files instead of DeepSpeed's
+        # a layout change reads (and reshards) the same files
         ("model/layer_001-tp00.safetensors", _truncate, ("--parallel.zero_stage", "0")),
     ],
     ids=[
@@ -263,14 +263,14 @@ def _flip(path: Path) -> None:
         "meta-flipped",
         "rng-flipped",
         "loader-flipped",
-        "deepspeed-flipped",
+        "optimizer-flipped",
         "layer-file-flipped",
         "checksums-truncated",
         "layer-file-truncated-layout-change",
     ],
 )
 def test_damaged_checkpoint_file_is_named_and_kept(reference, tmp_path, part, damage, extra):
-    """Every kind of file, flipped (truncated DeepSpeed states: tests/integration/test_trainer.py)."""
+    """Every kind of file, flipped (truncated optimizer state: tests/integration/test_trainer.py)."""
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
     ckpt = run_dir / "checkpoints/step_00000008"

@@ -68,21 +68,66 @@ def export(source, tmp_path_factory) -> Path:
     return out
 
 
+# the pickles a version-1 checkpoint held (DeepSpeed's engine files, the RNG state)
+_V1_PICKLES = (
+    "deepspeed/ds/mp_rank_00_model_states.pt",
+    "deepspeed/ds/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    "rng/rank_00000.pt",
+)
+
+
 @pytest.fixture(scope="module")
 def poisoned(source, tmp_path_factory) -> tuple[Path, Path]:
-    """The source run with every pickle of step 4 (DeepSpeed's files, an old-style RNG file)
-    replaced by a payload, and checksums.json rewritten to match: (run dir, marker file)."""
+    """The source run with step 4 made a version-1 checkpoint whose pickles (DeepSpeed's files,
+    the RNG file) all hold a payload, checksums.json rewritten to match: (run dir, marker)."""
     base = tmp_path_factory.mktemp("poisoned")
     run_dir, marker = base / "run", base / "PWNED"
     shutil.copytree(source, run_dir)
     ckpt = run_dir / "checkpoints" / STEP_4
     for rng in (ckpt / "rng").iterdir():
         rng.unlink()
-    _poison(ckpt / "rng/rank_00000.pt", marker)
-    for ds in (ckpt / "deepspeed/ds").glob("*.pt"):
-        _poison(ds, marker)
+    shutil.rmtree(ckpt / "optimizer")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["format"] = "megatron_ts.ckpt/1"
+    del meta["optimizer"]
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    for rel in _V1_PICKLES:
+        (ckpt / rel).parent.mkdir(parents=True, exist_ok=True)
+        _poison(ckpt / rel, marker)
     _rehash(ckpt)
     return run_dir, marker
+
+
+def test_a_version_1_checkpoint_resumes_its_weights_without_unpickling(poisoned, tmp_path):
+    """Its optimizer state lives in DeepSpeed's pickles: the resume loads the weights, says the
+    optimizer starts fresh, and never runs the payloads."""
+    poisoned_run, marker = poisoned
+    run_dir = tmp_path / "run"
+    shutil.copytree(poisoned_run, run_dir)
+    (run_dir / "metrics.jsonl").unlink()
+    proc = _train(run_dir, "--train.steps", "5")
+    assert not marker.exists(), "a pickle of the version-1 checkpoint was executed"
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "not unpickled" in proc.stderr and "(weights)" in proc.stderr, proc.stderr[-3000:]
+    assert sorted(losses(run_dir)) == [5]
+
+
+def test_a_pickle_in_place_of_any_checkpoint_file_never_runs(source, tmp_path):
+    """Every tensor file of the checkpoint (weights, optimizer, RNG) replaced by a pickle with a
+    payload, checksums.json rewritten to match: the resume stops naming a file (exit 5)."""
+    run_dir, marker = tmp_path / "run", tmp_path / "PWNED"
+    shutil.copytree(source, run_dir)
+    ckpt = run_dir / "checkpoints" / STEP_4
+    planted = sorted(ckpt.rglob("*.safetensors"))
+    assert {p.parent.name for p in planted} >= {"model", "master", "exp_avg", "exp_avg_sq", "rng"}
+    for path in planted:
+        _poison(path, marker)
+    _rehash(ckpt)
+    proc = _train(run_dir, "--train.steps", "5")
+    assert not marker.exists(), "a planted pickle was executed"
+    assert proc.returncode == 5, proc.stderr[-3000:]  # megatron_ts.errors.EXIT_CHECKPOINT
+    line = _one_line(proc.stderr)
+    assert STEP_4 in line and ".safetensors" in line, line
 
 
 def test_rng_state_round_trips_bit_exactly_through_safetensors(tmp_path):

@@ -111,7 +111,7 @@ def test_truncated_checkpoint_fails_with_a_clear_message(reference, tmp_path):
     shutil.copytree(reference, run_dir)
     (run_dir / "checkpoints/latest").write_text("step_00000008\n")
     shutil.rmtree(run_dir / "checkpoints/step_00000012")
-    states = next((run_dir / "checkpoints/step_00000008/deepspeed/ds").glob("*model_states.pt"))
+    states = run_dir / "checkpoints/step_00000008/optimizer/exp_avg_sq/layer_001-tp00.safetensors"
     states.write_bytes(states.read_bytes()[:1000])
     proc = run_train(run_dir, "--train.steps", "12", "--checkpoint.interval_steps", "4")
     assert proc.returncode == 5  # megatron_ts.errors.EXIT_CHECKPOINT
@@ -128,3 +128,32 @@ def test_missing_init_checkpoint_and_bad_config_fail_clearly(tmp_path):
     assert "parallel.zero_stage" in proc.stderr
     proc = run_train(tmp_path / "run3", "--optim.lrr", "1")
     assert proc.returncode == 2 and "lrr" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "zero,precision", [(0, "fp32"), (0, "bf16"), (3, "fp32")], ids=["zero0", "zero0-bf16", "zero3"]
+)
+def test_exact_resume_restores_the_optimizer_of_every_zero_path(tmp_path, zero, precision):
+    """The optimizer files hold the whole AdamW state whatever keeps it in memory: torch's AdamW
+    on the parameters (ZeRO 0 fp32), DeepSpeed's bf16 optimizer (ZeRO 0 bf16), ZeRO-3's flat
+    partitions. 4 steps uninterrupted == 2 steps + resume + 2, loss for loss."""
+    extra = ("--parallel.zero_stage", str(zero), "--train.precision", precision)
+    full, part = tmp_path / "full", tmp_path / "part"
+    proc = run_train(full, "--train.steps", "4", "--checkpoint.interval_steps", "2", *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints/step_00000004")
+    (part / "checkpoints/latest").write_text("step_00000002\n")
+    (part / "metrics.jsonl").unlink()
+    proc = run_train(part, "--train.steps", "4", "--checkpoint.interval_steps", "2", *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(exact)" in proc.stderr
+    ref, got = losses(full), losses(part)
+    assert sorted(got) == [3, 4]
+    assert [got[s] for s in (3, 4)] == [ref[s] for s in (3, 4)]  # bit for bit
+    step = {
+        name: json.loads((d / "checkpoints/step_00000004/meta.json").read_text())["optimizer"]
+        for name, d in (("full", full), ("part", part))
+    }
+    # DeepSpeed's unfused bf16 optimizer (ZeRO 0 bf16) takes one extra step at start-up
+    assert step["part"] == step["full"] and step["full"]["step"] in (4, 5)

@@ -534,6 +534,7 @@ NO_BAD_VALUE = {
     "checkpoint.resume": "a flag",
     "checkpoint.save_on_exit": "a flag",
     "logging.tensorboard": "a flag",
+    "logging.sample_keys": "a flag",
     "logging.preview_prompts": "any captions",
 }
 
