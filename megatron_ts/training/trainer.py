@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import os
 import shutil
 import signal
@@ -39,6 +38,7 @@ from megatron_ts.training.lr_schedule import learning_rate
 from megatron_ts.training.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb
 from megatron_ts.training.plan import vocab_from_config
 from megatron_ts.training.run_lock import RunDirBusyError, RunLock
+from megatron_ts.training.step_watch import SaveSchedule, StepHealth
 
 log = get_logger(__name__)
 
@@ -343,10 +343,8 @@ class Trainer:
         ).training
         seq_len = stage.seq_len(ds)
         meta_extra = {"config": cfg.to_dict(), "stage": _stage_meta(stage, ds)}
-        last_save = time.monotonic()
-        save_pending = False
+        health, schedule = StepHealth(), SaveSchedule(cfg.checkpoint)
         last_keys: list[str] = []
-        loss_ema: float | None = None
         log.info(
             "stage %d/%d %s: %d steps, %dpx, s=%d, %d positions, TP=%d PP=%d DP=%d",
             stage.index + 1,
@@ -376,42 +374,16 @@ class Trainer:
                 if _STEP_DELAY:
                     time.sleep(_STEP_DELAY)
                 result = engine.train_step(batches)
+                elapsed = time.perf_counter() - start
                 last_keys = result.keys
                 if cfg.logging.sample_keys:
                     self._record_keys(state.global_step + 1, result.keys)
-                elapsed = time.perf_counter() - start
                 state.global_step += 1
                 state.stage_step += 1
                 state.consumed_samples += stage.global_batch
                 state.stage_samples += stage.global_batch
                 state.record(result.loss)
-
-                finite = math.isfinite(result.loss) and not result.skipped
-                if not finite:
-                    state.skipped_steps += 1
-                    state.nonfinite_in_row += 1
-                    log.warning(
-                        "step %d: non-finite loss or gradients (loss=%s), update skipped; batch keys %s",
-                        state.global_step,
-                        result.loss,
-                        result.keys[:8],
-                    )
-                else:
-                    state.nonfinite_in_row = 0
-                    if (
-                        loss_ema is not None
-                        and state.stage_step > 10
-                        and result.loss > 1.5 * loss_ema
-                    ):
-                        log.warning(
-                            "step %d: loss spike %.4f (running mean %.4f)",
-                            state.global_step,
-                            result.loss,
-                            loss_ema,
-                        )
-                    loss_ema = (
-                        result.loss if loss_ema is None else 0.9 * loss_ema + 0.1 * result.loss
-                    )
+                health.observe(state, result)
 
                 diverged = state.nonfinite_in_row >= cfg.train.max_nonfinite_in_row
                 if (
@@ -426,24 +398,9 @@ class Trainer:
                     )
 
                 stop = self.signals.any_rank()
-                due = (
-                    cfg.checkpoint.interval_steps > 0
-                    and state.global_step % cfg.checkpoint.interval_steps == 0
-                ) or (
-                    cfg.checkpoint.interval_minutes > 0
-                    and time.monotonic() - last_save > 60 * cfg.checkpoint.interval_minutes
-                )
-                preview = (
-                    cfg.logging.preview_interval > 0
-                    and cfg.logging.preview_prompts
-                    and state.global_step % cfg.logging.preview_interval == 0
-                )
+                due = schedule.due(state.global_step, in_streak=state.nonfinite_in_row > 0)
                 if state.nonfinite_in_row:
-                    # Never checkpoint inside a non-finite streak: a save now would become
-                    # `latest`, and a resume would replay the streak from there. A due save
-                    # waits for the next finite step; a signal exits without one.
-                    save_pending = save_pending or due
-                    if stop:
+                    if stop:  # no checkpoint inside a streak (SaveSchedule)
                         log.warning(
                             "signal received during %d non-finite steps: not checkpointed; "
                             "exiting %d, the requeued run resumes from %s",
@@ -453,23 +410,12 @@ class Trainer:
                         )
                         return EXIT_REQUEUE
                     continue
-                due, save_pending = due or save_pending, False
+                preview = self._preview_due(state)
                 if stop or preview or (due and state.stage_step < stage.steps):
                     saved = self._save(engine, state, loader, meta_extra)
-                    last_save = time.monotonic()
-                    if preview and self.rank == 0:
-                        from megatron_ts.training.preview import write_previews
-
-                        write_previews(
-                            saved,
-                            cfg.tokenizer,
-                            cfg.sampling,
-                            cfg.logging.preview_prompts,
-                            stage,
-                            self.run_dir / "previews",
-                            state.global_step,
-                            self.metrics,
-                        )
+                    schedule.saved()
+                    if preview:
+                        self._preview(saved, stage, state)
                 if stop:
                     log.warning(
                         "signal received: checkpointed at step %d, exiting %d for requeue",
@@ -492,6 +438,30 @@ class Trainer:
                 loader.close()
             del engine
             gc.collect()
+
+    def _preview_due(self, state: TrainState) -> bool:
+        interval = self.cfg.logging.preview_interval
+        return bool(
+            interval > 0 and self.cfg.logging.preview_prompts and state.global_step % interval == 0
+        )
+
+    def _preview(self, saved: Path, stage: ResolvedStage, state: TrainState) -> None:
+        """Preview images of the checkpoint just saved (rank 0; logging.preview_*)."""
+        if self.rank != 0:
+            return
+        from megatron_ts.training.preview import write_previews
+
+        cfg = self.cfg
+        write_previews(
+            saved,
+            cfg.tokenizer,
+            cfg.sampling,
+            cfg.logging.preview_prompts,
+            stage,
+            self.run_dir / "previews",
+            state.global_step,
+            self.metrics,
+        )
 
     def _record_keys(self, step: int, keys: list[str]) -> None:
         """One line of run_dir/samples/dp_RRRRR.jsonl (logging.sample_keys) from the rank that
