@@ -227,17 +227,16 @@ class StageEngine:
     def _reduce_loss_parts(self) -> list[float]:
         """Mean loss parts over micro-batches and data-parallel ranks, known on every rank."""
         history = self.loss_fn.pop_history()
-        vec = torch.zeros(5, dtype=torch.float64)
+        # summed where the loss parts are (on the device), so the step costs one host transfer
+        # (the final tolist), not one per micro-batch
+        device = history[0].values.device if history else torch.device("cpu")
+        vec = torch.zeros(5, dtype=torch.float64, device=device)
         if history:
             for parts in history:
-                vec[:4] += torch.tensor(
-                    [parts.total, parts.image, parts.text, parts.z_loss], dtype=torch.float64
-                )
+                vec[:4] += parts.values[:4].double()  # total, image, text, z_loss
             vec[:4] /= len(history)
             vec[4] = 1.0
         if dist.get_world_size() > 1:
-            if dist.get_backend() == "nccl":
-                vec = vec.to(self.device)
+            vec = vec.to(self.device) if dist.get_backend() == "nccl" else vec.cpu()
             dist.all_reduce(vec)
-            vec = vec.cpu()
         return (vec[:4] / vec[4].clamp(min=1.0)).tolist()

@@ -140,11 +140,14 @@ def save_optimizer_state(stage_engine, ckpt_dir: Path) -> dict:
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     for idx, module in stage_engine.local_layers.items():
+        writer = idx % dp_size == dp_rank
         sets: dict[str, dict[str, torch.Tensor]] = {name: {} for name in OPTIMIZER_SETS}
         for key, param in trained_params(module).items():
-            for name, value in _full_state(param, opt, masters).items():
-                sets[name][key] = value.detach().to("cpu", torch.float32)
-        if idx % dp_size == dp_rank:
+            full = _full_state(param, opt, masters)  # every DP rank: the gather is collective
+            if writer:  # only the writer copies to the host
+                for name, value in full.items():
+                    sets[name][key] = value.detach().to("cpu", torch.float32)
+        if writer:
             for name, tensors in sets.items():
                 write_tensor_file(tensors, idx, tp_rank, Path(ckpt_dir) / OPTIMIZER_SETS[name])
     return {"format": OPTIMIZER_FORMAT, "type": "adamw", "step": adam_step(engine)}
