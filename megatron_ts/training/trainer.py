@@ -20,7 +20,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_ts.config import Config, ConfigError, ResolvedStage, save_resolved, validate
-from megatron_ts.distributed.init import any_rank, init_distributed, init_model_parallel
+from megatron_ts.distributed.init import (
+    any_rank,
+    init_distributed,
+    init_model_parallel,
+    shutdown_distributed,
+)
 from megatron_ts.errors import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE
 from megatron_ts.logging import get_logger, setup_logging
 from megatron_ts.models.flavors import resolve_model_shape
@@ -541,4 +546,10 @@ def run(cfg: Config) -> int:
     Failures raise; `ts-train` reports them through megatron_ts.errors (one line and an exit code
     for known ones).
     """
-    return Trainer(cfg).run()
+    finished = False
+    try:
+        code = Trainer(cfg).run()
+        finished = True
+        return code
+    finally:
+        shutdown_distributed(finished)
