@@ -149,7 +149,7 @@ def main() -> None:
     size = sum(p.stat().st_size for p in src.glob("*.tar"))
     moto, endpoint = start_moto()
     try:
-        from megatron_ts.s3 import make_client
+        from megatron_ts.storage import make_client
 
         client = make_client(endpoint)
         client.create_bucket(Bucket="bench")

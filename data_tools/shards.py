@@ -19,7 +19,7 @@ from braceexpand import braceexpand
 
 from megatron_ts import storage
 from megatron_ts.errors import EXIT_USAGE
-from megatron_ts.s3 import is_s3_url, split_s3_url
+from megatron_ts.storage import is_s3_url, split_s3_url
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -38,7 +38,7 @@ def expand_inputs(specs: list[str], endpoint_url: str | None = None) -> list[str
 
     Raises:
         InputError: a pattern that names no tar.
-        megatron_ts.s3.S3BucketNotFoundError: an S3 bucket that does not exist (a
+        megatron_ts.storage.S3BucketNotFoundError: an S3 bucket that does not exist (a
             FileNotFoundError naming the URL).
     """
     urls: list[str] = []
@@ -122,7 +122,7 @@ def iter_samples(url: str, endpoint_url: str | None = None) -> Iterator[RawSampl
         storage.StorageError: an S3 read still failing after its retries (not a truncation: the
             caller fails the input so that a re-run retries it).
     """
-    stream = _Counted(storage.open_url_for_read(url, endpoint_url))
+    stream = _Counted(storage.open_url(url, endpoint_url))
     current: RawSample | None = None
     try:
         try:

@@ -32,7 +32,7 @@ from data_tools.shards import RawSample, ShardReadError, expand_inputs, iter_sam
 from megatron_ts import storage
 from megatron_ts.data.manifest import Manifest, ShardEntry, save_manifest
 from megatron_ts.logging import get_logger
-from megatron_ts.s3 import S3BucketNotFoundError, is_s3_url
+from megatron_ts.storage import S3BucketNotFoundError, is_s3_url
 from megatron_ts.vocab import VocabLayout
 
 log = get_logger(__name__)
@@ -391,9 +391,9 @@ def tokenize(
         The rank summary (also written to `_ranks/`), with timings.
 
     Raises:
-        megatron_ts.s3.S3BucketNotFoundError: the output's or an input's bucket does not exist
+        megatron_ts.storage.S3BucketNotFoundError: the output's or an input's bucket does not exist
             (before any work); an unreadable input shard is recorded as failed instead.
-        megatron_ts.s3.S3AccessError: S3 credentials missing or refused.
+        megatron_ts.storage.S3AccessError: S3 credentials missing or refused.
     """
     if vq.codebook_size > CODE_LIMIT:
         raise ValueError(

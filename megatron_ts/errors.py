@@ -18,7 +18,7 @@ environment problem and keeps Python's traceback (exit 1), so it can be reported
 
 Exception classes opt in with a class attribute `exit_code`; OSErrors of a full disk, a read-only
 file system and missing permissions are classified here because they come from the platform
-rather than from our code, and raw botocore errors through megatron_ts.s3's `fatal_error`.
+rather than from our code, and raw botocore errors through megatron_ts.storage's `fatal_error`.
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def classify(exc: BaseException) -> tuple[int, str] | None:
         where = exc.filename or "?"
         return EXIT_STORAGE, f"{what} ({where}): {fix}"
     if type(exc).__module__.startswith("botocore"):
-        # our S3 code raises megatron_ts.s3's classified errors; this is a raw one from elsewhere
-        from megatron_ts.s3 import fatal_error
+        # our S3 code raises megatron_ts.storage's classified errors; this is a raw one from elsewhere
+        from megatron_ts.storage import fatal_error
 
         fatal = fatal_error(exc, "an S3 URL")
         return None if fatal is None else classify(fatal)

@@ -47,7 +47,7 @@ def s3_endpoint():
 @pytest.fixture()
 def s3_bucket(s3_endpoint):
     """A fresh bucket on the loopback endpoint; returns (endpoint_url, bucket_name)."""
-    from megatron_ts.s3 import make_client
+    from megatron_ts.storage import make_client
 
     name = f"ts-test-{uuid.uuid4().hex[:12]}"
     make_client(s3_endpoint).create_bucket(Bucket=name)

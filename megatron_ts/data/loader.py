@@ -40,10 +40,10 @@ from megatron_ts.data.pipeline import (
     StreamReader,
     synthetic_sample,
 )
-from megatron_ts.data.s3_stream import IOCounters, register_s3_scheme
 from megatron_ts.data.sources import DataSourceError, SourceSpec, epoch_order, read_source
 from megatron_ts.data.state import STATE_FORMAT, LoaderStateError, WorkerState
 from megatron_ts.logging import get_logger
+from megatron_ts.storage import IOCounters, register_s3_scheme
 from megatron_ts.vocab import VocabLayout
 
 logger = get_logger(__name__)

@@ -9,7 +9,8 @@ A token-shard directory (local or `s3://bucket/prefix/`) holds tar shards and on
      "shards": [{"name", "samples", "bytes", "sha256"}], "total_samples": N,
      "inputs": [...per input shard report...], "skipped": {...reason: count...}}
 
-`ts-data tokenize` writes it; the loader and `ts-data inspect` read it through `load_manifest`.
+`ts-data tokenize` writes it; the loader (`data/sources.py`) and `ts-data inspect` read it through
+`load_manifest`, the one reader.
 """
 
 from __future__ import annotations
@@ -39,18 +40,30 @@ class ShardEntry:
     """File name of the shard, relative to the manifest's directory."""
     samples: int
     """Samples in the shard."""
-    bytes: int
-    """Size of the tar in bytes."""
-    sha256: str
-    """sha256 hex digest of the tar."""
+    bytes: int | None = None
+    """Size of the tar in bytes; None in a hand-written manifest that does not say (the loader
+    then does not check the size)."""
+    sha256: str | None = None
+    """Lower-case sha256 hex digest of the tar; None when the manifest does not say (or says "")
+    (the loader then does not hash the shard)."""
 
     def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "samples": self.samples,
-            "bytes": self.bytes,
-            "sha256": self.sha256,
-        }
+        out = {"name": self.name, "samples": self.samples}
+        if self.bytes is not None:
+            out["bytes"] = self.bytes
+        if self.sha256 is not None:
+            out["sha256"] = self.sha256
+        return out
+
+    @classmethod
+    def from_dict(cls, entry: dict) -> ShardEntry:
+        size, sha = entry.get("bytes"), entry.get("sha256") or None
+        return cls(
+            str(entry["name"]),
+            int(entry["samples"]),
+            None if size is None else int(size),
+            None if sha is None else str(sha).lower(),
+        )
 
 
 @dataclass
@@ -126,9 +139,7 @@ class Manifest:
         shards = []
         for i, s in enumerate(data["shards"]):
             try:
-                shards.append(
-                    ShardEntry(str(s["name"]), int(s["samples"]), int(s["bytes"]), str(s["sha256"]))
-                )
+                shards.append(ShardEntry.from_dict(s))
             except (KeyError, TypeError, ValueError) as exc:
                 raise ManifestError(f"{where}: shards[{i}] is malformed ({exc!r})") from exc
         m = cls(
@@ -190,7 +201,8 @@ def load_manifest(url: str, endpoint_url: str | None = None) -> Manifest:
         raw = storage.read_bytes(murl, endpoint_url)
     except FileNotFoundError as exc:
         raise ManifestError(
-            f"{murl} not found; run `ts-data tokenize` (and `ts-data merge` for multi-rank runs)"
+            f"manifest {murl} not found; run `ts-data tokenize` (and `ts-data merge` for "
+            "multi-rank runs) for this directory, or fix the URL"
         ) from exc
     try:
         data = json.loads(raw)

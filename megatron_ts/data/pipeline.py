@@ -23,7 +23,6 @@ import hashlib
 import io
 import itertools
 import math
-import os
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -32,7 +31,6 @@ from typing import NamedTuple
 import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from megatron_ts.data.s3_stream import IOCounters, S3Reader, open_url
 from megatron_ts.data.sources import (
     TAG_BUFFER,
     TAG_SYNTHETIC,
@@ -44,6 +42,7 @@ from megatron_ts.data.sources import (
 )
 from megatron_ts.errors import EXIT_DATA
 from megatron_ts.logging import get_logger
+from megatron_ts.storage import IOCounters, open_url
 
 logger = get_logger(__name__)
 
@@ -184,13 +183,6 @@ class HashingReader(io.RawIOBase):
         super().close()
 
 
-def _opened_size(url: str, stream: io.BufferedReader) -> int:
-    """Size in bytes of a shard just opened by `open_url`, learned without another request."""
-    if isinstance(stream.raw, S3Reader):
-        return stream.raw.size  # Content-Length of the reader's first (whole-object) GET
-    return os.stat(url.removeprefix("file://")).st_size
-
-
 # ----------------------------------------------------------------------------------------------
 # Stages (each a generator over an iterator; unit-tested on in-memory data)
 # ----------------------------------------------------------------------------------------------
@@ -269,7 +261,7 @@ def shard_records(
         tracker.bad(url, "<shard>", f"missing shard ({exc})", max(expected, 1))
         return
     if size is not None:
-        actual = _opened_size(url, stream)
+        actual = stream.raw.size  # for S3: the Content-Length of the opening GET
         if actual != size:
             stream.close()
             tracker.bad(

@@ -8,16 +8,13 @@ and worker count. For epoch `e` of source `i` the shards are permuted with an RN
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_ts.data.s3_stream import read_bytes
+from megatron_ts.data.manifest import ManifestError, load_manifest
 from megatron_ts.errors import EXIT_DATA
 from megatron_ts.vocab import VocabLayout
-
-MANIFEST_FORMAT = "megatron_ts.tokens/1"
 
 # Tags that keep the RNG streams of different purposes apart.
 TAG_SHARDS = 11
@@ -63,52 +60,6 @@ class SourceSpec:
     """Vocabulary layout the shards were tokenized with."""
 
 
-def _manifest_url(url: str) -> tuple[str, str]:
-    """Returns (manifest URL, directory URL with a trailing slash) of a source URL."""
-    if url.endswith(".json"):
-        return url, url.rsplit("/", 1)[0] + "/"
-    base = url if url.endswith("/") else url + "/"
-    return base + "manifest.json", base
-
-
-def _load_manifest(url: str, endpoint_url: str | None) -> dict:
-    # The data-tools module `megatron_ts.data.manifest` validates manifests in depth; use it when
-    # it is installed, else read the JSON and check the fields the loader relies on.
-    try:
-        raw = read_bytes(url, endpoint_url)
-    except FileNotFoundError as exc:
-        raise DataSourceError(
-            f"source manifest {url} not found; run `ts-data tokenize` for this source or fix "
-            "the source url"
-        ) from exc
-    try:
-        manifest = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataSourceError(f"source manifest {url} is not valid JSON: {exc}") from exc
-    for key in ("format", "grid", "shards"):
-        if key not in manifest:
-            raise DataSourceError(f"source manifest {url} lacks the field {key!r}; re-tokenize")
-    if manifest["format"] != MANIFEST_FORMAT:
-        raise DataSourceError(
-            f"source manifest {url} has format {manifest['format']!r}; this loader reads "
-            f"{MANIFEST_FORMAT!r}"
-        )
-    return manifest
-
-
-def _shard_info(base: str, entry: dict) -> ShardInfo:
-    # `bytes` and `sha256` are optional: older or hand-written manifests without them still load,
-    # they are just not verified (an empty sha256 counts as absent).
-    size = entry.get("bytes")
-    sha = entry.get("sha256") or None
-    return ShardInfo(
-        base + entry["name"],
-        int(entry["samples"]),
-        None if size is None else int(size),
-        None if sha is None else str(sha).lower(),
-    )
-
-
 def read_source(
     url: str, weight: float, *, endpoint_url: str | None = None, grid: int | None = None
 ) -> SourceSpec:
@@ -123,19 +74,21 @@ def read_source(
     Raises:
         DataSourceError: naming the manifest and the field that is wrong.
     """
-    murl, base = _manifest_url(url)
-    manifest = _load_manifest(murl, endpoint_url)
-    if grid is not None and int(manifest["grid"]) != grid:
+    try:
+        manifest = load_manifest(url, endpoint_url)
+    except ManifestError as exc:
+        raise DataSourceError(f"source {url}: {exc}") from exc
+    if grid is not None and manifest.grid != grid:
         raise DataSourceError(
-            f"source {url} was tokenized at grid {manifest['grid']} (resolution "
-            f"{manifest.get('resolution')}), but the stage needs grid {grid}; use shards "
+            f"source {url} was tokenized at grid {manifest.grid} (resolution "
+            f"{manifest.resolution}), but the stage needs grid {grid}; use shards "
             "tokenized at the stage's resolution"
         )
-    shards = tuple(_shard_info(base, s) for s in manifest["shards"])
+    base = manifest.base_url()
+    shards = tuple(ShardInfo(base + s.name, s.samples, s.bytes, s.sha256) for s in manifest.shards)
     if not shards:
-        raise DataSourceError(f"source manifest {murl} lists no shards")
-    vocab = VocabLayout.from_dict(manifest["vocab"]) if "vocab" in manifest else None
-    return SourceSpec(url, float(weight), shards, int(manifest["grid"]), vocab)
+        raise DataSourceError(f"source manifest {manifest.url} lists no shards")
+    return SourceSpec(url, float(weight), shards, manifest.grid, manifest.vocab)
 
 
 def epoch_order(

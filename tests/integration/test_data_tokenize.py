@@ -242,7 +242,7 @@ def test_store_failure_fails_the_input_and_the_next_run_retries_it(demo, tmp_pat
 
     clean = tmp_path / "clean"
     assert _tokenize(demo, clean) == 0
-    real_open = storage.open_url_for_read
+    real_open = storage.open_url
     bad = str(demo["raw"] / "00001.tar")
 
     class _Outage(io.RawIOBase):  # the store answers 2 KiB, then stays unreachable
@@ -262,7 +262,7 @@ def test_store_failure_fails_the_input_and_the_next_run_retries_it(demo, tmp_pat
     def flaky_open(url, endpoint_url=None):
         return io.BufferedReader(_Outage(url)) if url == bad else real_open(url, endpoint_url)
 
-    monkeypatch.setattr(storage, "open_url_for_read", flaky_open)
+    monkeypatch.setattr(storage, "open_url", flaky_open)
     out = tmp_path / "tok"
     assert _tokenize(demo, out) == 3
     record = json.loads((out / "_done/000001.json").read_text())
@@ -270,7 +270,7 @@ def test_store_failure_fails_the_input_and_the_next_run_retries_it(demo, tmp_pat
     assert not record["skipped"]  # not mistaken for a truncated shard
     assert load_manifest(str(out)).extra["failed_inputs"] == [bad]
 
-    monkeypatch.setattr(storage, "open_url_for_read", real_open)  # the store is back
+    monkeypatch.setattr(storage, "open_url", real_open)  # the store is back
     kept = _files(out)["tokens-000000-000.tar"]
     assert _tokenize(demo, out) == 0
     assert _files(out)["tokens-000000-000.tar"] == kept  # finished inputs are not redone

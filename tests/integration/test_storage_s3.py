@@ -10,7 +10,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from megatron_ts import storage
-from megatron_ts.s3 import S3AccessError
+from megatron_ts.storage import S3AccessError
 
 MIB = 1 << 20
 
@@ -42,19 +42,19 @@ def test_multipart_upload_verifies_and_reads_back(s3_bucket, big_file, monkeypat
     assert head["ETag"].strip('"').endswith("-3")  # really went up in 3 parts
     assert head["Metadata"]["sha256"] == sha
     real = storage.client(endpoint)
-    ranges = []
+    gets = []
 
     def get_object(**kw):
-        ranges.append(kw["Range"])
+        gets.append((kw.get("Range"), kw.get("IfMatch")))
         return real.get_object(**kw)
 
     monkeypatch.setattr(storage, "client", lambda e=None: _Proxy(real, get_object=get_object))
     assert storage.read_bytes(url, endpoint) == data
-    assert ranges == ["bytes=0-8388607", f"bytes=8388608-{11 * MIB - 1}"]  # READ_CHUNK = 8 MiB
-    ranges.clear()
-    with storage.open_url_for_read(url, endpoint) as f:  # streamed in tarfile-sized reads
+    assert gets == [(None, None)]  # one streamed GET for the whole object
+    gets.clear()
+    with storage.open_url(url, endpoint) as f:  # tarfile-sized reads come from the buffer
         assert b"".join(iter(lambda: f.read(10240), b"")) == data
-    assert ranges == ["bytes=0-8388607", f"bytes=8388608-{11 * MIB - 1}"]
+    assert gets == [(None, None)]
     assert storage.stat_size(url, endpoint) == 11 * MIB
     assert storage.list_prefix(f"s3://{bucket}/out", endpoint) == [url]
 
@@ -108,7 +108,7 @@ def test_ranged_reads_retry_a_throttled_get(s3_bucket, monkeypatch):
     calls = []
 
     def get_object(**kw):
-        calls.append(kw["Range"])
+        calls.append(kw.get("Range"))
         if len(calls) == 1:
             raise ClientError(
                 {"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}},
@@ -119,4 +119,63 @@ def test_ranged_reads_retry_a_throttled_get(s3_bucket, monkeypatch):
     monkeypatch.setattr(storage.time, "sleep", lambda s: None)
     monkeypatch.setattr(storage, "client", lambda e=None: _Proxy(real, get_object=get_object))
     assert storage.read_bytes(f"s3://{bucket}/obj", endpoint) == b"0123456789" * 1000
-    assert calls == ["bytes=0-9999", "bytes=0-9999"]  # the same range again, then done
+    assert calls == [None, None]  # the same whole-object GET again, then done
+
+
+class _CutBody:
+    """A GetObject body that drops the connection after `cut` bytes."""
+
+    def __init__(self, body, cut: int):
+        self.body, self.left = body, cut
+
+    def read(self, n: int) -> bytes:
+        if self.left <= 0:
+            raise ConnectionResetError("connection reset by peer")
+        data = self.body.read(min(n, self.left))
+        self.left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self.body.close()
+
+
+def test_a_dropped_read_resumes_at_its_offset_only_on_the_same_object(s3_bucket, monkeypatch):
+    """Data tools and the loader read through one reader: Range from the offset and If-Match."""
+    endpoint, bucket = s3_bucket
+    url = f"s3://{bucket}/obj"
+    data = os.urandom(3 * MIB)
+    storage.write_bytes(url, data, endpoint)
+    real = storage.client(endpoint)
+    gets = []
+
+    def get_object(**kw):
+        gets.append((kw.get("Range"), kw.get("IfMatch")))
+        resp = real.get_object(**kw)
+        if len(gets) == 1:
+            resp["Body"] = _CutBody(resp["Body"], MIB + 123)
+        return resp
+
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    monkeypatch.setattr(storage, "client", lambda e=None: _Proxy(real, get_object=get_object))
+    counters = storage.IOCounters()
+    with storage.open_url(url, endpoint, counters) as f:
+        assert f.read() == data
+    etag = real.head_object(Bucket=bucket, Key="obj")["ETag"]
+    assert gets == [(None, None), (f"bytes={MIB + 123}-", etag)]
+    assert counters.retries == 1 and counters.bytes_read == len(data)
+
+    # the object replaced between the two GETs: an error naming it, not mixed bytes
+    gets.clear()
+
+    def replaced(**kw):
+        gets.append(kw.get("Range"))
+        if len(gets) == 2:
+            real.put_object(Bucket=bucket, Key="obj", Body=b"new contents")
+        resp = real.get_object(**kw)
+        if len(gets) == 1:
+            resp["Body"] = _CutBody(resp["Body"], MIB)
+        return resp
+
+    monkeypatch.setattr(storage, "client", lambda e=None: _Proxy(real, get_object=replaced))
+    with pytest.raises(storage.StorageError, match=r"S3 object .*obj changed while it was being"):
+        storage.read_bytes(url, endpoint)

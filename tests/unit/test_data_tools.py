@@ -85,7 +85,7 @@ def test_a_store_failure_is_raised_but_a_short_tar_is_a_truncation(monkeypatch):
         return lambda url, endpoint_url=None: io.BufferedReader(_Failing(data, cut, exc))
 
     # the file simply ends: samples before the cut, then a ShardReadError naming the key
-    monkeypatch.setattr(shards.storage, "open_url_for_read", opener(None))
+    monkeypatch.setattr(shards.storage, "open_url", opener(None))
     items = list(shards.iter_samples("s3://b/x.tar"))
     assert [type(i).__name__ for i in items] == ["RawSample", "RawSample", "ShardReadError"]
     assert items[-1].key == "k2" and "truncated" in items[-1].error
@@ -93,7 +93,7 @@ def test_a_store_failure_is_raised_but_a_short_tar_is_a_truncation(monkeypatch):
     failure = storage.StorageError("s3://b/x.tar: failed after 6 attempts")
     data = _tar_bytes(12)
     cut = len(data) // 2
-    monkeypatch.setattr(shards.storage, "open_url_for_read", opener(failure))
+    monkeypatch.setattr(shards.storage, "open_url", opener(failure))
     got = []
     with pytest.raises(storage.StorageError, match="failed after 6 attempts"):
         for item in shards.iter_samples("s3://b/x.tar"):

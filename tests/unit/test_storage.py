@@ -18,9 +18,13 @@ from botocore.exceptions import (
 )
 
 from megatron_ts import storage
-from megatron_ts.data import s3_stream
 from megatron_ts.errors import EXIT_STORAGE, EXIT_USAGE, classify
-from megatron_ts.s3 import S3AccessError, S3BucketNotFoundError, S3NotFoundError
+from megatron_ts.storage import (
+    RetryPolicy,
+    S3AccessError,
+    S3BucketNotFoundError,
+    S3NotFoundError,
+)
 
 
 def _client_error(code: str, status: int) -> ClientError:
@@ -47,11 +51,13 @@ def test_transient_errors_are_retried_with_growing_backoff(sleeps):
             raise _client_error("SlowDown", 503)
         return "ok"
 
-    assert storage.with_retries(flaky, "s3://b/k", base_delay=1.0) == "ok"
+    policy = RetryPolicy(base_delay=1.0, max_delay=3.0)
+    assert storage.with_retries(flaky, "s3://b/k", policy=policy) == "ok"
     assert len(calls) == 4 and len(sleeps) == 3
-    # jittered exponential backoff: attempt i waits base * 2**i * [0.5, 1.5)
+    # full-jitter exponential backoff: retry i sleeps uniform in [0, min(cap, base * 2**i)]
     for i, delay in enumerate(sleeps):
-        assert 0.5 * 2**i <= delay < 1.5 * 2**i
+        assert 0.0 <= delay <= min(3.0, 2**i)
+    assert max(policy.delay(3) for _ in range(200)) > 2.0  # the bound grows (capped at 3)
 
 
 def test_retries_give_up_with_the_url_and_other_errors_are_not_retried(sleeps):
@@ -61,8 +67,8 @@ def test_retries_give_up_with_the_url_and_other_errors_are_not_retried(sleeps):
         calls.append(1)
         raise ConnectionError("connection reset")
 
-    with pytest.raises(storage.StorageError, match=r"s3://b/k: failed after 3 attempts"):
-        storage.with_retries(down, "s3://b/k", attempts=3)
+    with pytest.raises(storage.StorageError, match=r"S3 GET of s3://b/k failed after 3 attempts"):
+        storage.with_retries(down, "s3://b/k", "GET", policy=RetryPolicy(max_attempts=3))
     assert len(calls) == 3 and len(sleeps) == 2
 
     def denied():
@@ -83,6 +89,8 @@ def test_retries_give_up_with_the_url_and_other_errors_are_not_retried(sleeps):
         ReadTimeoutError(endpoint_url="http://127.0.0.1:1"),
         _client_error("InternalError", 500),
         _client_error("Whatever", 502),
+        _client_error("TooManyRequests", 429),  # the store's throttling, as some answer it
+        ConnectionResetError("reset by peer"),
     ],
     ids=lambda e: type(e).__name__,
 )
@@ -134,7 +142,7 @@ _FATAL = [
 @pytest.mark.parametrize(
     "exc", _FATAL, ids=lambda e: e.response["Error"]["Code"] if hasattr(e, "response") else None
 )
-def test_credential_and_access_errors_fail_at_once_in_both_retry_loops(exc, sleeps):
+def test_credential_and_access_errors_fail_at_once(exc, sleeps):
     """Built by hand for the codes moto cannot send (it answers InvalidAccessKeyId and 403)."""
     calls = []
 
@@ -146,7 +154,7 @@ def test_credential_and_access_errors_fail_at_once_in_both_retry_loops(exc, slee
         storage.with_retries(refused, "s3://b/k")
     assert len(calls) == 1 and sleeps == [] and info.value.__cause__ is exc
     assert classify(info.value)[0] == EXIT_STORAGE
-    assert not storage._retryable(exc) and not s3_stream._is_retryable(exc)
+    assert not storage.retryable(exc)
 
 
 @pytest.mark.parametrize(
@@ -175,4 +183,4 @@ def test_missing_bucket_or_object_is_a_file_not_found_error_naming_the_url(
     if cls is S3BucketNotFoundError:
         assert "S3 bucket 'bkt' does not exist" in str(err) and "create the bucket" in str(err)
     assert classify(err) == (EXIT_USAGE, str(err))
-    assert not s3_stream._is_retryable(_client_error(code, status))
+    assert not storage.retryable(_client_error(code, status))
