@@ -323,7 +323,9 @@ def section_train(sec: Section) -> None:
         sys.stdout.write(proc.stderr[-12000:])
         return proc
 
-    first = launch({"MEGATRON_TS_KILL_IN_SAVE": str(steps)})
+    # tests/hooks/sitecustomize.py kills the process in its step-N save (no hook in the package)
+    hooks = os.pathsep.join(filter(None, [str(ROOT / "tests/hooks"), env.get("PYTHONPATH")]))
+    first = launch({"MEGATRON_TS_KILL_IN_SAVE": str(steps), "PYTHONPATH": hooks})
     ckpts = run_dir / "checkpoints"
     latest = (ckpts / "latest").read_text().strip() if (ckpts / "latest").exists() else None
     before = _losses(run_dir)

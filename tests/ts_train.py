@@ -10,7 +10,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "pretrain/configs/debug.toml"
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+HOOKS = ROOT / "tests/hooks"
+"""On PYTHONPATH, its sitecustomize.py gives a subprocess the fault-injection variables
+(MEGATRON_TS_STEP_DELAY, MEGATRON_TS_KILL_IN_SAVE); the package itself has no test hooks."""
+
+
+def with_hooks(env: dict) -> dict:
+    """`env` with tests/hooks first on PYTHONPATH."""
+    path = [str(HOOKS), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**env, "PYTHONPATH": os.pathsep.join(path)}
+
+
+ENV = with_hooks({**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
 
 
 def train_cmd(run_dir: Path, *overrides: str, config: Path = DEBUG) -> list[str]:

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import random
 import shutil
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -311,9 +309,6 @@ def _write_checkpoint(
     ):
         (tmp / "loader" / f"dp_{dp_rank:05d}.json").write_text(json.dumps(loader_state))
     _write_rng(rng_file(tmp, rank), _rng_state())
-    if os.environ.get("MEGATRON_TS_KILL_IN_SAVE") == str(state.global_step):
-        # Fault injection for the atomicity test: die with the save half written.
-        os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()
     final = root / name
     if rank == 0:

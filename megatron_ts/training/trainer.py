@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import shutil
 import signal
 import time
@@ -46,11 +45,6 @@ from megatron_ts.training.run_lock import RunDirBusyError, RunLock
 from megatron_ts.training.step_watch import SaveSchedule, StepHealth
 
 log = get_logger(__name__)
-
-# Test hook (docs/checkpoint.md): seconds to sleep before every step, so signal and
-# preemption tests can hit a run in the middle.
-_STEP_DELAY = float(os.environ.get("MEGATRON_TS_STEP_DELAY", "0"))
-
 
 class TrainingError(RuntimeError):
     """A run that cannot continue; the message names the step and the cause."""
@@ -376,8 +370,6 @@ class Trainer:
                 )
                 engine.set_lr(lr)
                 start = time.perf_counter()
-                if _STEP_DELAY:
-                    time.sleep(_STEP_DELAY)
                 result = engine.train_step(batches)
                 elapsed = time.perf_counter() - start
                 last_keys = result.keys

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ts_train import with_hooks
+
 pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,7 +65,7 @@ def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
-    return {**env, "TS_DEVICE": "cpu", "OMP_NUM_THREADS": "1", **extra}
+    return with_hooks({**env, "TS_DEVICE": "cpu", "OMP_NUM_THREADS": "1", **extra})
 
 
 def _sbatch(cwd: Path, *args: str, env: dict[str, str] | None = None) -> int:
