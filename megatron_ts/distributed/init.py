@@ -12,10 +12,12 @@ gets an `mpu` view of the same groups.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
 import subprocess
+import time
 
 import torch
 import torch.distributed as dist
@@ -120,6 +122,35 @@ def _local_device(local_rank: int) -> int:
     )
 
 
+STALE_BUILD_LOCK_S = 600
+"""A torch-extension build lock older than this is left by a killed build (DeepSpeed's CPU comm
+op builds in 26-66 s here), not held by a running one."""
+
+
+def _clear_stale_build_lock(name: str = "deepspeed_shm_comm") -> None:
+    """Removes the lock a killed extension build left behind, with a warning naming it.
+
+    torch marks a JIT build with an empty `lock` file in the extension's build directory and
+    waits, without a timeout, for it to disappear; a process killed mid-build (a preempted job,
+    `kill -9`) leaves it there, and every later start then hangs in `deepspeed.init_distributed`
+    with no message.
+    """
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+    try:
+        age = time.time() - os.stat(lock).st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_BUILD_LOCK_S:
+        log.warning(
+            "removing %s, left %.0f s ago by a build of %s that was killed (torch would wait "
+            "for it forever)", lock, age, name,
+        )  # fmt: skip
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock)
+
+
 def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> tuple[int, int]:
     """Initialises torch.distributed once; returns (rank, world_size)."""
     if dist.is_initialized():
@@ -144,6 +175,8 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> tuple[
     # DeepSpeed's comm layer (used by its pipeline engine) wraps the torch process group.
     from deepspeed.accelerator import get_accelerator
 
+    if get_accelerator()._name == "cpu":
+        _clear_stale_build_lock()  # DeepSpeed's CPU comm builds its shm op on first use
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     log.info(
         "torch.distributed up: backend=%s world=%d deepspeed_accelerator=%s",
