@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_ts.errors import EXIT_USAGE
+from megatron_ts.sequence import SequenceLayout
 
 
 class ConfigError(ValueError):
@@ -540,19 +541,26 @@ class ResolvedStage:
     tensor: int
     pipeline: int
 
+    def layout(self, downsample: int) -> SequenceLayout:
+        """The sequence layout of this stage's samples (grid, positions, prompt format).
+
+        Args:
+            downsample: pixels per code along each side (tokenizer.downsample).
+        """
+        return SequenceLayout.from_resolution(
+            self.resolution,
+            downsample,
+            caption_len=self.caption_len,
+            shuffle_window=self.shuffle_window,
+        )
+
     def grid(self, downsample: int) -> int:
-        """Codes per image side."""
-        return self.resolution // downsample
-
-    def image_codes(self, downsample: int) -> int:
-        return self.grid(downsample) ** 2
-
-    def image_positions(self, downsample: int) -> int:
-        return self.image_codes(downsample) // self.shuffle_window**2
+        """Codes per image side (`layout(downsample).grid`)."""
+        return self.layout(downsample).grid
 
     def seq_len(self, downsample: int) -> int:
-        """Transformer positions per sample: BOS + caption + BOI + image windows."""
-        return self.caption_len + 2 + self.image_positions(downsample)
+        """Transformer positions per sample (`layout(downsample).seq_len`)."""
+        return self.layout(downsample).seq_len
 
 
 def resolve_stages(cfg: Config) -> list[ResolvedStage]:
@@ -578,10 +586,13 @@ def resolve_stages(cfg: Config) -> list[ResolvedStage]:
     for i, st in enumerate(stages):
         steps = st.steps
         if steps <= 0 and st.tokens > 0:
-            per_step = st.global_batch * (
-                st.caption_len + 2 + (st.resolution // ds) ** 2 // max(st.shuffle_window, 1) ** 2
-            )
-            steps = -(-st.tokens // per_step)
+            try:
+                seq_len = SequenceLayout.from_resolution(
+                    st.resolution, ds, caption_len=st.caption_len, shuffle_window=st.shuffle_window
+                ).seq_len
+            except ValueError:
+                seq_len = 1  # a bad geometry: validate() names the field after resolving
+            steps = -(-st.tokens // (st.global_batch * seq_len))
         out.append(
             ResolvedStage(
                 index=i,

@@ -1,6 +1,7 @@
 """The Token-Shuffle decoder as a list of pipeline-ready stage modules.
 
-Sequence format of one sample (T = caption_len + 2 text positions, N image positions):
+Sequence format of one sample (T = caption_len + 2 text positions, N image positions; the
+numbers and the window order are `megatron_ts.sequence.SequenceLayout`'s):
 
     position  0        1 .. C        C+1      C+2 .. C+1+N
     token     <bos>    caption/pad   <boi>    image windows (s x s codes each, raster order)
@@ -37,7 +38,8 @@ from megatron_ts.config import ModelConfig
 from megatron_ts.models.attention import resolve_backend
 from megatron_ts.models.flavors import ModelShape, resolve_model_shape
 from megatron_ts.models.layer_specs import llama_layer_spec
-from megatron_ts.models.token_shuffle import TokenShuffle, TokenUnshuffle, grid_to_windows
+from megatron_ts.models.token_shuffle import TokenShuffle, TokenUnshuffle
+from megatron_ts.sequence import grid_to_windows
 from megatron_ts.vocab import VocabLayout
 
 

@@ -90,23 +90,24 @@ def dry_run_report(cfg: Config, stages: list[ResolvedStage]) -> dict:
         "stages": [],
     }
     for st in stages:
+        layout = st.layout(ds)
         flops = sample_flops(
             shape,
             padded,
-            st.caption_len,
-            st.grid(ds),
-            st.shuffle_window,
+            layout.caption_len,
+            layout.grid,
+            layout.shuffle_window,
             cfg.model.shuffle_mlp_blocks,
             image_head_rows=vocab.codebook_size,  # image positions score codes only
         )
-        seq = st.seq_len(ds)
+        seq = layout.seq_len
         report["stages"].append(
             {
                 "name": st.name,
                 "resolution": st.resolution,
                 "shuffle_window": st.shuffle_window,
-                "image_codes_per_sample": st.image_codes(ds),
-                "image_positions_per_sample": st.image_positions(ds),
+                "image_codes_per_sample": layout.image_codes,
+                "image_positions_per_sample": layout.image_positions,
                 "sequence_length": seq,
                 "parameters": param_counts(
                     shape, padded, st.shuffle_window, cfg.model.shuffle_mlp_blocks

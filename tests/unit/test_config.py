@@ -165,7 +165,9 @@ def test_debug_config_resolves():
         2,
     )
     # 64 px / 8 px per code = 8 x 8 codes; s = 2 -> 16 windows; 16 caption + <bos> + <boi>
-    assert (stage.image_codes(8), stage.image_positions(8), stage.seq_len(8)) == (64, 16, 34)
+    layout = stage.layout(8)
+    assert (layout.image_codes, layout.image_positions, layout.seq_len) == (64, 16, 34)
+    assert (stage.grid(8), stage.seq_len(8)) == (8, 34)
     assert (stage.lr, stage.min_lr, stage.warmup_steps, stage.tensor) == (1e-3, 1e-4, 2, 1)
 
 
