@@ -36,7 +36,7 @@ from torch import nn
 
 from megatron_ts.config import ModelConfig
 from megatron_ts.models.attention import resolve_backend
-from megatron_ts.models.flavors import ModelShape, resolve_model_shape
+from megatron_ts.models.flavors import ModelShape
 from megatron_ts.models.layer_specs import llama_layer_spec
 from megatron_ts.models.token_shuffle import TokenShuffle, TokenUnshuffle
 from megatron_ts.sequence import grid_to_windows
@@ -86,7 +86,7 @@ class ModelSpec:
         activation_checkpointing: str = "none",
     ) -> ModelSpec:
         return cls(
-            shape=resolve_model_shape(model),
+            shape=model.shape(),
             vocab=vocab,
             shuffle_window=shuffle_window,
             shuffle_mlp_blocks=model.shuffle_mlp_blocks,

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatron_ts.config import Config, ConfigError, ResolvedStage, TokenizerConfig
-from megatron_ts.models.flavors import resolve_model_shape
 from megatron_ts.models.flops import param_counts, sample_flops
 from megatron_ts.vocab import VocabLayout
 
@@ -64,7 +63,7 @@ def vocab_from_config(tok: TokenizerConfig) -> VocabLayout:
 
 def dry_run_report(cfg: Config, stages: list[ResolvedStage]) -> dict:
     """Parameter counts and per-stage sequence/FLOPs numbers, without building anything."""
-    shape = resolve_model_shape(cfg.model)
+    shape = cfg.model.shape()
     vocab = VocabLayout(
         text_size=text_size(cfg.tokenizer), codebook_size=cfg.tokenizer.codebook_size
     )
