@@ -8,8 +8,8 @@ For caption length C and grid G a batch of B samples is
     dropped   bool    [B]       caption dropout applied (caption replaced by pads, mask all 0)
     keys      list[str]         sample keys, for error messages
 
-The text span comes from `megatron_ts.sequence.build_prompts`, the one definition of the prompt
-format (`SequenceLayout.prompts`). Caption dropout (classifier-free guidance) is decided by a hash
+The text span comes from `SequenceLayout.prompts` (megatron_ts/sequence.py), the one definition
+of the prompt format. Caption dropout (classifier-free guidance) is decided by a hash
 of (seed, stage, source, epoch, key), not by an RNG stream, so a resumed run drops exactly the
 same captions.
 """
@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from megatron_ts.data.pipeline import Sample
-from megatron_ts.sequence import build_prompts
+from megatron_ts.sequence import SequenceLayout
+from megatron_ts.vocab import VocabLayout
 
 
 def dropout_draw(seed: int, stage: int, source: int, epoch: int, key: str) -> float:
@@ -38,17 +39,16 @@ def dropout_draw(seed: int, stage: int, source: int, epoch: int, key: str) -> fl
 class Collator:
     """Turns a list of samples into one fixed-shape batch."""
 
-    caption_len: int
-    grid: int
-    bos_id: int
-    pad_id: int
-    boi_id: int
+    layout: SequenceLayout
+    """Caption length, grid and prompt format of the stage."""
+    vocab: VocabLayout
+    """The special ids of the prompt."""
     caption_dropout: float
     seed: int
     stage: int
 
     def __call__(self, samples: list[Sample]) -> dict:
-        b, g = len(samples), self.grid
+        b, g = len(samples), self.layout.grid
         codes = np.empty((b, g, g), dtype=np.int64)
         dropped = np.zeros(b, dtype=bool)
         for i, s in enumerate(samples):
@@ -57,12 +57,8 @@ class Collator:
                 dropout_draw(self.seed, self.stage, s.source, s.epoch, s.key) < self.caption_dropout
             )
         # a dropped caption is the empty one: <bos> <pad> x C <boi>, mask all 0
-        text, mask = build_prompts(
-            [s.ids[:0] if drop else s.ids for s, drop in zip(samples, dropped)],
-            self.caption_len,
-            self.bos_id,
-            self.pad_id,
-            self.boi_id,
+        text, mask = self.layout.prompts(
+            [s.ids[:0] if drop else s.ids for s, drop in zip(samples, dropped)], self.vocab
         )
         return {
             "text": torch.from_numpy(text),

@@ -116,11 +116,8 @@ def test_prompts_match_the_collator_with_caption_dropout():
         for i, c in enumerate(captions)
     ]
     col = Collator(
-        caption_len=8,
-        grid=2,
-        bos_id=VOCAB.bos_id,
-        pad_id=VOCAB.pad_id,
-        boi_id=VOCAB.boi_id,
+        layout=SequenceLayout(caption_len=8, grid=2),
+        vocab=VOCAB,
         caption_dropout=0.4,
         seed=3,
         stage=0,
