@@ -95,8 +95,8 @@ def run_case(
     `progress` is passed to sample_codes (its update() is called once per decoding step).
     """
     cfg = model.config
-    grid = resolution // cfg.vq_downsample
-    steps = (grid // cfg.shuffle_window) ** 2
+    grid = cfg.grid(resolution)
+    steps = cfg.image_positions(resolution)  # the export config's copy of SequenceLayout's
     tok = _Bytes()
     ids = torch.tensor(
         [caption_ids(tok, "a photo of a red bicycle", CAPTION_LEN, cfg)] * batch, device=device

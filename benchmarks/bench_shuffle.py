@@ -23,6 +23,7 @@ from megatron_ts.distributed.init import init_distributed, init_model_parallel
 from megatron_ts.models.flops import sample_flops
 from megatron_ts.models.loss import TokenShuffleLoss
 from megatron_ts.models.model import ModelSpec, TokenShuffleLM
+from megatron_ts.sequence import SequenceLayout
 from megatron_ts.vocab import VocabLayout
 
 
@@ -86,7 +87,7 @@ def main() -> None:
         rows.append(
             {
                 "s": s,
-                "positions": args.caption + 2 + args.grid**2 // s**2,
+                "positions": SequenceLayout(args.caption, args.grid, s).seq_len,
                 "median_s": statistics.median(times[s]),
                 "min_s": min(times[s]),
                 "flops": flops.training * args.batch,

@@ -562,7 +562,7 @@ def timed_decode(bench, model, res: int, batch: int, device: str, budget: float)
     except _StepClock.Stop:
         pass
     seconds = time.perf_counter() - t0
-    steps = (res // model.config.vq_downsample // model.config.shuffle_window) ** 2
+    steps = model.config.image_positions(res)
     total = (clock.times[0] - t0) + clock.extrapolate(steps)
     return {
         "resolution": res, "s": model.config.shuffle_window, "kv_cache": True, "batch": batch,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 
+from megatron_ts.config import VqFormat
 from megatron_ts.errors import EXIT_DATA, EXIT_USAGE, classify
 from megatron_ts.logging import get_logger
 
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--input", nargs="+", required=True, help="dirs, tars, {a..b} patterns, s3://")
     tok.add_argument("--output", required=True, help="output directory or s3://bucket/prefix/")
     tok.add_argument("--resolution", type=int, required=True, help="stage resolution (square)")
-    tok.add_argument("--vq-format", default="native", choices=["native", "llamagen", "chameleon"])
+    tok.add_argument("--vq-format", default="native", choices=typing.get_args(VqFormat))
     tok.add_argument("--vq-checkpoint", required=True, help="VQ checkpoint path")
     tok.add_argument("--text", default="byte", help="'byte' or a tokenizers JSON path")
     tok.add_argument("--min-size", type=int, default=None, help="default: resolution // 2")

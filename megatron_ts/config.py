@@ -21,9 +21,21 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from megatron_ts.errors import EXIT_USAGE
+from megatron_ts.models.flavors import FLAVORS, ModelShape
+from megatron_ts.sequence import SequenceLayout
+
+# Choice fields: the Literal is the one list of accepted values; loading and validate() read it.
+AttentionBackend = Literal["auto", "sdpa", "flash_attn"]
+VqFormat = Literal["native", "llamagen", "chameleon"]  # = hf/vq_token_shuffle.VQ_FORMATS
+Recompute = Literal["none", "selective", "full"]
+DistBackend = Literal["auto", "nccl", "gloo"]
+LrSchedule = Literal["cosine", "linear", "constant", "wsd"]
+Precision = Literal["auto", "bf16", "fp32"]
+CarryOver = Literal["weights", "weights+optimizer"]
+CfgSchedule = Literal["constant", "linear", "half-linear"]  # = hf/generation_token_shuffle's
 
 
 class ConfigError(ValueError):
@@ -74,8 +86,49 @@ class ModelConfig:
     """Standard deviation of the normal weight init."""
     vocab_multiple: int = 128
     """The vocabulary is padded to a multiple of this; every tensor-parallel size must divide it."""
-    attention_backend: str = "auto"
+    attention_backend: AttentionBackend = "auto"
     """Core attention: auto (flash-attn when importable on CUDA, else SDPA), sdpa, flash_attn."""
+
+    def shape(self) -> ModelShape:
+        """The flavor's shape with this section's explicit overrides applied.
+
+        Raises:
+            ConfigError: an unknown flavor, a size below 1 or heads that do not divide.
+        """
+        if self.flavor not in FLAVORS:
+            raise ConfigError(f"model.flavor = {self.flavor!r}; choose one of {sorted(FLAVORS)}")
+        overrides = {
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "ffn_hidden_size": self.ffn_hidden_size,
+        }
+        for name, value in overrides.items():
+            if value is not None and value < 1:  # checked before anything divides by it
+                raise ConfigError(f"model.{name} = {value}; use 1 or more (or leave it unset)")
+        shape = dataclasses.replace(
+            FLAVORS[self.flavor], **{k: v for k, v in overrides.items() if v is not None}
+        )
+        if self.num_heads is not None and self.num_kv_heads is None:
+            shape = dataclasses.replace(shape, num_kv_heads=shape.num_heads)
+        if shape.hidden_size % shape.num_heads:
+            raise ConfigError(
+                f"model.hidden_size = {shape.hidden_size} is not divisible by model.num_heads = "
+                f"{shape.num_heads}"
+            )
+        if shape.num_heads % shape.num_kv_heads:
+            raise ConfigError(
+                f"model.num_heads = {shape.num_heads} is not divisible by model.num_kv_heads = "
+                f"{shape.num_kv_heads}"
+            )
+        if self.shuffle_mlp_blocks < 0:
+            raise ConfigError(
+                f"model.shuffle_mlp_blocks = {self.shuffle_mlp_blocks}; use 0 or more"
+            )
+        if self.vocab_multiple < 1:
+            raise ConfigError(f"model.vocab_multiple = {self.vocab_multiple}; use 1 or more")
+        return shape
 
 
 @dataclass
@@ -85,7 +138,7 @@ class TokenizerConfig:
     text_size: int | None = None
     """Text ids of the tokenizer; None reads it from the tokenizer (byte = 256). Setting it lets
     `--dry-run` plan a recipe without the tokenizer file at hand."""
-    vq_format: str = "native"
+    vq_format: VqFormat = "native"
     """Visual tokenizer checkpoint layout: native, llamagen or chameleon."""
     vq_checkpoint: str | None = None
     """Path to the VQ checkpoint; required to tokenize or decode images."""
@@ -103,9 +156,9 @@ class ParallelConfig:
     """Pipeline stages (DeepSpeed pipeline engine). Must divide the number of layers."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage 0-3. With pipeline > 1 only 0 or 1 are possible."""
-    activation_checkpointing: str = "none"
+    activation_checkpointing: Recompute = "none"
     """none, selective (core attention only) or full (every transformer block)."""
-    backend: str = "auto"
+    backend: DistBackend = "auto"
     """torch.distributed backend: auto (nccl on CUDA, else gloo), nccl or gloo."""
 
 
@@ -115,7 +168,7 @@ class OptimConfig:
     """Peak learning rate."""
     min_lr: float = 3e-5
     """Floor of the decay."""
-    schedule: str = "cosine"
+    schedule: LrSchedule = "cosine"
     """cosine, linear, constant or wsd (warmup-stable-decay)."""
     warmup_steps: int = 100
     """Linear warmup steps from 0 to lr."""
@@ -141,7 +194,7 @@ class TrainConfig:
     """Samples per rank per forward/backward."""
     global_batch: int = 8
     """Samples per optimizer step = micro_batch x grad-accumulation x data-parallel size."""
-    precision: str = "auto"
+    precision: Precision = "auto"
     """auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32."""
     z_loss: float = 0.0
     """z-loss coefficient on log(Z)^2 of every prediction (the paper adds it at 2048 px)."""
@@ -217,11 +270,11 @@ class StageConfig:
     """Decay floor of this stage (None: optim.min_lr)."""
     warmup_steps: int | None = None
     """Warmup of this stage (None: optim.warmup_steps)."""
-    schedule: str | None = None
+    schedule: LrSchedule | None = None
     """Schedule of this stage (None: optim.schedule)."""
     z_loss: float | None = None
     """z-loss coefficient of this stage (None: train.z_loss)."""
-    carry_over: str = "weights+optimizer"
+    carry_over: CarryOver = "weights+optimizer"
     """What the stage takes from the one before: weights or weights+optimizer."""
     tensor: int | None = None
     """Tensor-parallel size for this stage (None: parallel.tensor)."""
@@ -283,7 +336,7 @@ class SamplingConfig:
 
     cfg_scale: float = 7.5
     """Classifier-free guidance scale (1 = no guidance)."""
-    cfg_schedule: str = "half-linear"
+    cfg_schedule: CfgSchedule = "half-linear"
     """Guidance over the decoding steps: constant, linear or half-linear (the paper's)."""
     temperature: float = 1.0
     """Softmax temperature; 0 decodes greedily."""
@@ -342,6 +395,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a table, got {value!r}")
         return _build(tp, value, where)
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        options = typing.get_args(tp)
+        if value not in options:
+            raise ConfigError(f"{where} = {value!r}; choose one of {list(options)}")
+        return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -534,25 +592,32 @@ class ResolvedStage:
     lr: float
     min_lr: float
     warmup_steps: int
-    schedule: str
+    schedule: LrSchedule
     z_loss: float
-    carry_over: str
+    carry_over: CarryOver
     tensor: int
     pipeline: int
 
+    def layout(self, downsample: int) -> SequenceLayout:
+        """The sequence layout of this stage's samples (grid, positions, prompt format).
+
+        Args:
+            downsample: pixels per code along each side (tokenizer.downsample).
+        """
+        return SequenceLayout.from_resolution(
+            self.resolution,
+            downsample,
+            caption_len=self.caption_len,
+            shuffle_window=self.shuffle_window,
+        )
+
     def grid(self, downsample: int) -> int:
-        """Codes per image side."""
-        return self.resolution // downsample
-
-    def image_codes(self, downsample: int) -> int:
-        return self.grid(downsample) ** 2
-
-    def image_positions(self, downsample: int) -> int:
-        return self.image_codes(downsample) // self.shuffle_window**2
+        """Codes per image side (`layout(downsample).grid`)."""
+        return self.layout(downsample).grid
 
     def seq_len(self, downsample: int) -> int:
-        """Transformer positions per sample: BOS + caption + BOI + image windows."""
-        return self.caption_len + 2 + self.image_positions(downsample)
+        """Transformer positions per sample (`layout(downsample).seq_len`)."""
+        return self.layout(downsample).seq_len
 
 
 def resolve_stages(cfg: Config) -> list[ResolvedStage]:
@@ -578,10 +643,13 @@ def resolve_stages(cfg: Config) -> list[ResolvedStage]:
     for i, st in enumerate(stages):
         steps = st.steps
         if steps <= 0 and st.tokens > 0:
-            per_step = st.global_batch * (
-                st.caption_len + 2 + (st.resolution // ds) ** 2 // max(st.shuffle_window, 1) ** 2
-            )
-            steps = -(-st.tokens // per_step)
+            try:
+                seq_len = SequenceLayout.from_resolution(
+                    st.resolution, ds, caption_len=st.caption_len, shuffle_window=st.shuffle_window
+                ).seq_len
+            except ValueError:
+                seq_len = 1  # a bad geometry: validate() names the field after resolving
+            steps = -(-st.tokens // (st.global_batch * seq_len))
         out.append(
             ResolvedStage(
                 index=i,
@@ -606,17 +674,6 @@ def resolve_stages(cfg: Config) -> list[ResolvedStage]:
     return out
 
 
-_CHOICES = {
-    "model.attention_backend": ("auto", "sdpa", "flash_attn"),
-    "tokenizer.vq_format": ("native", "llamagen", "chameleon"),
-    "parallel.activation_checkpointing": ("none", "selective", "full"),
-    "parallel.backend": ("auto", "nccl", "gloo"),
-    "optim.schedule": ("cosine", "linear", "constant", "wsd"),
-    "train.precision": ("auto", "bf16", "fp32"),
-    "sampling.cfg_schedule": ("constant", "linear", "half-linear"),
-}
-
-
 # Range rules: (accepts the value, what to use instead). None values (unset optionals) pass.
 _AT_LEAST_1 = (lambda v: v >= 1, "use 1 or more")
 _AT_LEAST_0 = (lambda v: v >= 0, "use 0 or more")
@@ -626,9 +683,9 @@ _BETA = (lambda v: 0 <= v < 1, "use 0 <= beta < 1")
 _NOT_EMPTY = (lambda v: bool(v.strip()), "give a non-empty value")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
-# Every field whose value can be out of range, by section; choices are in _CHOICES, stage-level
-# values are checked on the resolved stages below. Fields not listed take any value of their type
-# (names, paths checked where they are opened, flags).
+# Every field whose value can be out of range, by section; choice (Literal) fields are checked by
+# _check_choices, stage-level values on the resolved stages below. Fields not listed take any
+# value of their type (names, paths checked where they are opened, flags).
 _FIELD_RULES = {
     "job.run_dir": _NOT_EMPTY,
     "job.seed": (lambda v: 0 <= v < 2**63, "use 0 <= seed < 2^63"),
@@ -703,6 +760,27 @@ def _check_ranges(cfg: Config) -> None:
             _check_rules(source, f"curriculum.stages[{i}].sources[{j}].", _SOURCE_RULES)
 
 
+def _literal_options(tp: Any) -> tuple | None:
+    """The accepted values of a `Literal[...]` (or `Literal[...] | None`) hint, else None."""
+    tp, _ = _unwrap_optional(tp)
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
+def _check_choices(cfg: Config) -> None:
+    """Every choice field of every section holds one of its Literal's values (a config built in
+    code skips the check at load time)."""
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(obj):
+            continue
+        for name, hint in typing.get_type_hints(type(obj)).items():
+            options, value = _literal_options(hint), getattr(obj, name)
+            if options is not None and value is not None and value not in options:
+                raise ConfigError(
+                    f"{section.name}.{name} = {value!r}; choose one of {list(options)}"
+                )
+
+
 # The field each value of the implicit single stage (no [[curriculum.stages]]) comes from.
 _IMPLICIT_STAGE_FIELDS = {
     "resolution": "data.resolution",
@@ -755,22 +833,10 @@ def validate(cfg: Config, world_size: int | None = 1) -> list[ResolvedStage]:
     Raises:
         ConfigError: naming the first offending field, its value and how to fix it.
     """
-    from megatron_ts.models.flavors import resolve_model_shape  # avoids an import cycle
-
-    def choice(name: str, value: str) -> None:
-        if value not in _CHOICES[name]:
-            raise ConfigError(f"{name} = {value!r}; choose one of {list(_CHOICES[name])}")
-
-    choice("model.attention_backend", cfg.model.attention_backend)
-    choice("tokenizer.vq_format", cfg.tokenizer.vq_format)
-    choice("parallel.activation_checkpointing", cfg.parallel.activation_checkpointing)
-    choice("parallel.backend", cfg.parallel.backend)
-    choice("optim.schedule", cfg.optim.schedule)
-    choice("train.precision", cfg.train.precision)
-    choice("sampling.cfg_schedule", cfg.sampling.cfg_schedule)
+    _check_choices(cfg)
     _check_ranges(cfg)
 
-    shape = resolve_model_shape(cfg.model)
+    shape = cfg.model.shape()
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage = {cfg.parallel.zero_stage}; use 0, 1, 2 or 3")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
@@ -799,15 +865,12 @@ def validate(cfg: Config, world_size: int | None = 1) -> list[ResolvedStage]:
         at = functools.partial(_stage_field, cfg, st.index)
         # curriculum stages add their name; the implicit stage's fields need no context
         of = f" (stage {st.name!r})" if cfg.curriculum.stages else ""
-        if st.schedule not in _CHOICES["optim.schedule"]:
-            raise ConfigError(
-                f"{at('schedule')} = {st.schedule!r}{of}; "
-                f"choose one of {list(_CHOICES['optim.schedule'])}"
-            )
-        if st.carry_over not in ("weights", "weights+optimizer"):
-            raise ConfigError(
-                f"{at('carry_over')} = {st.carry_over!r}{of}; use weights or weights+optimizer"
-            )
+        for key, options in (("schedule", LrSchedule), ("carry_over", CarryOver)):
+            value = getattr(st, key)
+            if value not in typing.get_args(options):
+                raise ConfigError(
+                    f"{at(key)} = {value!r}{of}; choose one of {list(typing.get_args(options))}"
+                )
         if st.steps <= 0:
             fix = "use 1 or more"
             if cfg.curriculum.stages:

@@ -8,8 +8,10 @@ For caption length C and grid G a batch of B samples is
     dropped   bool    [B]       caption dropout applied (caption replaced by pads, mask all 0)
     keys      list[str]         sample keys, for error messages
 
-Caption dropout (classifier-free guidance) is decided by a hash of (seed, stage, source, epoch,
-key), not by an RNG stream, so a resumed run drops exactly the same captions.
+The text span comes from `SequenceLayout.prompts` (megatron_ts/sequence.py), the one definition
+of the prompt format. Caption dropout (classifier-free guidance) is decided by a hash
+of (seed, stage, source, epoch, key), not by an RNG stream, so a resumed run drops exactly the
+same captions.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import numpy as np
 import torch
 
 from megatron_ts.data.pipeline import Sample
+from megatron_ts.sequence import SequenceLayout
+from megatron_ts.vocab import VocabLayout
 
 
 def dropout_draw(seed: int, stage: int, source: int, epoch: int, key: str) -> float:
@@ -35,33 +39,27 @@ def dropout_draw(seed: int, stage: int, source: int, epoch: int, key: str) -> fl
 class Collator:
     """Turns a list of samples into one fixed-shape batch."""
 
-    caption_len: int
-    grid: int
-    bos_id: int
-    pad_id: int
-    boi_id: int
+    layout: SequenceLayout
+    """Caption length, grid and prompt format of the stage."""
+    vocab: VocabLayout
+    """The special ids of the prompt."""
     caption_dropout: float
     seed: int
     stage: int
 
     def __call__(self, samples: list[Sample]) -> dict:
-        b, c, g = len(samples), self.caption_len, self.grid
-        text = np.full((b, c + 2), self.pad_id, dtype=np.int64)
-        text[:, 0] = self.bos_id
-        text[:, c + 1] = self.boi_id
-        mask = np.zeros((b, c + 2), dtype=np.float32)
+        b, g = len(samples), self.layout.grid
         codes = np.empty((b, g, g), dtype=np.int64)
         dropped = np.zeros(b, dtype=bool)
         for i, s in enumerate(samples):
             codes[i] = s.codes  # (G, G) uint16 -> int64
-            if self.caption_dropout > 0 and (
+            dropped[i] = self.caption_dropout > 0 and (
                 dropout_draw(self.seed, self.stage, s.source, s.epoch, s.key) < self.caption_dropout
-            ):
-                dropped[i] = True
-                continue
-            n = min(len(s.ids), c)
-            text[i, 1 : 1 + n] = s.ids[:n]
-            mask[i, 1 : 1 + n] = 1.0
+            )
+        # a dropped caption is the empty one: <bos> <pad> x C <boi>, mask all 0
+        text, mask = self.layout.prompts(
+            [s.ids[:0] if drop else s.ids for s, drop in zip(samples, dropped)], self.vocab
+        )
         return {
             "text": torch.from_numpy(text),
             "text_mask": torch.from_numpy(mask),

@@ -528,11 +528,11 @@ def build_loader(
         raise ValueError(f"data.caption_dropout = {data_cfg.caption_dropout}; use 0 <= p < 1")
     if data_cfg.streams < 0:
         raise ValueError(f"data.streams = {data_cfg.streams}; use 0 (auto) or more")
-    if stage.resolution % downsample:
-        raise ValueError(
-            f"stage {stage.name}: resolution {stage.resolution} is not a multiple of downsample {downsample}"
-        )
-    grid = stage.resolution // downsample
+    try:
+        sequence = stage.layout(downsample)  # grid and prompt format (not the DP `Layout`)
+    except ValueError as exc:
+        raise ValueError(f"stage {stage.name}: {exc}") from exc
+    grid = sequence.grid
     num_workers = max(1, data_cfg.num_workers)
     register_s3_scheme(data_cfg.s3_endpoint)
     specs: list[SourceSpec] = []
@@ -613,11 +613,8 @@ def build_loader(
         endpoint_url=data_cfg.s3_endpoint,
     )
     collator = Collator(
-        caption_len=stage.caption_len,
-        grid=grid,
-        bos_id=vocab.bos_id,
-        pad_id=vocab.pad_id,
-        boi_id=vocab.boi_id,
+        layout=sequence,
+        vocab=vocab,
         caption_dropout=data_cfg.caption_dropout,
         seed=seed,
         stage=stage.index,

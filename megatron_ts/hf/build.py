@@ -10,6 +10,7 @@ from megatron_ts.hf.configuration_token_shuffle import TokenShuffleConfig
 from megatron_ts.hf.modeling_token_shuffle import TokenShuffleForCausalLM
 from megatron_ts.hf.weights import AttentionShape, hf_state_dict
 from megatron_ts.models.model import ModelSpec
+from megatron_ts.sequence import SequenceLayout
 
 
 def attention_shape(spec: ModelSpec) -> AttentionShape:
@@ -55,9 +56,12 @@ def hf_config_from_spec(
         vq_tokenizer=vocab.vq_tokenizer,
         initializer_range=spec.init_std,
         model_spec=spec_dict,
-        max_position_embeddings=caption_len
-        + 2
-        + max((r // vq_downsample // spec.shuffle_window) ** 2 for r in resolutions),
+        max_position_embeddings=max(
+            SequenceLayout.from_resolution(
+                r, vq_downsample, caption_len=caption_len, shuffle_window=spec.shuffle_window
+            ).seq_len
+            for r in resolutions
+        ),
     )
 
 

@@ -115,6 +115,8 @@ class TokenShuffleConfig(PretrainedConfig):
     def vocab_size_unpadded(self) -> int:
         return self.code_offset + self.codebook_size
 
+    # The export's copy of megatron_ts.sequence.SequenceLayout (this file cannot import
+    # megatron_ts); tests/unit/test_sequence_layout.py checks that the two agree.
     def grid(self, resolution: int) -> int:
         """Codes per image side at `resolution` pixels."""
         return resolution // self.vq_downsample

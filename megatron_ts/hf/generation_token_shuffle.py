@@ -31,6 +31,8 @@ CFG_SCHEDULES = ("constant", "linear", "half-linear")
 DEFAULT_CFG_SCHEDULE = "half-linear"
 
 
+# The window order and the prompt format below are the export's copies of megatron_ts.sequence
+# (this file cannot import megatron_ts); tests/unit/test_sequence_layout.py checks they agree.
 def grid_to_windows(x: torch.Tensor, s: int) -> torch.Tensor:
     """(B, G, G, *rest) raster grid -> (B, (G/s)^2, s^2, *rest) windows in raster order."""
     b, gh, gw = x.shape[:3]
@@ -153,6 +155,7 @@ class SamplingConfig:
         return cls(**values).check()
 
 
+# The export's copy of megatron_ts.sequence.build_prompts (see the note on grid_to_windows).
 def caption_ids(tokenizer, prompt: str, caption_len: int, config) -> list[int]:
     """`<bos>`, caption ids truncated/padded with `<pad>` to caption_len, `<boi>`."""
     ids = list(tokenizer.encode(prompt))[:caption_len] if prompt else []

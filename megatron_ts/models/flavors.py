@@ -2,14 +2,13 @@
 
 Parameter counts beside each flavor are for its default vocabulary (byte text tokenizer for
 debug/demo; Llama-2's 32000 text ids + 16384 LlamaGen codes for 2.7B/7B) with s = 2 shuffle
-layers; `ts-train --dry-run` prints the exact count for any config.
+layers; `ts-train --dry-run` prints the exact count for any config. `ModelConfig.shape()`
+(megatron_ts/config.py) applies a config's overrides; this module imports nothing of ours.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
-from megatron_ts.config import ConfigError, ModelConfig
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -45,36 +44,3 @@ FLAVORS: dict[str, ModelShape] = {
         hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, ffn_hidden_size=11008
     ),
 }
-
-
-def resolve_model_shape(cfg: ModelConfig) -> ModelShape:
-    """Returns the flavor's shape with any explicit overrides from the model section applied."""
-    if cfg.flavor not in FLAVORS:
-        raise ConfigError(f"model.flavor = {cfg.flavor!r}; choose one of {sorted(FLAVORS)}")
-    shape = FLAVORS[cfg.flavor]
-    overrides = {
-        "hidden_size": cfg.hidden_size,
-        "num_layers": cfg.num_layers,
-        "num_heads": cfg.num_heads,
-        "num_kv_heads": cfg.num_kv_heads,
-        "ffn_hidden_size": cfg.ffn_hidden_size,
-    }
-    for name, value in overrides.items():
-        if value is not None and value < 1:  # checked before anything divides by it
-            raise ConfigError(f"model.{name} = {value}; use 1 or more (or leave it unset)")
-    shape = replace(shape, **{k: v for k, v in overrides.items() if v is not None})
-    if cfg.num_heads is not None and cfg.num_kv_heads is None:
-        shape = replace(shape, num_kv_heads=shape.num_heads)
-    if shape.hidden_size % shape.num_heads:
-        raise ConfigError(
-            f"model.hidden_size = {shape.hidden_size} is not divisible by model.num_heads = {shape.num_heads}"
-        )
-    if shape.num_heads % shape.num_kv_heads:
-        raise ConfigError(
-            f"model.num_heads = {shape.num_heads} is not divisible by model.num_kv_heads = {shape.num_kv_heads}"
-        )
-    if cfg.shuffle_mlp_blocks < 0:
-        raise ConfigError(f"model.shuffle_mlp_blocks = {cfg.shuffle_mlp_blocks}; use 0 or more")
-    if cfg.vocab_multiple < 1:
-        raise ConfigError(f"model.vocab_multiple = {cfg.vocab_multiple}; use 1 or more")
-    return shape

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from megatron_ts.models.flavors import ModelShape
+from megatron_ts.sequence import SequenceLayout
 
 
 @dataclass(frozen=True)
@@ -59,24 +60,26 @@ def sample_flops(
         padded_vocab: rows of the output head.
         caption_len: caption tokens; the text span is caption_len + 2 positions (<bos>, <boi>).
         grid: codes per image side.
-        shuffle_window: s; 1 means no token-shuffle.
+        shuffle_window: s; 1 means no token-shuffle. The three make the `SequenceLayout`
+            whose positions are counted.
         shuffle_mlp_blocks: residual MLP blocks on each side of the shuffle.
         image_head_rows: head rows each predicted code is scored against: the codebook size
             for the training model (`OutputStage` in train mode); None counts the whole padded
             vocabulary (eval mode, the HF model).
     """
     d, f = shape.hidden_size, shape.ffn_hidden_size
-    s = shuffle_window
-    codes = grid * grid
-    n = codes // (s * s)  # image positions
-    t = caption_len + 2  # text positions
-    seq = t + n
+    layout = SequenceLayout(caption_len, grid, shuffle_window)
+    s2 = layout.codes_per_position
+    codes = layout.image_codes
+    n = layout.image_positions
+    t = layout.text_positions
+    seq = layout.seq_len
     kv = shape.num_kv_heads * shape.head_dim
 
     shuffle = unshuffle = 0.0
-    if s > 1:
-        shuffle = 2.0 * codes * d * (d // (s * s)) + shuffle_mlp_blocks * 4.0 * n * d * d
-        unshuffle = shuffle_mlp_blocks * 4.0 * n * d * d + 2.0 * n * (s * s) * (d // (s * s)) * d
+    if shuffle_window > 1:
+        shuffle = 2.0 * codes * d * (d // s2) + shuffle_mlp_blocks * 4.0 * n * d * d
+        unshuffle = shuffle_mlp_blocks * 4.0 * n * d * d + 2.0 * n * s2 * (d // s2) * d
     layers = shape.num_layers
     attention_linear = layers * (2.0 * seq * d * (d + 2 * kv) + 2.0 * seq * d * d)
     attention_core = layers * 2.0 * 2.0 * d * (seq * (seq + 1) / 2.0)

@@ -1,6 +1,7 @@
 """The Token-Shuffle decoder as a list of pipeline-ready stage modules.
 
-Sequence format of one sample (T = caption_len + 2 text positions, N image positions):
+Sequence format of one sample (T = caption_len + 2 text positions, N image positions; the
+numbers and the window order are `megatron_ts.sequence.SequenceLayout`'s):
 
     position  0        1 .. C        C+1      C+2 .. C+1+N
     token     <bos>    caption/pad   <boi>    image windows (s x s codes each, raster order)
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,9 +37,10 @@ from torch import nn
 
 from megatron_ts.config import ModelConfig
 from megatron_ts.models.attention import resolve_backend
-from megatron_ts.models.flavors import ModelShape, resolve_model_shape
+from megatron_ts.models.flavors import ModelShape
 from megatron_ts.models.layer_specs import llama_layer_spec
-from megatron_ts.models.token_shuffle import TokenShuffle, TokenUnshuffle, grid_to_windows
+from megatron_ts.models.token_shuffle import TokenShuffle, TokenUnshuffle
+from megatron_ts.sequence import grid_to_windows
 from megatron_ts.vocab import VocabLayout
 
 
@@ -84,7 +87,7 @@ class ModelSpec:
         activation_checkpointing: str = "none",
     ) -> ModelSpec:
         return cls(
-            shape=resolve_model_shape(model),
+            shape=model.shape(),
             vocab=vocab,
             shuffle_window=shuffle_window,
             shuffle_mlp_blocks=model.shuffle_mlp_blocks,
@@ -331,21 +334,48 @@ def build_stage_modules(spec: ModelSpec, seed: int) -> list[nn.Module]:
 
 
 class TokenShuffleLM(nn.Module):
-    """The whole decoder in one process (any TP size, no pipeline)."""
+    """The whole decoder in one process (any TP size, no pipeline): the one model container.
 
-    def __init__(self, spec: ModelSpec, seed: int = 1234):
+    Inference, conversion and tests call it with (text, codes) and get the output stage's
+    result. Training builds it with `loss_fn` and passes `text_mask` too: forward then returns the
+    micro-batch loss, as DeepSpeed's engine expects. Its parameter names (`input_stage.`,
+    `blocks.N.`, `output_stage.`) are the full-state-dict names of checkpoints and exports;
+    with pipeline parallelism the same stage modules become DeepSpeed `LayerSpec`s instead.
+
+    Args:
+        spec: the model spec.
+        seed: weight-init seed (each stage module seeds from it and its layer index).
+        loss_fn: the training loss (`models.loss.TokenShuffleLoss`); None for a model that only
+            predicts.
+    """
+
+    def __init__(
+        self, spec: ModelSpec, seed: int = 1234, loss_fn: Callable[..., torch.Tensor] | None = None
+    ):
         super().__init__()
         self.spec = spec
         stages = build_stage_modules(spec, seed)
         self.input_stage = stages[0]
         self.blocks = nn.ModuleList(stages[1:-1])
         self.output_stage = stages[-1]
+        self.loss_fn = loss_fn
 
-    def forward(self, text: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def stage_modules(self) -> dict[int, nn.Module]:
+        """{layer index: stage module}: 0 the input stage, 1..L the blocks, L + 1 the output."""
+        return dict(enumerate([self.input_stage, *self.blocks, self.output_stage]))
+
+    def forward(
+        self, text: torch.Tensor, codes: torch.Tensor, text_mask: torch.Tensor | None = None
+    ):
         x = self.input_stage((text, codes))
         for block in self.blocks:
             x = block(x)
-        return self.output_stage(x)
+        out = self.output_stage(x)
+        if text_mask is None:
+            return out
+        if self.loss_fn is None:
+            raise ValueError("TokenShuffleLM built without loss_fn was given text_mask")
+        return self.loss_fn(out, (text, text_mask, codes))
 
 
 def image_targets(codes: torch.Tensor, window: int, vocab: VocabLayout) -> torch.Tensor:

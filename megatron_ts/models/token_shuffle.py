@@ -5,9 +5,9 @@ along channels into one position of width d, and residual MLP blocks refine it. 
 mirrors it: residual MLP blocks, a split of width d into s^2 parts of d/s^2, and a linear
 expansion of each part back to d, so every image position yields s^2 code predictions.
 
-Windows are taken in raster order over the code grid and codes in raster order inside a window.
-`grid_to_windows` / `windows_to_grid` are the only place that order is defined; the data
-pipeline, the loss targets and the sampler all go through them.
+The window order (raster over the grid, raster inside a window) is defined once, by
+`grid_to_windows` / `windows_to_grid` in `megatron_ts.sequence` (re-exported here); the layers,
+the loss targets and the tests go through them, and the export's sampler keeps a tested copy.
 """
 
 from __future__ import annotations
@@ -18,34 +18,9 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
+from megatron_ts.sequence import grid_to_windows, windows_to_grid
 
-def grid_to_windows(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Regroups a code grid into s x s windows.
-
-    Args:
-        x: (B, G, G, *rest) grid (codes or embeddings), raster order.
-        s: window side.
-
-    Returns:
-        (B, (G/s)^2, s^2, *rest): windows in raster order, codes in raster order inside.
-    """
-    b, gh, gw = x.shape[:3]
-    rest = x.shape[3:]
-    if gh % s or gw % s:
-        raise ValueError(f"code grid {gh}x{gw} is not divisible by shuffle window {s}")
-    x = x.reshape(b, gh // s, s, gw // s, s, *rest)  # (B, G/s, s, G/s, s, ...)
-    x = x.transpose(2, 3)  # (B, G/s, G/s, s, s, ...)
-    return x.reshape(b, (gh // s) * (gw // s), s * s, *rest)
-
-
-def windows_to_grid(x: torch.Tensor, s: int, grid: int) -> torch.Tensor:
-    """Inverse of `grid_to_windows`: (B, N, s^2, *rest) -> (B, G, G, *rest)."""
-    b = x.shape[0]
-    rest = x.shape[3:]
-    g = grid // s
-    x = x.reshape(b, g, g, s, s, *rest)  # (B, G/s, G/s, s, s, ...)
-    x = x.transpose(2, 3)  # (B, G/s, s, G/s, s, ...)
-    return x.reshape(b, grid, grid, *rest)
+__all__ = ["ResidualMLP", "TokenShuffle", "TokenUnshuffle", "grid_to_windows", "windows_to_grid"]
 
 
 class ResidualMLP(nn.Module):

@@ -17,7 +17,6 @@ import torch.distributed as dist
 from deepspeed.pipe import LayerSpec, PipelineModule
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state
-from torch import nn
 
 from megatron_ts.config import OptimConfig, ParallelConfig, ResolvedStage
 from megatron_ts.distributed.init import DeepSpeedMPU
@@ -28,7 +27,7 @@ from megatron_ts.models.model import (
     InputStage,
     ModelSpec,
     OutputStage,
-    build_stage_modules,
+    TokenShuffleLM,
     layer_seed,
     transformer_config,
 )
@@ -38,23 +37,6 @@ from megatron_ts.training.nonfinite import guard_plain_optimizer
 from megatron_ts.training.optimizer import param_groups
 
 log = get_logger(__name__)
-
-
-class SingleStageModel(nn.Module):
-    """All stage modules in one process; forward returns the micro-batch loss."""
-
-    def __init__(self, spec: ModelSpec, seed: int, loss_fn: TokenShuffleLoss):
-        super().__init__()
-        self.layers = nn.ModuleList(build_stage_modules(spec, seed))
-        self.loss_fn = loss_fn
-
-    def forward(
-        self, text: torch.Tensor, text_mask: torch.Tensor, codes: torch.Tensor
-    ) -> torch.Tensor:
-        x = (text, codes)
-        for layer in self.layers:
-            x = layer(x)
-        return self.loss_fn(x, (text, text_mask, codes))
 
 
 @dataclass
@@ -104,14 +86,14 @@ class StageEngine:
         )
         self.accumulation = ds_cfg["gradient_accumulation_steps"]
         if not self.pipeline:
-            model = SingleStageModel(spec, seed, self.loss_fn)
+            model = TokenShuffleLM(spec, seed, self.loss_fn)
             self.engine, *_ = deepspeed.initialize(
                 model=model,
                 model_parameters=param_groups(model, optim.weight_decay),
                 config=ds_cfg,
                 mpu=DeepSpeedMPU(),
             )
-            self.local_layers = dict(enumerate(model.layers))
+            self.local_layers = model.stage_modules()
         else:
             config = transformer_config(spec)
             n = spec.shape.num_layers
@@ -180,7 +162,8 @@ class StageEngine:
             self.loss_fn.set_step_norm(self._step_norm(micro))
         if not self.pipeline:
             for batch in micro:
-                loss = self.engine(*self._to_device(batch))
+                text, mask, codes = self._to_device(batch)
+                loss = self.engine(text, codes, mask)
                 self.engine.backward(loss)
                 self.engine.step()
         else:

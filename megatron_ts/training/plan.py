@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatron_ts.config import Config, ConfigError, ResolvedStage, TokenizerConfig
-from megatron_ts.models.flavors import resolve_model_shape
 from megatron_ts.models.flops import param_counts, sample_flops
 from megatron_ts.vocab import VocabLayout
 
@@ -64,7 +63,7 @@ def vocab_from_config(tok: TokenizerConfig) -> VocabLayout:
 
 def dry_run_report(cfg: Config, stages: list[ResolvedStage]) -> dict:
     """Parameter counts and per-stage sequence/FLOPs numbers, without building anything."""
-    shape = resolve_model_shape(cfg.model)
+    shape = cfg.model.shape()
     vocab = VocabLayout(
         text_size=text_size(cfg.tokenizer), codebook_size=cfg.tokenizer.codebook_size
     )
@@ -90,23 +89,24 @@ def dry_run_report(cfg: Config, stages: list[ResolvedStage]) -> dict:
         "stages": [],
     }
     for st in stages:
+        layout = st.layout(ds)
         flops = sample_flops(
             shape,
             padded,
-            st.caption_len,
-            st.grid(ds),
-            st.shuffle_window,
+            layout.caption_len,
+            layout.grid,
+            layout.shuffle_window,
             cfg.model.shuffle_mlp_blocks,
             image_head_rows=vocab.codebook_size,  # image positions score codes only
         )
-        seq = st.seq_len(ds)
+        seq = layout.seq_len
         report["stages"].append(
             {
                 "name": st.name,
                 "resolution": st.resolution,
                 "shuffle_window": st.shuffle_window,
-                "image_codes_per_sample": st.image_codes(ds),
-                "image_positions_per_sample": st.image_positions(ds),
+                "image_codes_per_sample": layout.image_codes,
+                "image_positions_per_sample": layout.image_positions,
                 "sequence_length": seq,
                 "parameters": param_counts(
                     shape, padded, st.shuffle_window, cfg.model.shuffle_mlp_blocks

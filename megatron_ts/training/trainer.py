@@ -27,7 +27,6 @@ from megatron_ts.distributed.init import (
 )
 from megatron_ts.errors import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE
 from megatron_ts.logging import get_logger, setup_logging
-from megatron_ts.models.flavors import resolve_model_shape
 from megatron_ts.models.flops import sample_flops
 from megatron_ts.models.model import ModelSpec
 from megatron_ts.training.checkpoint import (
@@ -330,7 +329,7 @@ class Trainer:
         engine, loader = self._build(stage)
         self._restore(stage, engine, loader, state, latest)
         batches = iter(loader) if loader is not None else None
-        shape = resolve_model_shape(cfg.model)
+        shape = cfg.model.shape()
         flops_per_sample = sample_flops(
             shape,
             engine.spec.padded_vocab,

@@ -165,7 +165,9 @@ def test_debug_config_resolves():
         2,
     )
     # 64 px / 8 px per code = 8 x 8 codes; s = 2 -> 16 windows; 16 caption + <bos> + <boi>
-    assert (stage.image_codes(8), stage.image_positions(8), stage.seq_len(8)) == (64, 16, 34)
+    layout = stage.layout(8)
+    assert (layout.image_codes, layout.image_positions, layout.seq_len) == (64, 16, 34)
+    assert (stage.grid(8), stage.seq_len(8)) == (8, 34)
     assert (stage.lr, stage.min_lr, stage.warmup_steps, stage.tensor) == (1e-3, 1e-4, 2, 1)
 
 
@@ -591,11 +593,45 @@ def test_every_field_is_walked():
 
 @pytest.mark.parametrize("path", sorted(BAD_VALUE))
 def test_validate_rejects_a_bad_value_of_every_field(path: str):
-    """validate() rejects every value that would fail later, naming the field."""
+    """Loading (choice fields) or validate() rejects every value that would fail later, naming
+    the field."""
     import re
 
-    cfg = build_config(_with_value(path, BAD_VALUE[path]))
     with pytest.raises(ConfigError) as err:
-        validate(cfg, world_size=1)
+        validate(build_config(_with_value(path, BAD_VALUE[path])), world_size=1)
     named = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", path)  # curriculum.stages[0].lr
     assert named in str(err.value), str(err.value)
+
+
+def test_choice_fields_are_literals_checked_at_load_and_in_validate():
+    """One list of values per choice field: the Literal; the export files' copies agree with it."""
+    import typing
+
+    from megatron_ts.config import CfgSchedule, VqFormat
+    from megatron_ts.hf.generation_token_shuffle import CFG_SCHEDULES
+    from megatron_ts.hf.vq_token_shuffle import VQ_FORMATS
+
+    assert typing.get_args(VqFormat) == VQ_FORMATS
+    assert typing.get_args(CfgSchedule) == CFG_SCHEDULES
+    with pytest.raises(ConfigError, match=r"parallel.backend = 'mpi'; choose one of \['auto', "):
+        load_config(None, ["--parallel.backend", "mpi"])
+    cfg = load_config(None, [])
+    cfg.train.precision = "fp16"  # built in code: load never saw it
+    with pytest.raises(ConfigError, match=r"train.precision = 'fp16'; choose one of \['auto', "):
+        validate(cfg)
+    cfg = load_config(None, [])
+    cfg.curriculum.stages = [config_mod.StageConfig(steps=1, carry_over="everything")]
+    with pytest.raises(ConfigError, match=r"curriculum.stages\[0\].carry_over = 'everything'"):
+        validate(cfg)
+
+
+def test_config_imports_no_torch_and_flavors_imports_no_config():
+    """config.py <-> models/flavors.py was an import cycle (broken by ModelConfig.shape)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, megatron_ts.models.flavors; assert 'megatron_ts.config' not in sys.modules; "
+        "import megatron_ts.config; assert 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -139,6 +139,6 @@ def test_resolved_stage_positions(resolution: int, codes: int, p1: int, p2: int,
             warmup_steps=0, schedule="constant", z_loss=0.0, carry_over="weights", tensor=1,
             pipeline=1,
         )  # fmt: skip
-        assert st.image_codes(16) == codes
-        assert st.image_positions(16) == positions
+        assert st.layout(16).image_codes == codes
+        assert st.layout(16).image_positions == positions
         assert st.seq_len(16) == 128 + positions  # <bos> + 126 caption + <boi>

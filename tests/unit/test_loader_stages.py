@@ -18,6 +18,8 @@ from megatron_ts.data.pipeline import (
     shuffle_buffer,
 )
 from megatron_ts.data.sources import DataSourceError, epoch_order, stream_shards
+from megatron_ts.sequence import SequenceLayout
+from megatron_ts.vocab import VocabLayout
 
 
 def _rng(seed: int) -> np.random.Generator:
@@ -141,11 +143,8 @@ def _sample(key: str, ids: list[int], code: int = 5) -> Sample:
 
 def test_collator_builds_the_fixed_text_layout():
     col = Collator(
-        caption_len=4,
-        grid=2,
-        bos_id=101,
-        pad_id=100,
-        boi_id=103,
+        layout=SequenceLayout(caption_len=4, grid=2),
+        vocab=VocabLayout(text_size=100, codebook_size=8),  # <pad> 100, <bos> 101, <boi> 103
         caption_dropout=0.0,
         seed=0,
         stage=0,
@@ -160,11 +159,8 @@ def test_collator_builds_the_fixed_text_layout():
 
 def test_caption_dropout_is_deterministic_and_near_its_rate():
     col = Collator(
-        caption_len=4,
-        grid=2,
-        bos_id=101,
-        pad_id=100,
-        boi_id=103,
+        layout=SequenceLayout(caption_len=4, grid=2),
+        vocab=VocabLayout(text_size=100, codebook_size=8),  # <pad> 100, <bos> 101, <boi> 103
         caption_dropout=0.3,
         seed=9,
         stage=1,
