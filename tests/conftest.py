@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
 import uuid
@@ -52,6 +54,39 @@ def s3_bucket(s3_endpoint):
     name = f"ts-test-{uuid.uuid4().hex[:12]}"
     make_client(s3_endpoint).create_bucket(Bucket=name)
     return s3_endpoint, name
+
+
+@contextlib.contextmanager
+def _package_messages(level: int):
+    """Messages of the package logger at `level` or above (it does not reach pytest's caplog)."""
+    from megatron_ts.logging import get_logger
+
+    messages: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = _Collect(level)
+    get_logger("megatron_ts").addHandler(handler)
+    try:
+        yield messages
+    finally:
+        get_logger("megatron_ts").removeHandler(handler)
+
+
+@pytest.fixture()
+def logged():
+    """Every message of the package logger during the test."""
+    with _package_messages(logging.DEBUG) as messages:
+        yield messages
+
+
+@pytest.fixture()
+def warnings_logged():
+    """Warnings of the package logger during the test (retries log one each)."""
+    with _package_messages(logging.WARNING) as messages:
+        yield messages
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import shutil
 import tarfile
 from pathlib import Path
@@ -19,24 +18,8 @@ from data_tools.demo import COLORS, make_sample
 from data_tools.images import resize_center_crop, to_tensor_batch
 from megatron_ts.data.manifest import load_manifest
 from megatron_ts.hf.vq_token_shuffle import load_vq
-from megatron_ts.logging import get_logger
 
 RES = 32
-
-
-@pytest.fixture()
-def logged():
-    """Messages of the package logger (it does not propagate to pytest's caplog)."""
-    messages: list[str] = []
-
-    class _Collect(logging.Handler):
-        def emit(self, record):
-            messages.append(record.getMessage())
-
-    handler = _Collect(logging.DEBUG)
-    get_logger("megatron_ts").addHandler(handler)
-    yield messages
-    get_logger("megatron_ts").removeHandler(handler)
 
 
 @pytest.fixture(scope="module")

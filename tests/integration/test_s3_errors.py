@@ -13,7 +13,6 @@ server runs in this process.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import subprocess
 import sys
@@ -26,7 +25,6 @@ from data_tools.demo import make_demo
 from megatron_ts import storage
 from megatron_ts.errors import EXIT_STORAGE, EXIT_USAGE, classify, run_cli
 from megatron_ts.hf.vq_token_shuffle import NativeVQ, NativeVQConfig, save_native
-from megatron_ts.logging import get_logger
 from megatron_ts.storage import (
     IOCounters,
     RetryPolicy,
@@ -54,21 +52,6 @@ _AWS_CREDENTIAL_VARS = (
     "AWS_CONTAINER_CREDENTIALS_FULL_URI",
     "AWS_WEB_IDENTITY_TOKEN_FILE",
 )
-
-
-@pytest.fixture()
-def warnings_logged():
-    """Warnings of the package logger (retries log one each); it does not reach caplog."""
-    records: list[str] = []
-
-    class _Collect(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    handler = _Collect(logging.WARNING)
-    get_logger("megatron_ts").addHandler(handler)
-    yield records
-    get_logger("megatron_ts").removeHandler(handler)
 
 
 @pytest.fixture()

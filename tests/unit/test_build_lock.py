@@ -2,38 +2,26 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 
 from megatron_ts.distributed import init
-from megatron_ts.logging import get_logger
 
 
 def test_a_stale_build_lock_is_removed_with_a_warning_and_a_fresh_one_is_kept(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, warnings_logged
 ):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     build = tmp_path / "deepspeed_shm_comm"
     build.mkdir()
     lock = build / "lock"
     lock.touch()
-    warnings: list[str] = []
-
-    class _Collect(logging.Handler):
-        def emit(self, record):
-            warnings.append(record.getMessage())
-
-    handler = _Collect(logging.WARNING)
-    get_logger("megatron_ts").addHandler(handler)
-    try:
-        init._clear_stale_build_lock()  # a build may be running right now: wait for it
-        assert lock.exists() and warnings == []
-        old = time.time() - init.STALE_BUILD_LOCK_S - 60
-        os.utime(lock, (old, old))
-        init._clear_stale_build_lock()
-        assert not lock.exists()
-        assert len(warnings) == 1 and str(lock) in warnings[0] and "killed" in warnings[0]
-        init._clear_stale_build_lock()  # nothing there: nothing to do
-    finally:
-        get_logger("megatron_ts").removeHandler(handler)
+    init._clear_stale_build_lock()  # a build may be running right now: wait for it
+    assert lock.exists() and warnings_logged == []
+    old = time.time() - init.STALE_BUILD_LOCK_S - 60
+    os.utime(lock, (old, old))
+    init._clear_stale_build_lock()
+    assert not lock.exists()
+    assert len(warnings_logged) == 1 and str(lock) in warnings_logged[0]
+    assert "killed" in warnings_logged[0]
+    init._clear_stale_build_lock()  # nothing there: nothing to do
