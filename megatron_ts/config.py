@@ -626,7 +626,7 @@ def resolve_stages(cfg: Config) -> list[ResolvedStage]:
     With no `[[curriculum.stages]]`, one stage is made from the train, data and model sections.
     Stage lengths given in tokens are converted to steps (rounded up).
     """
-    ds = cfg.tokenizer.downsample
+    downsample = cfg.tokenizer.downsample
     stages = cfg.curriculum.stages or [
         StageConfig(
             name="main",
@@ -645,7 +645,10 @@ def resolve_stages(cfg: Config) -> list[ResolvedStage]:
         if steps <= 0 and st.tokens > 0:
             try:
                 seq_len = SequenceLayout.from_resolution(
-                    st.resolution, ds, caption_len=st.caption_len, shuffle_window=st.shuffle_window
+                    st.resolution,
+                    downsample,
+                    caption_len=st.caption_len,
+                    shuffle_window=st.shuffle_window,
                 ).seq_len
             except ValueError:
                 seq_len = 1  # a bad geometry: validate() names the field after resolving
@@ -878,17 +881,17 @@ def validate(cfg: Config, world_size: int | None = 1) -> list[ResolvedStage]:
             raise ConfigError(f"{at('steps')} = {st.steps}{of}: the stage has no length; {fix}")
         if st.shuffle_window < 1:
             raise ConfigError(f"{at('shuffle_window')} = {st.shuffle_window}{of}; use 1 or more")
-        ds = cfg.tokenizer.downsample
-        if st.resolution % ds:
+        downsample = cfg.tokenizer.downsample
+        if st.resolution % downsample:
             raise ConfigError(
                 f"{at('resolution')} = {st.resolution}{of} is not a multiple of "
-                f"tokenizer.downsample = {ds}"
+                f"tokenizer.downsample = {downsample}"
             )
-        grid = st.resolution // ds
+        grid = st.resolution // downsample
         if grid % st.shuffle_window:
             raise ConfigError(
                 f"{at('shuffle_window')} = {st.shuffle_window}{of}: the image grid "
-                f"{grid}x{grid} ({at('resolution')} {st.resolution} / tokenizer.downsample {ds}) "
+                f"{grid}x{grid} ({at('resolution')} {st.resolution} / tokenizer.downsample {downsample}) "
                 f"is not divisible by it; pick a window dividing {grid} or change the resolution"
             )
         if shape.hidden_size % (st.shuffle_window**2):

@@ -68,7 +68,7 @@ def dry_run_report(cfg: Config, stages: list[ResolvedStage]) -> dict:
         text_size=text_size(cfg.tokenizer), codebook_size=cfg.tokenizer.codebook_size
     )
     padded = vocab.padded_size(cfg.model.vocab_multiple)
-    ds = cfg.tokenizer.downsample
+    downsample = cfg.tokenizer.downsample
     max_window = max(st.shuffle_window for st in stages)
     report = {
         "flavor": cfg.model.flavor,
@@ -89,7 +89,7 @@ def dry_run_report(cfg: Config, stages: list[ResolvedStage]) -> dict:
         "stages": [],
     }
     for st in stages:
-        layout = st.layout(ds)
+        layout = st.layout(downsample)
         flops = sample_flops(
             shape,
             padded,

@@ -45,6 +45,7 @@ from megatron_ts.training.step_watch import SaveSchedule, StepHealth
 
 log = get_logger(__name__)
 
+
 class TrainingError(RuntimeError):
     """A run that cannot continue; the message names the step and the cause."""
 
@@ -325,7 +326,7 @@ class Trainer:
 
     def _run_stage(self, stage: ResolvedStage, state: TrainState, latest: Path | None) -> int:
         cfg = self.cfg
-        ds = cfg.tokenizer.downsample
+        downsample = cfg.tokenizer.downsample
         engine, loader = self._build(stage)
         self._restore(stage, engine, loader, state, latest)
         batches = iter(loader) if loader is not None else None
@@ -334,13 +335,13 @@ class Trainer:
             shape,
             engine.spec.padded_vocab,
             stage.caption_len,
-            stage.grid(ds),
+            stage.grid(downsample),
             stage.shuffle_window,
             cfg.model.shuffle_mlp_blocks,
             image_head_rows=self.vocab.codebook_size,  # image positions score codes only
         ).training
-        seq_len = stage.seq_len(ds)
-        meta_extra = {"config": cfg.to_dict(), "stage": _stage_meta(stage, ds)}
+        seq_len = stage.seq_len(downsample)
+        meta_extra = {"config": cfg.to_dict(), "stage": _stage_meta(stage, downsample)}
         health, schedule = StepHealth(), SaveSchedule(cfg.checkpoint)
         last_keys: list[str] = []
         log.info(
