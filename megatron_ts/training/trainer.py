@@ -538,10 +538,12 @@ def run(cfg: Config) -> int:
     Failures raise; `ts-train` reports them through megatron_ts.errors (one line and an exit code
     for known ones).
     """
-    finished = False
+    # groups that were up before (a caller that runs ts-train in its own process group) stay up
+    owned, finished = not dist.is_initialized(), False
     try:
         code = Trainer(cfg).run()
         finished = True
         return code
     finally:
-        shutdown_distributed(finished)
+        if owned:
+            shutdown_distributed(finished)
