@@ -548,10 +548,6 @@ def build_loader(
                     f"stage {stage.name} source {src.url}: weight {src.weight} must be > 0"
                 )
             spec = read_source(src.url, src.weight, endpoint_url=data_cfg.s3_endpoint, grid=grid)
-            if spec.vocab is None:
-                raise DataSourceError(
-                    f"source {src.url}: manifest has no vocab layout; re-tokenize with ts-data"
-                )
             vocab.check_compatible(spec.vocab, what=f"token shards {src.url}")
             specs.append(spec)
     streams = data_cfg.streams or (

@@ -56,8 +56,8 @@ class SourceSpec:
     """Shards listed by the manifest, in manifest order."""
     grid: int
     """Codes per image side."""
-    vocab: VocabLayout | None
-    """Vocabulary layout the shards were tokenized with."""
+    vocab: VocabLayout
+    """Vocabulary layout the shards were tokenized with (a required manifest field)."""
 
 
 def read_source(

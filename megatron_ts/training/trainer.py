@@ -331,16 +331,17 @@ class Trainer:
         self._restore(stage, engine, loader, state, latest)
         batches = iter(loader) if loader is not None else None
         shape = cfg.model.shape()
+        layout = stage.layout(downsample)
         flops_per_sample = sample_flops(
             shape,
             engine.spec.padded_vocab,
-            stage.caption_len,
-            stage.grid(downsample),
-            stage.shuffle_window,
+            layout.caption_len,
+            layout.grid,
+            layout.shuffle_window,
             cfg.model.shuffle_mlp_blocks,
             image_head_rows=self.vocab.codebook_size,  # image positions score codes only
         ).training
-        seq_len = stage.seq_len(downsample)
+        seq_len = layout.seq_len
         meta_extra = {"config": cfg.to_dict(), "stage": _stage_meta(stage, downsample)}
         health, schedule = StepHealth(), SaveSchedule(cfg.checkpoint)
         last_keys: list[str] = []
