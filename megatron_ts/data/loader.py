@@ -492,7 +492,7 @@ def build_loader(
     dp_size: int,
     downsample: int,
     processes: bool | None = None,
-    shards_per_window: int = 4,
+    shards_per_group: int = 4,
     timeout: float = 900.0,
     prefetch_factor: int = 4,
     mp_context: str | None = None,
@@ -509,7 +509,7 @@ def build_loader(
         downsample: pixels per code (tokenizer.downsample); grid = resolution // downsample.
         processes: use worker processes (default: when data_cfg.num_workers > 0). With False the
             same `max(1, num_workers)` logical workers run in this process: same batches.
-        shards_per_window: shards read interleaved (and replayed on resume) per stream.
+        shards_per_group: shards read interleaved (and replayed on resume) per stream.
         timeout: seconds a worker process may take for one chunk before the loader raises
             instead of hanging.
         prefetch_factor: chunks each worker process prepares ahead.
@@ -603,7 +603,7 @@ def build_loader(
         codebook_size=vocab.codebook_size,
         caption_len=stage.caption_len,
         shuffle_buffer=data_cfg.shuffle_buffer,
-        shards_per_window=shards_per_window,
+        shards_per_group=shards_per_group,
         max_error_rate=data_cfg.max_error_rate,
         resample_shards=data_cfg.resample_shards,
         endpoint_url=data_cfg.s3_endpoint,

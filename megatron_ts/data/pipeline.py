@@ -2,16 +2,16 @@
 
 Canonical stream (source i, lane c) of C lanes (`data.streams`) reads:
 
-    epoch shard order -> the lane's shards (order[c::C]) -> windows of k shards
+    epoch shard order -> the lane's shards (order[c::C]) -> groups of k shards
       -> per shard: open (local / s3 with resume) -> check size -> tar members (hashed)
          -> group by key -> decode+check -> compare sha256 at the tar's end
       -> interleave the k shards in a seeded random order -> seeded shuffle buffer (drained at
-         the window's end) -> (epoch, window, offset) cursor after every sample
+         the group's end) -> (epoch, group, offset) cursor after every sample
 
-Every random choice comes from an RNG seeded by (seed, stage, source, epoch, window, lane), so
+Every random choice comes from an RNG seeded by (seed, stage, source, epoch, group, lane), so
 a stream is a pure function of those numbers and the data, whoever reads it (no DP rank or
-worker enters). A cursor (epoch, window, offset) therefore restarts a stream exactly: re-open
-that window's shards, replay it and drop `offset` samples; earlier windows and epochs are
+worker enters). A cursor (epoch, group, offset) therefore restarts a stream exactly: re-open
+that group's shards, replay it and drop `offset` samples; earlier groups and epochs are
 skipped without reading them. `megatron_ts.data.order` says which stream sample fills which
 global position.
 """
@@ -33,8 +33,8 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from megatron_ts.data.sources import (
     TAG_BUFFER,
+    TAG_GROUP,
     TAG_SYNTHETIC,
-    TAG_WINDOW,
     DataSourceError,
     SourceSpec,
     epoch_order,
@@ -384,14 +384,14 @@ class StreamContext:
     codebook_size: int
     caption_len: int
     shuffle_buffer: int
-    shards_per_window: int
+    shards_per_group: int
     max_error_rate: float
     resample_shards: bool
     endpoint_url: str | None
 
 
 Cursor = tuple[int, int, int]
-"""(epoch, window, offset): samples emitted so far in that window of that epoch."""
+"""(epoch, group, offset): samples emitted so far in that shard group of that epoch."""
 
 
 class SourceStream:
@@ -406,8 +406,8 @@ class SourceStream:
         self.lane = lane
         self.tracker = tracker
 
-    def windows(self, epoch: int) -> list[list[int]]:
-        """Shard indices of this lane in epoch `epoch`, grouped in windows of k shards."""
+    def groups(self, epoch: int) -> list[list[int]]:
+        """Shard indices of this lane in epoch `epoch`, grouped in groups of k shards."""
         c = self.ctx
         order = epoch_order(
             len(self.spec.shards),
@@ -419,17 +419,22 @@ class SourceStream:
             resample=c.resample_shards,
         )
         mine = stream_shards(order, self.lane, c.streams)
-        k = max(1, c.shards_per_window)
+        k = max(1, c.shards_per_group)
         return [mine[i : i + k] for i in range(0, len(mine), k)]
 
-    def _window_samples(self, epoch: int, window: int, shards: list[int]) -> Iterator[Sample]:
+    def _group_samples(self, epoch: int, group: int, shards: list[int]) -> Iterator[Sample]:
         c = self.ctx
-        key = [c.seed, c.stage, self.index, epoch, window, self.lane]
+        key = [c.seed, c.stage, self.index, epoch, group, self.lane]
         infos = [self.spec.shards[i] for i in shards]
         per_shard = [
             decode_records(
                 shard_records(
-                    s.url, s.samples, self.tracker, c.endpoint_url, size=s.bytes, sha256=s.sha256
+                    self.spec.base + s.name,
+                    s.samples,
+                    self.tracker,
+                    c.endpoint_url,
+                    size=s.bytes,
+                    sha256=s.sha256,
                 ),
                 grid=c.grid,
                 text_size=c.text_size,
@@ -441,26 +446,26 @@ class SourceStream:
             for s in infos
         ]
         mixed = interleave(
-            per_shard, [s.samples for s in infos], np.random.default_rng([*key, TAG_WINDOW])
+            per_shard, [s.samples for s in infos], np.random.default_rng([*key, TAG_GROUP])
         )
         return shuffle_buffer(mixed, c.shuffle_buffer, np.random.default_rng([*key, TAG_BUFFER]))
 
     def samples(self, cursor: Cursor = (0, 0, 0)) -> Iterator[tuple[Sample, Cursor]]:
         """Yields (sample, cursor after it) forever, starting at `cursor`."""
-        epoch, window, offset = cursor
+        epoch, group, offset = cursor
         empty = 0
         while True:
-            windows = self.windows(epoch)
+            groups = self.groups(epoch)
             produced = 0
-            while window < len(windows):
+            while group < len(groups):
                 emitted = 0
-                for sample in self._window_samples(epoch, window, windows[window]):
+                for sample in self._group_samples(epoch, group, groups[group]):
                     emitted += 1
                     if emitted <= offset:
-                        continue  # replaying the part of the window consumed before the resume
+                        continue  # replaying the part of the group consumed before the resume
                     produced += 1
-                    yield sample, (epoch, window, emitted)
-                window, offset = window + 1, 0
+                    yield sample, (epoch, group, emitted)
+                group, offset = group + 1, 0
             # A lane may hold a single shard in an epoch, and that shard may be missing or
             # corrupt; only a run of empty epochs means the source is unreadable.
             empty = empty + 1 if produced == 0 else 0
@@ -469,7 +474,7 @@ class SourceStream:
                     f"source {self.spec.url}: {empty} epochs in a row gave no readable samples "
                     f"to stream {self.lane} of {self.ctx.streams}; check its shards"
                 )
-            epoch, window, offset = epoch + 1, 0, 0
+            epoch, group, offset = epoch + 1, 0, 0
 
 
 class StreamReader:

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_ts.data.manifest import ManifestError, load_manifest
+from megatron_ts.data.manifest import ManifestError, ShardEntry, load_manifest
 from megatron_ts.errors import EXIT_DATA
 from megatron_ts.vocab import VocabLayout
 
 # Tags that keep the RNG streams of different purposes apart.
 TAG_SHARDS = 11
-TAG_WINDOW = 12
+TAG_GROUP = 12
 TAG_BUFFER = 13
 TAG_MIX = 14
 TAG_SYNTHETIC = 15
@@ -31,20 +31,6 @@ class DataSourceError(ValueError):
 
 
 @dataclass(frozen=True)
-class ShardInfo:
-    url: str
-    """Full local path or s3:// URL of the shard."""
-    samples: int
-    """Samples in the shard according to the manifest."""
-    bytes: int | None = None
-    """Size of the tar according to the manifest; None when the manifest does not say (then the
-    loader does not check the size)."""
-    sha256: str | None = None
-    """Lower-case hex sha256 of the tar according to the manifest; None when the manifest does not
-    say (then the loader does not hash the shard)."""
-
-
-@dataclass(frozen=True)
 class SourceSpec:
     """One resolved source of a stage."""
 
@@ -52,7 +38,9 @@ class SourceSpec:
     """The source directory as configured."""
     weight: float
     """Mixing weight among the stage's sources."""
-    shards: tuple[ShardInfo, ...]
+    base: str
+    """URL prefix of the shards (the manifest's directory, ending in "/")."""
+    shards: tuple[ShardEntry, ...]
     """Shards listed by the manifest, in manifest order."""
     grid: int
     """Codes per image side."""
@@ -84,11 +72,12 @@ def read_source(
             f"{manifest.resolution}), but the stage needs grid {grid}; use shards "
             "tokenized at the stage's resolution"
         )
-    base = manifest.base_url()
-    shards = tuple(ShardInfo(base + s.name, s.samples, s.bytes, s.sha256) for s in manifest.shards)
-    if not shards:
+    if not manifest.shards:
         raise DataSourceError(f"source manifest {manifest.url} lists no shards")
-    return SourceSpec(url, float(weight), shards, manifest.grid, manifest.vocab)
+    shards = tuple(manifest.shards)
+    return SourceSpec(
+        url, float(weight), manifest.base_url(), shards, manifest.grid, manifest.vocab
+    )
 
 
 def epoch_order(

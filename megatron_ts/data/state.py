@@ -13,7 +13,7 @@ Layout (`format` = "megatron_ts.loader/2"):
       "consumed": 614400,                       # start + batches * dp_size * micro_batch
       "workers": [                              # one per logical worker, in worker order
         {"lanes": [[lane, n, [count per source]], ...],
-         "readers": [[source, lane, index, epoch, window, offset], ...],
+         "readers": [[source, lane, index, epoch, group, offset], ...],
          "seen": 2410, "skipped": 1, "missing_shards": 0,
          "bytes_read": 123456789, "retries": 2},
         ...
@@ -23,7 +23,7 @@ Layout (`format` = "megatron_ts.loader/2"):
 `consumed` is the number of samples the whole run took in this stage (every rank agrees at an
 optimizer-step boundary). Per worker, a lane entry says that lane positions [0, n) of lane c
 hold counts[s] samples of source s; a reader entry that the next sample stream (source, lane)
-emits is number `index`, at cursor (epoch, window, offset). Every entry is the worker's position
+emits is number `index`, at cursor (epoch, group, offset). Every entry is the worker's position
 after the last micro-batch the trainer took (batches prefetched but not consumed are produced
 again after a resume).
 """
@@ -50,7 +50,7 @@ class WorkerState:
     lanes: list[list] = field(default_factory=list)
     """Per lane it reads: [lane, n, [count per source]] (see the module docstring)."""
     readers: list[list[int]] = field(default_factory=list)
-    """Per stream it reads: [source, lane, index, epoch, window, offset]."""
+    """Per stream it reads: [source, lane, index, epoch, group, offset]."""
     seen: int = 0
     """Samples read, including corrupt ones and ones read past for other ranks."""
     skipped: int = 0

@@ -41,7 +41,7 @@ def sources(tmp_path_factory) -> dict[str, Path]:
 def _loader(sources, *, seed=1, dp_rank=0, dp_size=2, mix=(("a", 1.0),), stage_kw=None, **cfg):
     stage = make_stage([(str(sources[n]), w) for n, w in mix], **(stage_kw or {}))
     processes = cfg.pop("processes", False)
-    spw = cfg.pop("shards_per_window", 4)
+    spw = cfg.pop("shards_per_group", 4)
     return build_loader(
         make_data_cfg(**cfg),
         stage,
@@ -51,7 +51,7 @@ def _loader(sources, *, seed=1, dp_rank=0, dp_size=2, mix=(("a", 1.0),), stage_k
         dp_size=dp_size,
         downsample=DOWNSAMPLE,
         processes=processes,
-        shards_per_window=spw,
+        shards_per_group=spw,
     )
 
 
@@ -128,7 +128,7 @@ def test_resume_twice_equals_uninterrupted(sources, processes):
         mix=(("a", 2.0), ("b", 1.0)),
         caption_dropout=0.3,
         shuffle_buffer=5,
-        shards_per_window=1,  # several windows per epoch: resume lands mid-window and mid-epoch
+        shards_per_group=1,  # several shard groups per epoch: resume lands mid-group and mid-epoch
         num_workers=2,
         processes=processes,
     )
@@ -235,7 +235,7 @@ def test_corrupt_sample_is_skipped_and_counted_then_stops_past_the_rate(tmp_path
         _take(strict, 30)
 
 
-def test_resume_is_exact_with_corrupt_samples_in_the_replayed_window(tmp_path):
+def test_resume_is_exact_with_corrupt_samples_in_the_replayed_shard_group(tmp_path):
     src = _corrupt_source(tmp_path)
     stage = make_stage([(str(src), 1.0)], micro_batch=3)
     cfg = make_data_cfg(num_workers=1, max_error_rate=0.05, shuffle_buffer=16)

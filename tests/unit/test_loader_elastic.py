@@ -65,7 +65,7 @@ def _rank_loaders(sources, mix: str, dp: int, mb: int, workers: int, **cfg) -> l
             dp_size=dp,
             downsample=DOWNSAMPLE,
             processes=False,
-            shards_per_window=2,
+            shards_per_group=2,
         )
         for r in range(dp)
     ]
