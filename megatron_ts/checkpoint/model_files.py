@@ -5,13 +5,13 @@ Layout written by the training engine (this module writes the model files, the e
     RUN_DIR/checkpoints/latest                 name of the newest complete checkpoint
     RUN_DIR/checkpoints/step_00000100/
         meta.json                              format, step, model_spec, layout, stage, config
-        model/layer_000-tp00.safetensors       layer 0 = InputStage, 1..L = blocks, L+1 = Output
+        model/layer_000-tp00.safetensors       layer 0 = InputLayer, 1..L = blocks, L+1 = Output
         model_ema/layer_000-tp00.safetensors   the weights' moving average (train.ema_decay > 0)
         optimizer/{master,exp_avg,exp_avg_sq}/layer_000-tp00.safetensors
                                                AdamW state in the same layout (optimizer_state.py)
         COMPLETE                               written last
 
-Layer files hold the parameters of one stage module as named in its `state_dict` (ZeRO-gathered,
+Layer files hold the parameters of one layer module as named in its `state_dict` (ZeRO-gathered,
 TP-local). Readers merge TP shards with `sharding.merge_tp` and split them again with
 `sharding.split_tp`, so a checkpoint loads into any TP size or pipeline layout, one layer at a
 time: memory stays near one layer, never the whole model.
@@ -69,7 +69,7 @@ def layer_file_name(layer_index: int, tp_rank: int) -> str:
 
 
 def layer_prefix(layer_index: int, num_layers: int) -> str:
-    """TokenShuffleLM name prefix of stage module `layer_index` for a model with L blocks."""
+    """TokenShuffleLM name prefix of layer module `layer_index` for a model with L blocks."""
     if layer_index == 0:
         return "input_stage."
     if layer_index == num_layers + 1:
@@ -89,12 +89,12 @@ def _tensor_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_layer_file(module: nn.Module, layer_index: int, tp_rank: int, model_dir: Path) -> Path:
-    """Writes one stage module's parameters as contiguous CPU fp32 tensors, atomically.
+    """Writes one layer module's parameters as contiguous CPU fp32 tensors, atomically.
 
     Args:
-        module: the stage module (InputStage, BlockStage or OutputStage) with full (ZeRO-gathered)
+        module: the layer module (InputLayer, BlockLayer or OutputLayer) with full (ZeRO-gathered)
             TP-local parameters.
-        layer_index: 0 = InputStage, 1..L = blocks, L+1 = OutputStage.
+        layer_index: 0 = InputLayer, 1..L = blocks, L+1 = OutputLayer.
         tp_rank: this rank's tensor-parallel rank.
         model_dir: the checkpoint's `model/` directory (created if missing).
 
@@ -121,17 +121,17 @@ def write_tensor_file(
 
 
 def write_model_files(
-    model_or_stage_modules, ckpt_dir: Path, tp_rank: int, num_layers: int
+    model_or_layers, ckpt_dir: Path, tp_rank: int, num_layers: int
 ) -> list[Path]:
-    """Writes every local stage module's layer file (single-process saves, converters, tests).
+    """Writes every local layer module's layer file (single-process saves, converters, tests).
 
     Args:
-        model_or_stage_modules: as for `load_into_model`.
+        model_or_layers: as for `load_into_model`.
         ckpt_dir: the step directory; files go to its `model/` subdirectory.
         tp_rank: the modules' tensor-parallel rank.
         num_layers: transformer blocks L of the model.
     """
-    modules = _stage_modules(model_or_stage_modules, num_layers)
+    modules = _layer_modules(model_or_layers, num_layers)
     return [
         write_layer_file(m, i, tp_rank, Path(ckpt_dir) / MODEL_DIR)
         for i, m in sorted(modules.items())
@@ -469,9 +469,9 @@ def load_full_state_dict(ckpt_dir: Path, weights: str = "raw") -> dict[str, torc
     return dict(iter_full_state_dict(ckpt_dir, weights))
 
 
-def _stage_modules(model_or_stage_modules, num_layers: int) -> dict[int, nn.Module]:
-    """{layer index: stage module} from a TokenShuffleLM, a list of all stages or a mapping."""
-    obj = model_or_stage_modules
+def _layer_modules(model_or_layers, num_layers: int) -> dict[int, nn.Module]:
+    """{layer index: layer module} from a TokenShuffleLM, a list of all layer modules or a mapping."""
+    obj = model_or_layers
     if isinstance(obj, Mapping):
         return {int(k): v for k, v in obj.items()}
     if hasattr(obj, "input_stage") and hasattr(obj, "blocks") and hasattr(obj, "output_stage"):
@@ -482,18 +482,18 @@ def _stage_modules(model_or_stage_modules, num_layers: int) -> dict[int, nn.Modu
     if isinstance(obj, Sequence):
         if len(obj) != num_layers + 2:
             raise CheckpointError(
-                f"got {len(obj)} stage modules; a list must hold all {num_layers + 2} "
+                f"got {len(obj)} layer modules; a list must hold all {num_layers + 2} "
                 "(pass a {layer index: module} dict for a pipeline slice)"
             )
         return dict(enumerate(obj))
     raise TypeError(
-        "load_into_model takes a TokenShuffleLM, a list of all stage modules or a "
+        "load_into_model takes a TokenShuffleLM, a list of all layer modules or a "
         f"{{layer index: module}} dict, got {type(obj).__name__}"
     )
 
 
 def load_into_model(
-    model_or_stage_modules,
+    model_or_layers,
     ckpt_dir: Path,
     tp_rank: int,
     tp_world: int,
@@ -502,12 +502,12 @@ def load_into_model(
 ) -> list[str]:
     """Loads a checkpoint into a model of any TP size and pipeline layout.
 
-    Each local stage module reads only its own layer's files: shards are merged to the full
+    Each local layer module reads only its own layer's files: shards are merged to the full
     tensor and split for (tp_rank, tp_world), or read directly when the layouts agree.
 
     Args:
-        model_or_stage_modules: a TokenShuffleLM, the list of all stage modules, or a
-            {layer index: stage module} dict (a pipeline stage's local layers).
+        model_or_layers: a TokenShuffleLM, the list of all layer modules, or a
+            {layer index: layer module} dict (a pipeline stage's local layers).
         ckpt_dir: a run, checkpoints or step directory (resolved with `resolve_checkpoint`).
         tp_rank: this rank's tensor-parallel rank.
         tp_world: the model's tensor-parallel size.
@@ -524,7 +524,7 @@ def load_into_model(
     """
     ckpt_dir = resolve_checkpoint(ckpt_dir)
     num_layers = num_model_layers(ckpt_dir)
-    modules = _stage_modules(model_or_stage_modules, num_layers)
+    modules = _layer_modules(model_or_layers, num_layers)
     left: list[str] = []
     sets = iter_resharded(
         modules, ckpt_dir, tp_rank, tp_world, choose_weights(ckpt_dir, weights), allow_missing
@@ -551,12 +551,12 @@ def iter_resharded(
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
     """Yields (TokenShuffleLM name, model tensor, checkpoint tensor for this TP rank) per tensor.
 
-    Each local stage module reads only its own layer's files: shards are merged to the full
+    Each local layer module reads only its own layer's files: shards are merged to the full
     tensor and split for (tp_rank, tp_world), or read directly when the layouts agree. The
     checkpoint tensor is None for a name matched by `allow_missing` that the files lack.
 
     Args:
-        modules: {layer index: stage module} of this rank.
+        modules: {layer index: layer module} of this rank.
         ckpt_dir: a step directory (already resolved).
         tp_rank: this rank's tensor-parallel rank.
         tp_world: the model's tensor-parallel size.

@@ -82,7 +82,7 @@ class _Weights:
 
 
 def _layer_of(name: str, num_layers: int) -> tuple[int, str]:
-    """TokenShuffleLM name -> (layer index, name inside the stage module)."""
+    """TokenShuffleLM name -> (layer index, name inside the layer module)."""
     if name.startswith("input_stage."):
         return 0, name[len("input_stage.") :]
     if name.startswith("output_stage."):
@@ -187,7 +187,7 @@ def _from_export(src: Path, config: dict, out: Path) -> Path:
 
 
 def _hf_sort_key(name: str) -> tuple:
-    """Orders HF names so layers arrive as InputStage, blocks 0..L-1, OutputStage."""
+    """Orders HF names so layers arrive as InputLayer, blocks 0..L-1, OutputLayer."""
     if name.startswith("model.layers."):
         return (1, int(name.split(".")[2]), name)
     if name.startswith(("model.embed_tokens", "model.shuffle")):

@@ -64,7 +64,7 @@ def sample_flops(
             whose positions are counted.
         shuffle_mlp_blocks: residual MLP blocks on each side of the shuffle.
         image_head_rows: head rows each predicted code is scored against: the codebook size
-            for the training model (`OutputStage` in train mode); None counts the whole padded
+            for the training model (`OutputLayer` in train mode); None counts the whole padded
             vocabulary (eval mode, the HF model).
     """
     d, f = shape.hidden_size, shape.ffn_hidden_size

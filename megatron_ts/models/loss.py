@@ -5,7 +5,7 @@ exponentials, both all-reduced), so the same code serves TP = 1 and TP > 1, and 
 (coef * (log Z)^2, PaLM / Chameleon) comes for free. Image predictions see only codebook logits;
 text predictions see the unpadded vocabulary. Both are column slices of a rank's logits, so
 nothing outside them is computed: no mask, and image logits may arrive as the codebook columns
-only (what `OutputStage` returns in training).
+only (what `OutputLayer` returns in training).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class LossParts:
 class TokenShuffleLoss:
     """loss(outputs, labels) for one micro-batch, usable as DeepSpeed's pipeline `loss_fn`.
 
-    outputs = (text logits (T-1, B, V/tp), image logits (N, B, s^2, C)) as `OutputStage`
+    outputs = (text logits (T-1, B, V/tp), image logits (N, B, s^2, C)) as `OutputLayer`
     returns them: C is this rank's codebook columns (`code_columns`) or its whole shard V/tp.
     labels = (text (B, T), text_mask (B, T), codes (B, G, G)). The total is
     image_ce + text_weight * text_ce + z_coef * mean(log_z^2), each a mean over its tokens.

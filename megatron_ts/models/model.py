@@ -1,4 +1,4 @@
-"""The Token-Shuffle decoder as a list of pipeline-ready stage modules.
+"""The Token-Shuffle decoder as a list of pipeline-ready layer modules.
 
 Sequence format of one sample (T = caption_len + 2 text positions, N image positions; the
 numbers and the window order are `megatron_ts.sequence.SequenceLayout`'s):
@@ -12,7 +12,7 @@ codes of the next window through token-unshuffle and the shared output head. Ins
 span only codebook logits compete, so in training the head scores image positions against the
 codebook rows only (`OutputHead`, `vocab_columns`): a third of the paper's vocabulary.
 
-The model is the list [InputStage, BlockStage x L, OutputStage]. Each element takes and returns
+The model is the list [InputLayer, BlockLayer x L, OutputLayer]. Each element takes and returns
 the tuple (hidden (S, B, d), text_len (1,) int64), the shape DeepSpeed's pipeline engine passes
 between stages; only the first stage builds the embedding and token-shuffle, only the last the
 final norm, token-unshuffle and head. `TokenShuffleLM` chains them in one process.
@@ -162,7 +162,7 @@ def rope_freqs(seq_len: int, dim: int, theta: float, device: torch.device) -> to
     return _rope_freqs(seq_len, dim, theta, str(device))
 
 
-class InputStage(nn.Module):
+class InputLayer(nn.Module):
     """First pipeline stage: token embedding, token-shuffle of the image span."""
 
     def __init__(self, spec: ModelSpec, config: TransformerConfig, seed: int):
@@ -198,7 +198,7 @@ class InputStage(nn.Module):
         return hidden, text_len
 
 
-class BlockStage(nn.Module):
+class BlockLayer(nn.Module):
     """One megatron-core transformer block; computes RoPE angles for the incoming length."""
 
     def __init__(self, spec: ModelSpec, config: TransformerConfig, layer_index: int, seed: int):
@@ -269,7 +269,7 @@ class OutputHead(ColumnParallelLinear):
         return F.linear(x, self.weight[rows[0] : rows[1]]), None  # (..., b - a)
 
 
-class OutputStage(nn.Module):
+class OutputLayer(nn.Module):
     """Last pipeline stage: final RMSNorm, token-unshuffle of the image span, output head.
 
     Returns local (TP-partitioned) logits: text (T-1, B, V/tp) and image (N, B, s^2, C). In
@@ -323,28 +323,28 @@ def layer_seed(seed: int, index: int) -> int:
     return seed * 1000 + index * 7
 
 
-def build_stage_modules(spec: ModelSpec, seed: int) -> list[nn.Module]:
-    """Builds every stage module (single process, or for tests). Pipelines build slices lazily."""
+def build_layers(spec: ModelSpec, seed: int) -> list[nn.Module]:
+    """Builds every layer module (single process, or for tests). Pipelines build slices lazily."""
     config = transformer_config(spec)
-    layers: list[nn.Module] = [InputStage(spec, config, layer_seed(seed, 0))]
+    layers: list[nn.Module] = [InputLayer(spec, config, layer_seed(seed, 0))]
     for i in range(spec.shape.num_layers):
-        layers.append(BlockStage(spec, config, i, layer_seed(seed, i + 1)))
-    layers.append(OutputStage(spec, config, layer_seed(seed, spec.shape.num_layers + 1)))
+        layers.append(BlockLayer(spec, config, i, layer_seed(seed, i + 1)))
+    layers.append(OutputLayer(spec, config, layer_seed(seed, spec.shape.num_layers + 1)))
     return layers
 
 
 class TokenShuffleLM(nn.Module):
     """The whole decoder in one process (any TP size, no pipeline): the one model container.
 
-    Inference, conversion and tests call it with (text, codes) and get the output stage's
+    Inference, conversion and tests call it with (text, codes) and get the output layer's
     result. Training builds it with `loss_fn` and passes `text_mask` too: forward then returns the
     micro-batch loss, as DeepSpeed's engine expects. Its parameter names (`input_stage.`,
     `blocks.N.`, `output_stage.`) are the full-state-dict names of checkpoints and exports;
-    with pipeline parallelism the same stage modules become DeepSpeed `LayerSpec`s instead.
+    with pipeline parallelism the same layer modules become DeepSpeed `LayerSpec`s instead.
 
     Args:
         spec: the model spec.
-        seed: weight-init seed (each stage module seeds from it and its layer index).
+        seed: weight-init seed (each layer module seeds from it and its layer index).
         loss_fn: the training loss (`models.loss.TokenShuffleLoss`); None for a model that only
             predicts.
     """
@@ -354,14 +354,14 @@ class TokenShuffleLM(nn.Module):
     ):
         super().__init__()
         self.spec = spec
-        stages = build_stage_modules(spec, seed)
+        stages = build_layers(spec, seed)
         self.input_stage = stages[0]
         self.blocks = nn.ModuleList(stages[1:-1])
         self.output_stage = stages[-1]
         self.loss_fn = loss_fn
 
-    def stage_modules(self) -> dict[int, nn.Module]:
-        """{layer index: stage module}: 0 the input stage, 1..L the blocks, L + 1 the output."""
+    def layers(self) -> dict[int, nn.Module]:
+        """{layer index: layer module}: 0 the input layer, 1..L the blocks, L + 1 the output layer."""
         return dict(enumerate([self.input_stage, *self.blocks, self.output_stage]))
 
     def forward(

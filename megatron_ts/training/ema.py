@@ -22,12 +22,12 @@ from torch import nn
 
 
 class WeightAverage:
-    """The moving average of the parameters of a rank's stage modules."""
+    """The moving average of the parameters of a rank's layer modules."""
 
     def __init__(self, modules: Mapping[int, nn.Module], decay: float):
         """
         Args:
-            modules: {layer index: stage module} of this rank (`StageEngine.local_layers`).
+            modules: {layer index: layer module} of this rank (`StageEngine.local_layers`).
             decay: weight of the previous average in each update, 0 < decay < 1.
         """
         if not 0.0 < decay < 1.0:

@@ -23,10 +23,10 @@ from megatron_ts.distributed.init import DeepSpeedMPU
 from megatron_ts.logging import get_logger
 from megatron_ts.models.loss import TokenShuffleLoss
 from megatron_ts.models.model import (
-    BlockStage,
-    InputStage,
+    BlockLayer,
+    InputLayer,
     ModelSpec,
-    OutputStage,
+    OutputLayer,
     TokenShuffleLM,
     layer_seed,
     transformer_config,
@@ -93,21 +93,21 @@ class StageEngine:
                 config=ds_cfg,
                 mpu=DeepSpeedMPU(),
             )
-            self.local_layers = model.stage_modules()
+            self.local_layers = model.layers()
         else:
             config = transformer_config(spec)
             n = spec.shape.num_layers
-            specs = [LayerSpec(InputStage, spec, config, layer_seed(seed, 0))]
+            specs = [LayerSpec(InputLayer, spec, config, layer_seed(seed, 0))]
             specs += [
-                LayerSpec(BlockStage, spec, config, i, layer_seed(seed, i + 1)) for i in range(n)
+                LayerSpec(BlockLayer, spec, config, i, layer_seed(seed, i + 1)) for i in range(n)
             ]
-            specs.append(LayerSpec(OutputStage, spec, config, layer_seed(seed, n + 1)))
+            specs.append(LayerSpec(OutputLayer, spec, config, layer_seed(seed, n + 1)))
             topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
             pipe = PipelineModule(
                 layers=specs,
                 loss_fn=self.loss_fn,
                 topology=topology,
-                partition_method="type:BlockStage",
+                partition_method="type:BlockLayer",
             )
             self._check_topology(topology)
             self.engine, *_ = deepspeed.initialize(

@@ -46,7 +46,7 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def trained_params(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters of a stage module the optimizer updates, by state-dict name."""
+    """The parameters of a layer module the optimizer updates, by state-dict name."""
     return {k: p for k, p in module.named_parameters() if p.requires_grad}
 
 

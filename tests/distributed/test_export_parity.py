@@ -122,16 +122,16 @@ def _forward(kind: str, stages: dict, text, codes, spec, rank: int):
 
 
 def _local_stages(kind: str, spec, rank: int) -> tuple[dict, int]:
-    """This rank's stage modules for the layout, and its TP rank."""
+    """This rank's layer modules for the layout, and its TP rank."""
     from megatron_ts.distributed.init import init_model_parallel
-    from megatron_ts.models.model import build_stage_modules
+    from megatron_ts.models.model import build_layers
 
     if kind == "tp2":
         init_model_parallel(2, 1)
-        return dict(enumerate(build_stage_modules(spec, SEED))), rank
+        return dict(enumerate(build_layers(spec, SEED))), rank
     init_model_parallel(1, 2)
     n = spec.shape.num_layers
-    everything = build_stage_modules(spec, SEED)
+    everything = build_layers(spec, SEED)
     mine = range(0, 1 + n // 2) if rank == 0 else range(1 + n // 2, n + 2)
     return {i: everything[i] for i in mine}, 0
 

@@ -119,7 +119,7 @@ def _image_head_cases(rank: int, world: int, gather) -> dict:
     """Per case: the reference at TP = 1 (full head, masked loss) and the code-only head at TP = 2."""
     from megatron_ts.config import ModelConfig
     from megatron_ts.distributed.init import init_model_parallel
-    from megatron_ts.models.model import ModelSpec, OutputStage, transformer_config
+    from megatron_ts.models.model import ModelSpec, OutputLayer, transformer_config
     from megatron_ts.models.sharding import shard_state_dict
     from megatron_ts.testing import randomize_weights
     from megatron_ts.vocab import VocabLayout
@@ -132,11 +132,11 @@ def _image_head_cases(rank: int, world: int, gather) -> dict:
         spec2 = ModelSpec.from_config(ModelConfig(flavor="debug"), vocab, 2, tensor_parallel=2)
         inputs, labels = stage_inputs(spec1, b=2, caption=6, grid=8, seed=6)
         init_model_parallel(1, 1)
-        ref = OutputStage(spec1, transformer_config(spec1), seed=SEED)
+        ref = OutputLayer(spec1, transformer_config(spec1), seed=SEED)
         randomize_weights(ref, seed=7)
         ref_loss, ref_grads, _ = run(ref, inputs, labels, reference=True)
         init_model_parallel(2, 1)
-        tp = OutputStage(spec2, transformer_config(spec2), seed=SEED)
+        tp = OutputLayer(spec2, transformer_config(spec2), seed=SEED)
         tp.load_state_dict(shard_state_dict(ref.state_dict(), rank, world))
         loss, (head_grad, hidden_grad), (_, image_logits) = run(tp, inputs, labels, False)
         out[name] = {

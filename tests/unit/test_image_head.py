@@ -1,6 +1,6 @@
 """The code-only image head: image positions scored against codebook rows only (one gloo rank).
 
-In training `OutputStage` returns image logits over the codebook columns only and
+In training `OutputLayer` returns image logits over the codebook columns only and
 `TokenShuffleLoss` scores them without a mask; the loss and the gradients of the head weight and
 of the stage's hidden input must equal the full-vocabulary head with the masked loss (what both
 did before) to 1e-6 relative. tests/distributed/test_tp_parity.py checks the same at TP = 2.
@@ -16,7 +16,7 @@ from megatron_ts.config import ModelConfig
 from megatron_ts.models.loss import TokenShuffleLoss
 from megatron_ts.models.model import (
     ModelSpec,
-    OutputStage,
+    OutputLayer,
     image_targets,
     transformer_config,
     vocab_columns,
@@ -65,7 +65,7 @@ def reference_loss(
 
 
 def stage_inputs(spec: ModelSpec, b: int, caption: int, grid: int, seed: int) -> tuple:
-    """((hidden (S, B, d), text_len), labels) for an OutputStage; S = T + N."""
+    """((hidden (S, B, d), text_len), labels) for an OutputLayer; S = T + N."""
     gen = torch.Generator().manual_seed(seed)
     t = caption + 2
     n = (grid // spec.shuffle_window) ** 2
@@ -78,7 +78,7 @@ def stage_inputs(spec: ModelSpec, b: int, caption: int, grid: int, seed: int) ->
     return (hidden, torch.tensor([t])), (text, mask, codes)
 
 
-def run(stage: OutputStage, inputs: tuple, labels: tuple, reference: bool) -> tuple:
+def run(stage: OutputLayer, inputs: tuple, labels: tuple, reference: bool) -> tuple:
     """Loss, (head weight grad, hidden grad), outputs: new path (train) or the reference (eval)."""
     stage.zero_grad()
     hidden = inputs[0].clone().requires_grad_()
@@ -104,7 +104,7 @@ def assert_rel(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 @pytest.mark.parametrize("s", [1, 2])
 def test_code_only_head_equals_full_vocabulary_head(s: int):
     spec = ModelSpec.from_config(ModelConfig(flavor="debug"), VOCAB, s)
-    stage = OutputStage(spec, transformer_config(spec), seed=3)
+    stage = OutputLayer(spec, transformer_config(spec), seed=3)
     randomize_weights(stage, seed=4)
     inputs, labels = stage_inputs(spec, b=2, caption=6, grid=8, seed=5)
     loss, grads, (text_logits, image_logits) = run(stage, inputs, labels, reference=False)
