@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import json
 import math
 import tomllib
@@ -329,7 +328,7 @@ class LoggingConfig:
 
 
 @dataclass
-class SamplingConfig:
+class SamplingDefaults:
     """Sampling defaults of this model: `ts-convert to-hf` writes them into the export's
     generation_config.json (what ts-generate and ts-eval use unless told otherwise), and the
     trainer's preview images use them."""
@@ -358,7 +357,7 @@ class Config:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -825,21 +824,8 @@ def _stage_field(cfg: Config, index: int, key: str) -> str:
     return f"curriculum.stages[{index}].{key}"
 
 
-def validate(cfg: Config, world_size: int | None = 1) -> list[ResolvedStage]:
-    """Checks cross-section consistency and returns the resolved stages.
-
-    Args:
-        cfg: the merged configuration.
-        world_size: number of ranks the run will use; None skips the layout checks that need it
-            (the dry run plans for any cluster size).
-
-    Raises:
-        ConfigError: naming the first offending field, its value and how to fix it.
-    """
-    _check_choices(cfg)
-    _check_ranges(cfg)
-
-    shape = cfg.model.shape()
+def _check_sections(cfg: Config) -> None:
+    """Cross-field rules inside and between sections (stage-independent)."""
     if cfg.parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage = {cfg.parallel.zero_stage}; use 0, 1, 2 or 3")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
@@ -861,91 +847,147 @@ def validate(cfg: Config, world_size: int | None = 1) -> list[ResolvedStage]:
     if not 0.0 <= cfg.data.caption_dropout < 1.0:
         raise ConfigError(f"data.caption_dropout = {cfg.data.caption_dropout}; use 0 <= p < 1")
 
+
+@dataclasses.dataclass(frozen=True)
+class _StageCheck:
+    """What a stage check needs to name the offending field: `at(key)` is the config field a
+    resolved value came from, `of` the stage's name for messages (empty for the implicit stage)."""
+
+    cfg: Config
+    stage: ResolvedStage
+
+    def at(self, key: str) -> str:
+        return _stage_field(self.cfg, self.stage.index, key)
+
+    @property
+    def of(self) -> str:
+        return f" (stage {self.stage.name!r})" if self.cfg.curriculum.stages else ""
+
+
+def _check_stage_plan(c: _StageCheck) -> None:
+    """The stage's schedule, carry-over and length."""
+    st, at, of = c.stage, c.at, c.of
+    for key, options in (("schedule", LrSchedule), ("carry_over", CarryOver)):
+        value = getattr(st, key)
+        if value not in typing.get_args(options):
+            raise ConfigError(
+                f"{at(key)} = {value!r}{of}; choose one of {list(typing.get_args(options))}"
+            )
+    if st.steps <= 0:
+        fix = f"set {at('steps')} or {at('tokens')}" if c.cfg.curriculum.stages else "use 1 or more"
+        raise ConfigError(f"{at('steps')} = {st.steps}{of}: the stage has no length; {fix}")
+
+
+def _check_stage_image(c: _StageCheck, hidden_size: int) -> None:
+    """Resolution, tokenizer downsampling and shuffle window fit together (the grid sides divide
+    by the window, the hidden size by s^2). `SequenceLayout` asserts the same; these messages
+    name the config fields."""
+    st, at, of = c.stage, c.at, c.of
+    if st.shuffle_window < 1:
+        raise ConfigError(f"{at('shuffle_window')} = {st.shuffle_window}{of}; use 1 or more")
+    downsample = c.cfg.tokenizer.downsample
+    if st.resolution % downsample:
+        raise ConfigError(
+            f"{at('resolution')} = {st.resolution}{of} is not a multiple of "
+            f"tokenizer.downsample = {downsample}"
+        )
+    grid = st.resolution // downsample
+    if grid % st.shuffle_window:
+        raise ConfigError(
+            f"{at('shuffle_window')} = {st.shuffle_window}{of}: the image grid "
+            f"{grid}x{grid} ({at('resolution')} {st.resolution} / tokenizer.downsample {downsample}) "
+            f"is not divisible by it; pick a window dividing {grid} or change the resolution"
+        )
+    if hidden_size % (st.shuffle_window**2):
+        raise ConfigError(
+            f"{at('shuffle_window')} = {st.shuffle_window}{of}: hidden size "
+            f"{hidden_size} is not divisible by s^2 = {st.shuffle_window**2}"
+        )
+
+
+def _check_stage_parallel(c: _StageCheck, shape: ModelShape) -> None:
+    """Tensor and pipeline sizes divide the model's dimensions; ZeRO fits the pipeline."""
+    cfg, st, at, of = c.cfg, c.stage, c.at, c.of
+    tp, pp = st.tensor, st.pipeline
+    if tp < 1:
+        raise ConfigError(f"{at('tensor')} = {tp}{of}; use 1 or more")
+    if pp < 1:
+        raise ConfigError(f"{at('pipeline')} = {pp}{of}; use 1 or more")
+    for label, value in (
+        ("model.num_heads", shape.num_heads),
+        ("model.num_kv_heads", shape.num_kv_heads),
+        ("model.ffn_hidden_size", shape.ffn_hidden_size),
+    ):
+        if value % tp:
+            raise ConfigError(
+                f"{at('tensor')} = {tp}{of} does not divide {label} = {value} "
+                f"(flavor {cfg.model.flavor!r}); pick a tensor-parallel size dividing it"
+            )
+    if cfg.model.vocab_multiple % tp:
+        raise ConfigError(
+            f"{at('tensor')} = {tp}{of} does not divide model.vocab_multiple = "
+            f"{cfg.model.vocab_multiple}, so the padded vocabulary cannot be split evenly; "
+            f"set model.vocab_multiple to a multiple of {tp}"
+        )
+    if shape.num_layers % pp:
+        raise ConfigError(
+            f"{at('pipeline')} = {pp}{of} does not divide model.num_layers = "
+            f"{shape.num_layers}; pick a pipeline size dividing it"
+        )
+    if pp > 1 and cfg.parallel.zero_stage > 1:
+        raise ConfigError(
+            f"parallel.zero_stage = {cfg.parallel.zero_stage} with {at('pipeline')} = "
+            f"{pp}{of}: DeepSpeed's pipeline engine supports ZeRO 0 or 1 only; set "
+            "parallel.zero_stage = 1"
+        )
+
+
+def _check_stage_batch(c: _StageCheck, world_size: int | None) -> None:
+    """Micro and global batch sizes, and (given the world size) the data-parallel split."""
+    st, at, of = c.stage, c.at, c.of
+    if st.micro_batch < 1:
+        raise ConfigError(f"{at('micro_batch')} = {st.micro_batch}{of}; use 1 or more")
+    if st.global_batch < 1:
+        raise ConfigError(f"{at('global_batch')} = {st.global_batch}{of}; use 1 or more")
+    if world_size is None:
+        return
+    model_parallel = st.tensor * st.pipeline
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by {at('tensor')} x "
+            f"{at('pipeline')} = {model_parallel}{of}"
+        )
+    dp = world_size // model_parallel
+    if st.global_batch % (st.micro_batch * dp):
+        raise ConfigError(
+            f"{at('global_batch')} = {st.global_batch}{of} is not divisible by "
+            f"{at('micro_batch')} = {st.micro_batch} x data-parallel size {dp}; "
+            f"use a multiple of {st.micro_batch * dp}"
+        )
+
+
+def validate(cfg: Config, world_size: int | None = 1) -> list[ResolvedStage]:
+    """Checks cross-section consistency and returns the resolved stages.
+
+    Args:
+        cfg: the merged configuration.
+        world_size: number of ranks the run will use; None skips the layout checks that need it
+            (the dry run plans for any cluster size).
+
+    Raises:
+        ConfigError: naming the first offending field, its value and how to fix it.
+    """
+    _check_choices(cfg)
+    _check_ranges(cfg)
+    _check_sections(cfg)
+    shape = cfg.model.shape()
     stages = resolve_stages(cfg)
     if not stages:
         raise ConfigError("curriculum.stages is empty; give at least one stage")
-    for st in stages:
-        at = functools.partial(_stage_field, cfg, st.index)
-        # curriculum stages add their name; the implicit stage's fields need no context
-        of = f" (stage {st.name!r})" if cfg.curriculum.stages else ""
-        for key, options in (("schedule", LrSchedule), ("carry_over", CarryOver)):
-            value = getattr(st, key)
-            if value not in typing.get_args(options):
-                raise ConfigError(
-                    f"{at(key)} = {value!r}{of}; choose one of {list(typing.get_args(options))}"
-                )
-        if st.steps <= 0:
-            fix = "use 1 or more"
-            if cfg.curriculum.stages:
-                fix = f"set {at('steps')} or {at('tokens')}"
-            raise ConfigError(f"{at('steps')} = {st.steps}{of}: the stage has no length; {fix}")
-        if st.shuffle_window < 1:
-            raise ConfigError(f"{at('shuffle_window')} = {st.shuffle_window}{of}; use 1 or more")
-        downsample = cfg.tokenizer.downsample
-        if st.resolution % downsample:
-            raise ConfigError(
-                f"{at('resolution')} = {st.resolution}{of} is not a multiple of "
-                f"tokenizer.downsample = {downsample}"
-            )
-        grid = st.resolution // downsample
-        if grid % st.shuffle_window:
-            raise ConfigError(
-                f"{at('shuffle_window')} = {st.shuffle_window}{of}: the image grid "
-                f"{grid}x{grid} ({at('resolution')} {st.resolution} / tokenizer.downsample {downsample}) "
-                f"is not divisible by it; pick a window dividing {grid} or change the resolution"
-            )
-        if shape.hidden_size % (st.shuffle_window**2):
-            raise ConfigError(
-                f"{at('shuffle_window')} = {st.shuffle_window}{of}: hidden size "
-                f"{shape.hidden_size} is not divisible by s^2 = {st.shuffle_window**2}"
-            )
-        tp, pp = st.tensor, st.pipeline
-        if tp < 1:
-            raise ConfigError(f"{at('tensor')} = {tp}{of}; use 1 or more")
-        if pp < 1:
-            raise ConfigError(f"{at('pipeline')} = {pp}{of}; use 1 or more")
-        for label, value in (
-            ("model.num_heads", shape.num_heads),
-            ("model.num_kv_heads", shape.num_kv_heads),
-            ("model.ffn_hidden_size", shape.ffn_hidden_size),
-        ):
-            if value % tp:
-                raise ConfigError(
-                    f"{at('tensor')} = {tp}{of} does not divide {label} = {value} "
-                    f"(flavor {cfg.model.flavor!r}); pick a tensor-parallel size dividing it"
-                )
-        if cfg.model.vocab_multiple % tp:
-            raise ConfigError(
-                f"{at('tensor')} = {tp}{of} does not divide model.vocab_multiple = "
-                f"{cfg.model.vocab_multiple}, so the padded vocabulary cannot be split evenly; "
-                f"set model.vocab_multiple to a multiple of {tp}"
-            )
-        if shape.num_layers % pp:
-            raise ConfigError(
-                f"{at('pipeline')} = {pp}{of} does not divide model.num_layers = "
-                f"{shape.num_layers}; pick a pipeline size dividing it"
-            )
-        if pp > 1 and cfg.parallel.zero_stage > 1:
-            raise ConfigError(
-                f"parallel.zero_stage = {cfg.parallel.zero_stage} with {at('pipeline')} = "
-                f"{pp}{of}: DeepSpeed's pipeline engine supports ZeRO 0 or 1 only; set "
-                "parallel.zero_stage = 1"
-            )
-        if st.micro_batch < 1:
-            raise ConfigError(f"{at('micro_batch')} = {st.micro_batch}{of}; use 1 or more")
-        if st.global_batch < 1:
-            raise ConfigError(f"{at('global_batch')} = {st.global_batch}{of}; use 1 or more")
-        if world_size is not None:
-            if world_size % (tp * pp):
-                raise ConfigError(
-                    f"world size {world_size} is not divisible by {at('tensor')} x "
-                    f"{at('pipeline')} = {tp * pp}{of}"
-                )
-            dp = world_size // (tp * pp)
-            if st.global_batch % (st.micro_batch * dp):
-                raise ConfigError(
-                    f"{at('global_batch')} = {st.global_batch}{of} is not divisible by "
-                    f"{at('micro_batch')} = {st.micro_batch} x data-parallel size {dp}; "
-                    f"use a multiple of {st.micro_batch * dp}"
-                )
+    for stage in stages:
+        check = _StageCheck(cfg, stage)
+        _check_stage_plan(check)
+        _check_stage_image(check, shape.hidden_size)
+        _check_stage_parallel(check, shape)
+        _check_stage_batch(check, world_size)
     return stages

@@ -37,7 +37,7 @@ from megatron_ts.checkpoint.model_files import (
     read_meta,
     resolve_checkpoint,
 )
-from megatron_ts.config import SamplingConfig
+from megatron_ts.config import SamplingDefaults
 from megatron_ts.hf.build import attention_shape, hf_config_from_spec
 from megatron_ts.hf.safetensors_stream import (
     ShardWriter,
@@ -79,7 +79,7 @@ def generation_defaults(config: dict) -> dict:
     """generation_config.json's sampling fields from the run's [sampling] section (its defaults
     when the checkpoint predates the section: LlamaGen-style full-vocabulary sampling at
     temperature 1 with strong, half-linear guidance)."""
-    sampling = {**dataclasses.asdict(SamplingConfig()), **(config.get("sampling") or {})}
+    sampling = {**dataclasses.asdict(SamplingDefaults()), **(config.get("sampling") or {})}
     if sampling["temperature"] <= 0:
         # greedy: transformers' own spelling, do_sample false; a temperature, top-k or top-p
         # beside it makes every GenerationConfig load warn that those flags are not valid

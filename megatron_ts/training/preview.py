@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megatron_ts.config import ResolvedStage, TokenizerConfig
-from megatron_ts.config import SamplingConfig as SamplingDefaults
+from megatron_ts.config import ResolvedStage, SamplingDefaults, TokenizerConfig
 from megatron_ts.logging import get_logger
 
 log = get_logger(__name__)

@@ -295,8 +295,7 @@ def test_training_previews_are_ts_generate_images(tmp_path: Path):
 
     from PIL import Image
 
-    from megatron_ts.config import SamplingConfig as SamplingDefaults
-    from megatron_ts.config import TokenizerConfig
+    from megatron_ts.config import SamplingDefaults, TokenizerConfig
     from megatron_ts.hf.vq_token_shuffle import vq_identity
     from megatron_ts.training.preview import write_previews
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -288,3 +289,15 @@ def test_generation_config_takes_the_runs_sampling_section():
             return {k: v for k, v in greedy.items() if k != "do_sample"}
 
     assert SamplingConfig.from_generation_config(Transformers4Config()).temperature == 0.0
+
+
+def test_config_sampling_defaults_are_the_export_samplers_defaults():
+    """`[sampling]` (SamplingDefaults) and the export's SamplingConfig name the same settings
+    with the same defaults; the export's class adds the per-call ones (seed, size, cache)."""
+    from megatron_ts.config import SamplingDefaults
+    from megatron_ts.hf.generation_token_shuffle import SamplingConfig
+
+    defaults = dataclasses.asdict(SamplingDefaults())
+    call = dataclasses.asdict(SamplingConfig())
+    assert defaults == {k: call[k] for k in defaults}
+    assert set(call) - set(defaults) == {"seed", "resolution", "use_kv_cache"}
