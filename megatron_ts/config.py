@@ -805,7 +805,7 @@ _INHERITED_STAGE_FIELDS = {
 }
 
 
-def _stage_field(cfg: Config, index: int, key: str) -> str:
+def stage_field(cfg: Config, index: int, key: str) -> str:
     """The config field a resolved stage value came from, for error messages.
 
     Args:
@@ -857,7 +857,7 @@ class _StageCheck:
     stage: ResolvedStage
 
     def at(self, key: str) -> str:
-        return _stage_field(self.cfg, self.stage.index, key)
+        return stage_field(self.cfg, self.stage.index, key)
 
     @property
     def of(self) -> str:

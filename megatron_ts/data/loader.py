@@ -396,20 +396,29 @@ class TokenLoader:
         or before the resume point, and each stream from the old reader entry with the largest
         index at or before the one needed next (a stream without one starts at its beginning);
         readers read forward from there.
+
+        The old workers' counters (samples seen, skipped, missing shards, bytes, retries) are
+        dealt out over the new layout's dp_size x num_workers workers, so that their sums over
+        all ranks are unchanged and each worker's error rate starts where the run's was.
         """
         c, lay = self.plan.ctx, self.layout
         lane_entries: dict[int, list[tuple[int, list[int]]]] = {}
         reader_entries: dict[tuple[int, int], list[tuple[int, list[int]]]] = {}
+        totals = dict.fromkeys(WorkerState.COUNTERS, 0)
         for st in states:
             for w in st["workers"]:
                 ws = WorkerState.from_dict(w)
+                for name in totals:
+                    totals[name] += getattr(ws, name)
                 for lane, n, counts in ws.lanes:
                     lane_entries.setdefault(lane, []).append((n, counts))
                 for s, lane, index, *cursor in ws.readers:
                     reader_entries.setdefault((s, lane), []).append((index, cursor))
         out = []
+        slots = lay.dp_size * lay.num_workers
         for w in range(lay.num_workers):
-            ws = WorkerState()
+            slot = lay.dp_rank * lay.num_workers + w
+            ws = WorkerState(**{k: v // slots + (slot < v % slots) for k, v in totals.items()})
             for lane in [] if self.plan.synthetic else lay.worker_lanes(w):
                 target = lane_positions_before(lay.start, lane, c.streams)
                 known = [e for e in lane_entries.get(lane, []) if e[0] <= target]

@@ -31,6 +31,7 @@ again after a resume).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 from megatron_ts.errors import EXIT_DATA
 
@@ -61,6 +62,15 @@ class WorkerState:
     """Shard bytes read."""
     retries: int = 0
     """S3 requests retried."""
+
+    COUNTERS: ClassVar[tuple[str, ...]] = (
+        "seen",
+        "skipped",
+        "missing_shards",
+        "bytes_read",
+        "retries",
+    )
+    """The fields above that are statistics (summed over workers), not positions."""
 
     def to_dict(self) -> dict:
         return asdict(self)

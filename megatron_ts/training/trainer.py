@@ -18,7 +18,14 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_ts.config import Config, ConfigError, ResolvedStage, save_resolved, validate
+from megatron_ts.config import (
+    Config,
+    ConfigError,
+    ResolvedStage,
+    save_resolved,
+    stage_field,
+    validate,
+)
 from megatron_ts.distributed.init import (
     any_rank,
     init_distributed,
@@ -140,6 +147,7 @@ class Trainer:
 
             meta = read_meta(latest)
             state = self._extend_finished(TrainState(**meta["train_state"]), meta, latest)
+            self._check_same_stage(state, meta, latest)
             log.info(
                 "resuming from %s (stage %d, step %d)", latest, state.stage_index, state.global_step
             )
@@ -162,6 +170,32 @@ class Trainer:
             self.metrics.close()
         log.info("training finished at step %d", state.global_step)
         return EXIT_OK
+
+    def _check_same_stage(self, state: TrainState, meta: dict, latest: Path) -> None:
+        """A resume inside a stage keeps what fixes the stage's samples and steps.
+
+        The parallel layout, micro-batch and worker count may change (the loader continues after
+        the last consumed sample). The global batch, resolution, shuffle window and caption length
+        may not: the step count, the learning-rate schedule and the sample shapes were planned
+        with them, and a silent change would train a different recipe than the config says.
+
+        Raises:
+            ConfigError: naming the field, both values and the ways out.
+        """
+        saved = meta.get("stage") or {}
+        k = state.stage_index
+        if state.stage_step == 0 or not 0 <= k < len(self.stages) or saved.get("index") != k:
+            return
+        stage = self.stages[k]
+        for key in ("global_batch", "resolution", "shuffle_window", "caption_len"):
+            old, new = saved.get(key), getattr(stage, key)
+            if old is not None and old != new:
+                raise ConfigError(
+                    f"{stage_field(self.cfg, k, key)} = {new}, but stage {stage.name!r} was "
+                    f"checkpointed at step {state.stage_step} with {key} = {old} ({latest}); "
+                    f"resume it with {key} = {old} (the TP/PP/DP layout, micro_batch and "
+                    "num_workers may change), or start a new curriculum stage with the new value"
+                )
 
     def _extend_finished(self, state: TrainState, meta: dict, latest: Path) -> TrainState:
         """Re-enters the stage a checkpoint ended when the config now gives it more steps.

@@ -463,3 +463,21 @@ def test_a_finished_run_extends_exactly(tmp_path):
     proc = run_train(run_dir, "--train.steps", "6", *flags)
     assert proc.returncode == 0 and "nothing to train" in proc.stderr
     assert sorted(losses(run_dir)) == list(range(1, 7))
+
+
+def test_a_resume_that_changes_the_global_batch_is_refused(tmp_path):
+    """The layout may change inside a stage, the global batch may not: one line, exit 2, the
+    checkpoint untouched; resuming with the saved global batch then works."""
+    run_dir = tmp_path / "run"
+    assert run_train(run_dir, "--train.steps", "2").returncode == 0
+    latest = _latest(run_dir)
+    meta = json.loads((run_dir / "checkpoints" / latest / "meta.json").read_text())
+    batch = meta["stage"]["global_batch"]
+    proc = run_train(run_dir, "--train.steps", "4", "--train.global_batch", str(2 * batch))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = _one_line(proc.stderr, "ts-train:")
+    assert f"train.global_batch = {2 * batch}" in line and f"global_batch = {batch}" in line
+    assert _latest(run_dir) == latest and sorted(losses(run_dir)) == [1, 2]
+    proc = run_train(run_dir, "--train.steps", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4]

@@ -122,6 +122,15 @@ def test_resume_at_another_layout_continues_after_the_last_sample(
     after = _rank_loaders(sources, mix, *new)
     for loader in after:
         loader.load_state_dict(states)
+    counters = ("seen", "skipped", "missing_shards", "bytes_read", "retries")
+
+    def totals(rank_states):
+        return {k: sum(w[k] for st in rank_states for w in st["workers"]) for k in counters}
+
+    # the run's statistics carry over the layout change, dealt out over the new workers
+    assert totals([loader.state_dict() for loader in after]) == totals(states)
+    if mix == "corrupt":
+        assert totals(states)["skipped"] > 0
     assert head + _steps(after, STEPS - 5) == reference[mix]
 
 
