@@ -17,6 +17,7 @@ import datetime
 import os
 import socket
 import subprocess
+import sys
 import time
 
 import torch
@@ -151,6 +152,25 @@ def _clear_stale_build_lock(name: str = "deepspeed_shm_comm") -> None:
             os.remove(lock)
 
 
+def environment_build_cache() -> str | None:
+    """The torch-extensions build directory of this Python environment, or None for torch's
+    shared default (`~/.cache/torch_extensions`).
+
+    DeepSpeed's CPU accelerator JIT-builds its shared-memory comm op on first use. torch keys the
+    build only by Python version and device, so two environments (two venvs, a CI clone's venv,
+    another torch version) share one directory and each rebuilds what the other built: 26-66 s
+    (200 s under load) before every first step. Inside a virtual or conda environment the build
+    goes into `<prefix>/torch_extensions` instead, as `scripts/env.sh` sets it for the scripts;
+    an explicit TORCH_EXTENSIONS_DIR always wins.
+    """
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    in_env = sys.prefix != sys.base_prefix or os.environ.get("CONDA_PREFIX") == sys.prefix
+    if in_env and os.access(sys.prefix, os.W_OK):
+        return os.path.join(sys.prefix, "torch_extensions")
+    return None
+
+
 def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> tuple[int, int]:
     """Initialises torch.distributed once; returns (rank, world_size)."""
     if dist.is_initialized():
@@ -176,7 +196,11 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> tuple[
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator()._name == "cpu":
-        _clear_stale_build_lock()  # DeepSpeed's CPU comm builds its shm op on first use
+        # DeepSpeed's CPU comm builds its shm op on first use: once per environment
+        build_cache = environment_build_cache()
+        if build_cache is not None:
+            os.environ["TORCH_EXTENSIONS_DIR"] = build_cache
+        _clear_stale_build_lock()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     log.info(
         "torch.distributed up: backend=%s world=%d deepspeed_accelerator=%s",

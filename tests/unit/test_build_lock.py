@@ -25,3 +25,18 @@ def test_a_stale_build_lock_is_removed_with_a_warning_and_a_fresh_one_is_kept(
     assert len(warnings_logged) == 1 and str(lock) in warnings_logged[0]
     assert "killed" in warnings_logged[0]
     init._clear_stale_build_lock()  # nothing there: nothing to do
+
+
+def test_the_extension_build_cache_is_per_environment(tmp_path, monkeypatch):
+    """Two environments never rebuild each other's DeepSpeed op in a shared torch cache."""
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.delenv("CONDA_PREFIX", raising=False)
+    monkeypatch.setattr(init.sys, "prefix", str(tmp_path))
+    monkeypatch.setattr(init.sys, "base_prefix", "/usr")
+    assert init.environment_build_cache() == str(tmp_path / "torch_extensions")
+    monkeypatch.setattr(init.sys, "base_prefix", str(tmp_path))  # the system Python: torch's own
+    assert init.environment_build_cache() is None
+    monkeypatch.setenv("CONDA_PREFIX", str(tmp_path))  # a conda environment is one too
+    assert init.environment_build_cache() == str(tmp_path / "torch_extensions")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/elsewhere")  # the user's choice wins
+    assert init.environment_build_cache() == "/elsewhere"
