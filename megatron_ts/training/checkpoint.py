@@ -298,10 +298,11 @@ def _write_checkpoint(
             for idx, module in stage_engine.local_layers.items():
                 write_layer_file(module, idx, tp_rank, tmp / MODEL_DIR)
     ema = getattr(stage_engine, "ema", None)
-    if ema is not None and dp_rank == 0:  # never ZeRO-3 (validate): every DP rank holds it all
-        with ema.swapped():
-            for idx, module in stage_engine.local_layers.items():
-                write_layer_file(module, idx, tp_rank, tmp / EMA_DIR)
+    if ema is not None:  # partitioned over DP ranks: every one sends its slice, DP rank 0 writes
+        with ema.swapped(to_rank=0):
+            if dp_rank == 0:
+                for idx, module in stage_engine.local_layers.items():
+                    write_layer_file(module, idx, tp_rank, tmp / EMA_DIR)
     if (
         loader_state is not None
         and tp_rank == 0

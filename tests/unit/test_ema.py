@@ -1,4 +1,8 @@
-"""The weight average (`train.ema_decay`): its update rule, the swap, and choosing weight sets."""
+"""The weight average (`train.ema_decay`): its update rule, the swap, and choosing weight sets.
+
+Without process groups the average is not partitioned (one rank holds it all);
+tests/distributed/test_ema_partition.py runs the DP = 2 partition.
+"""
 
 import pytest
 import torch
@@ -12,7 +16,9 @@ from megatron_ts.checkpoint.model_files import (
     write_layer_file,
     write_meta,
 )
+from megatron_ts.training import ema as ema_module
 from megatron_ts.training.ema import WeightAverage
+from tests.ema_reference import ReferenceAverage
 
 
 def _modules():
@@ -33,19 +39,22 @@ def test_update_is_the_exponential_average_and_swap_restores_exactly():
         history.append([p.detach().clone() for p in params])
         ema.update()
     assert ema.updates == 3
+    assert ema.average.shape == (3 * 2 + 2 + 2 * 2,)  # one flat fp32 vector of every parameter
+    wants = []
     for i in range(len(params)):
         want = start[i]
         for weights in history:
             want = 0.75 * want + 0.25 * weights[i]
-        assert torch.allclose(ema.average[i], want, atol=1e-6)
+        wants.append(want.reshape(-1))
+    assert torch.allclose(ema.average, torch.cat(wants), atol=1e-6)
     trained = [p.detach().clone() for p in params]
     with ema.swapped():
-        for i, p in enumerate(params):
-            assert torch.equal(p, ema.average[i])
+        assert torch.equal(torch.cat([p.detach().reshape(-1) for p in params]), ema.average)
     for p, t in zip(params, trained):
         assert torch.equal(p, t)
     ema.capture()
-    assert ema.updates == 0 and all(torch.equal(a, p) for a, p in zip(ema.average, params))
+    assert ema.updates == 0
+    assert torch.equal(ema.average, torch.cat([p.detach().reshape(-1) for p in params]))
 
 
 def test_swap_restores_after_an_error():
@@ -93,3 +102,31 @@ def test_choose_weights_and_reading_each_set(tmp_path):
     avg = load_full_state_dict(ckpt, "auto")
     assert torch.equal(avg["input_stage.weight"], raw["input_stage.weight"])
     assert torch.allclose(avg["output_stage.weight"], 2.0 * raw["output_stage.weight"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_in_place_update_matches_the_unpartitioned_average_bit_for_bit(monkeypatch, dtype):
+    """Chunks that cut across parameters (CHUNK = 5) give exactly the old per-parameter numbers,
+    for fp32 and for bf16 weights (converted a chunk at a time), in the average and in the
+    parameters inside `swapped()`."""
+    monkeypatch.setattr(ema_module, "CHUNK", 5)
+    modules, reference = _modules(), _modules()
+    for m in (*modules.values(), *reference.values()):
+        m.to(dtype)
+    ema, ref = WeightAverage(modules, 0.9), ReferenceAverage(reference, 0.9)
+    assert ema.nbytes == ref.nbytes == 4 * (3 * 2 + 2 + 2 * 2)
+    params = [p for _, m in sorted(modules.items()) for p in m.parameters()]
+    ref_params = [p for _, m in sorted(reference.items()) for p in m.parameters()]
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        with torch.no_grad():
+            for p, q in zip(params, ref_params):
+                step = torch.randn(p.shape, generator=g).to(dtype)
+                p.add_(step)
+                q.add_(step)
+        ema.update()
+        ref.update()
+    assert torch.equal(ema.average, torch.cat([a.reshape(-1) for a in ref.average]))
+    with ema.swapped(), ref.swapped():
+        for p, q in zip(params, ref_params):
+            assert p.dtype == dtype and torch.equal(p, q)
