@@ -45,8 +45,8 @@ def effective_zero_stage(configured: int, data_parallel: int, bf16: bool) -> tup
 
     ZeRO partitions optimizer state, gradients (2) and parameters (3) over the data-parallel
     ranks only. With one DP rank it partitions nothing, yet stages 1-3 still flatten the
-    gradients into a buffer, copy them to the fp32 partition and back after each step: a fixed
-    15-25 ms a step on CPU (issue 22). In fp32, stage 0 (torch's AdamW on the parameters,
+    gradients into a buffer, copy them to the fp32 partition and back after each step: 20-27 ms
+    a step of the demo model on CPU (docs/benchmarks.md, issue 22). In fp32, stage 0 (torch's AdamW on the parameters,
     guarded by `guard_plain_optimizer`) is the same step: the same fp32 weights and AdamW
     moments, and loss curves equal bit for bit over 6 steps of the debug model (only the
     reported gradient norm differs, ~1e-6 relative: another order of summation). In bf16 it is
