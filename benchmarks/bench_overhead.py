@@ -79,7 +79,7 @@ class TsTrain:
 
         effective = engine_mod.effective_zero_stage
         if force_zero1:  # the behaviour before issue 22: the configured stage whatever DP is
-            engine_mod.effective_zero_stage = lambda configured, dp, bf16: (configured, "forced")
+            engine_mod.effective_zero_stage = lambda configured, *_: (configured, "forced")
         try:
             self.engine = engine_mod.StageEngine(
                 spec, stage, cfg.parallel, cfg.optim, TEXT_WEIGHT, SEED, torch.device("cpu"),

@@ -40,25 +40,31 @@ from megatron_ts.training.optimizer import param_groups
 log = get_logger(__name__)
 
 
-def effective_zero_stage(configured: int, data_parallel: int, bf16: bool) -> tuple[int, str]:
+def effective_zero_stage(
+    configured: int, data_parallel: int, pipeline: int, bf16: bool
+) -> tuple[int, str]:
     """The ZeRO stage an engine runs with, and why, for the log line.
 
     ZeRO partitions optimizer state, gradients (2) and parameters (3) over the data-parallel
     ranks only. With one DP rank it partitions nothing, yet stages 1-3 still flatten the
     gradients into a buffer, copy them to the fp32 partition and back after each step: 20-27 ms
-    a step of the demo model on CPU (docs/benchmarks.md, issue 22). In fp32, stage 0 (torch's AdamW on the parameters,
-    guarded by `guard_plain_optimizer`) is the same step: the same fp32 weights and AdamW
-    moments, and loss curves equal bit for bit over 6 steps of the debug model (only the
-    reported gradient norm differs, ~1e-6 relative: another order of summation). In bf16 it is
-    not: DeepSpeed's stage-0 bf16 optimizer steps differently from ZeRO's fp32 master
-    partitions (the loss after the first update differed by 0.5%), so bf16 keeps the configured
-    stage.
-    Checkpoints do not depend on the stage (training/optimizer_state.py), so a run may resume
-    across the switch either way.
+    a step of the demo model on CPU (docs/benchmarks.md, issue 22). In fp32 without a pipeline,
+    stage 0 (torch's AdamW on the parameters, guarded by `guard_plain_optimizer`) is the same
+    step: the same fp32 weights and AdamW moments, and loss curves equal bit for bit over 6
+    steps of the debug model (only the reported gradient norm differs, ~1e-6 relative: another
+    order of summation). In bf16 it is not: DeepSpeed's stage-0 bf16 optimizer steps
+    differently from ZeRO's fp32 master partitions (the loss after the first update differed by
+    0.5%), so bf16 keeps the configured stage. Nor under the pipeline engine: its stage-0
+    clipping (DeepSpeed's `clip_grad_norm_`, which `guard_plain_optimizer` calls) takes
+    pipeline ranks other than the first for model-parallel replicas and leaves their norm
+    weights out of the norm (1e-4 relative low at PP = 2 on the debug model), so PP > 1 keeps
+    the configured stage too. Checkpoints do not depend on the stage
+    (training/optimizer_state.py), so a run may resume across the switch either way.
 
     Args:
         configured: `parallel.zero_stage`.
         data_parallel: data-parallel size of the stage.
+        pipeline: pipeline-parallel size of the stage.
         bf16: bf16 mixed precision.
 
     Returns:
@@ -68,6 +74,11 @@ def effective_zero_stage(configured: int, data_parallel: int, bf16: bool) -> tup
         return 0, "parallel.zero_stage = 0"
     if data_parallel > 1:
         return configured, f"parallel.zero_stage = {configured} over {data_parallel} DP ranks"
+    if pipeline > 1:
+        return configured, (
+            f"parallel.zero_stage = {configured} with 1 DP rank, kept with PP = {pipeline}: "
+            "stage-0 clipping under the pipeline engine miscounts the gradient norm"
+        )
     if bf16:
         return configured, (
             f"parallel.zero_stage = {configured} with 1 DP rank, kept in bf16: DeepSpeed's "
@@ -112,7 +123,7 @@ class StageEngine:
         dp = parallel_state.get_data_parallel_world_size()
         self.data_parallel = dp
         self.pipeline = pp > 1
-        self.zero_stage, why = effective_zero_stage(parallel.zero_stage, dp, bf16)
+        self.zero_stage, why = effective_zero_stage(parallel.zero_stage, dp, pp, bf16)
         log.info("ZeRO stage %d in effect (%s)", self.zero_stage, why)
         self.loss_fn = TokenShuffleLoss(
             spec.vocab, stage.shuffle_window, text_loss_weight, stage.z_loss

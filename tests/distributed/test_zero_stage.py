@@ -30,22 +30,24 @@ EXTRA = [
 
 
 @pytest.mark.parametrize(
-    ("configured", "dp", "bf16", "effective"),
+    ("configured", "dp", "pp", "bf16", "effective"),
     [
-        (1, 1, False, 0),  # nothing to partition: the same fp32 step without ZeRO's copies
-        (2, 1, False, 0),
-        (3, 1, False, 0),
-        (0, 1, False, 0),
-        (1, 1, True, 1),  # bf16: DeepSpeed's stage-0 bf16 optimizer would change the numerics
-        (0, 1, True, 0),
-        (1, 2, False, 1),
-        (3, 4, True, 3),
+        (1, 1, 1, False, 0),  # nothing to partition: the same fp32 step without ZeRO's copies
+        (2, 1, 1, False, 0),
+        (3, 1, 1, False, 0),
+        (0, 1, 1, False, 0),
+        (1, 1, 1, True, 1),  # bf16: DeepSpeed's stage-0 bf16 optimizer changes the numerics
+        (1, 1, 2, False, 1),  # the pipeline engine's stage-0 clipping miscounts the norm
+        (0, 1, 2, False, 0),
+        (0, 1, 1, True, 0),
+        (1, 2, 1, False, 1),
+        (3, 4, 1, True, 3),
     ],
 )
-def test_effective_zero_stage(configured, dp, bf16, effective):
+def test_effective_zero_stage(configured, dp, pp, bf16, effective):
     from megatron_ts.training.engine import effective_zero_stage
 
-    stage, why = effective_zero_stage(configured, dp, bf16)
+    stage, why = effective_zero_stage(configured, dp, pp, bf16)
     assert stage == effective
     assert f"parallel.zero_stage = {configured}" in why
 
