@@ -11,8 +11,10 @@ three variants take one optimizer step each in turn, round after round (the orde
                it) with parallel.zero_stage = 1, so ZeRO stage 0 in effect at DP = 1
     zero1      the same engine with ZeRO-1 forced (the behaviour before issue 22)
     plain      the exported Hugging Face modeling file's model, built from the same weights,
-               with the same loss written out in PyTorch, torch.nn.utils.clip_grad_norm_ and
-               torch.optim.AdamW with the same hyper-parameters and weight-decay groups
+               its head scored as ts-train scores it (text rows for text positions, codebook
+               rows for image positions), the same loss written out in PyTorch,
+               torch.nn.utils.clip_grad_norm_ and torch.optim.AdamW with the same
+               hyper-parameters and weight-decay groups
 
 It prints the three first-step losses (same weights, same batch: they must agree), the median
 wall-clock and CPU time per step of each variant, and the ratios ts-train / plain and
