@@ -3,13 +3,14 @@
 Parallelism is applied here and nowhere else, in a fixed order: megatron-core's TP groups
 (already created by `init_model_parallel`), then either a plain DeepSpeed engine (PP = 1, ZeRO
 0-3) or DeepSpeed's pipeline engine over `PipelineModule` stages (PP > 1, ZeRO 0-1) with a
-topology whose rank order matches megatron's (tp fastest, then dp, then pp).
+topology whose rank order matches megatron's (tp fastest, then dp, then pp). The ZeRO stage
+in effect is `effective_zero_stage`'s: stage 0 where the configured one would partition nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import deepspeed
 import torch
@@ -37,6 +38,56 @@ from megatron_ts.training.nonfinite import guard_plain_optimizer
 from megatron_ts.training.optimizer import param_groups
 
 log = get_logger(__name__)
+
+
+def effective_zero_stage(
+    configured: int, data_parallel: int, pipeline: int, bf16: bool
+) -> tuple[int, str]:
+    """The ZeRO stage an engine runs with, and why, for the log line.
+
+    ZeRO partitions optimizer state, gradients (2) and parameters (3) over the data-parallel
+    ranks only. With one DP rank it partitions nothing, yet stages 1-3 still flatten the
+    gradients into a buffer, copy them to the fp32 partition and back after each step: 20-27 ms
+    a step of the demo model on CPU (docs/benchmarks.md, issue 22). In fp32 without a pipeline,
+    stage 0 (torch's AdamW on the parameters, guarded by `guard_plain_optimizer`) is the same
+    step: the same fp32 weights and AdamW moments, and loss curves equal bit for bit over 6
+    steps of the debug model (only the reported gradient norm differs, ~1e-6 relative: another
+    order of summation). In bf16 it is not: DeepSpeed's stage-0 bf16 optimizer steps
+    differently from ZeRO's fp32 master partitions (the loss after the first update differed by
+    0.5%), so bf16 keeps the configured stage. Nor under the pipeline engine: its stage-0
+    clipping (DeepSpeed's `clip_grad_norm_`, which `guard_plain_optimizer` calls) takes
+    pipeline ranks other than the first for model-parallel replicas and leaves their norm
+    weights out of the norm (1e-4 relative low at PP = 2 on the debug model), so PP > 1 keeps
+    the configured stage too. Checkpoints do not depend on the stage
+    (training/optimizer_state.py), so a run may resume across the switch either way.
+
+    Args:
+        configured: `parallel.zero_stage`.
+        data_parallel: data-parallel size of the stage.
+        pipeline: pipeline-parallel size of the stage.
+        bf16: bf16 mixed precision.
+
+    Returns:
+        (stage in effect, reason).
+    """
+    if configured == 0:
+        return 0, "parallel.zero_stage = 0"
+    if data_parallel > 1:
+        return configured, f"parallel.zero_stage = {configured} over {data_parallel} DP ranks"
+    if pipeline > 1:
+        return configured, (
+            f"parallel.zero_stage = {configured} with 1 DP rank, kept with PP = {pipeline}: "
+            "stage-0 clipping under the pipeline engine miscounts the gradient norm"
+        )
+    if bf16:
+        return configured, (
+            f"parallel.zero_stage = {configured} with 1 DP rank, kept in bf16: DeepSpeed's "
+            "stage-0 bf16 optimizer would change the numerics"
+        )
+    return 0, (
+        f"parallel.zero_stage = {configured} partitions over DP ranks and there is 1: stage 0 "
+        "takes the same fp32 step without ZeRO's flatten/copy"
+    )
 
 
 @dataclass
@@ -72,11 +123,13 @@ class StageEngine:
         dp = parallel_state.get_data_parallel_world_size()
         self.data_parallel = dp
         self.pipeline = pp > 1
+        self.zero_stage, why = effective_zero_stage(parallel.zero_stage, dp, pp, bf16)
+        log.info("ZeRO stage %d in effect (%s)", self.zero_stage, why)
         self.loss_fn = TokenShuffleLoss(
             spec.vocab, stage.shuffle_window, text_loss_weight, stage.z_loss
         )
         ds_cfg = deepspeed_config(
-            parallel,
+            replace(parallel, zero_stage=self.zero_stage),
             optim,
             stage.micro_batch,
             stage.global_batch,
