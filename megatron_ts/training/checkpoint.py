@@ -414,6 +414,13 @@ def layout_of(stage_engine) -> dict:
     }
 
 
+def _rank_layout(layout: dict) -> tuple:
+    """What decides which rank holds which RNG streams and data: (TP, PP, DP). The ZeRO stage is
+    not part of it: the optimizer state is layout-free either way, and the stage in effect may
+    differ for the same config (stage 0 at DP = 1, `effective_zero_stage`)."""
+    return layout["tensor"], layout["pipeline"], layout["data"]
+
+
 def load_checkpoint(
     ckpt_dir: Path,
     stage_engine,
@@ -439,7 +446,7 @@ def load_checkpoint(
     """
     verify_checkpoint(ckpt_dir)
     meta = read_meta(ckpt_dir)
-    same_layout = meta["layout"] == layout_of(stage_engine) and (
+    same_layout = _rank_layout(meta["layout"]) == _rank_layout(layout_of(stage_engine)) and (
         meta["model_spec"] == stage_engine.spec.to_dict()
     )
     ema = getattr(stage_engine, "ema", None)

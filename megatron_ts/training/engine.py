@@ -54,11 +54,9 @@ def effective_zero_stage(
     steps of the debug model (only the reported gradient norm differs, ~1e-6 relative: another
     order of summation). In bf16 it is not: DeepSpeed's stage-0 bf16 optimizer steps
     differently from ZeRO's fp32 master partitions (the loss after the first update differed by
-    0.5%), so bf16 keeps the configured stage. Nor under the pipeline engine: its stage-0
-    clipping (DeepSpeed's `clip_grad_norm_`, which `guard_plain_optimizer` calls) takes
-    pipeline ranks other than the first for model-parallel replicas and leaves their norm
-    weights out of the norm (1e-4 relative low at PP = 2 on the debug model), so PP > 1 keeps
-    the configured stage too. Checkpoints do not depend on the stage
+    0.5%), so bf16 keeps the configured stage. Under the pipeline engine stage 0 clips with
+    `nonfinite.clip_by_global_norm`, which counts every pipeline stage's parameters (DeepSpeed's
+    own clipping left later stages' norm weights out). Checkpoints do not depend on the stage
     (training/optimizer_state.py), so a run may resume across the switch either way.
 
     Args:
@@ -70,15 +68,11 @@ def effective_zero_stage(
     Returns:
         (stage in effect, reason).
     """
+    del pipeline  # any pipeline size: stage 0's clipping counts every stage (see above)
     if configured == 0:
         return 0, "parallel.zero_stage = 0"
     if data_parallel > 1:
         return configured, f"parallel.zero_stage = {configured} over {data_parallel} DP ranks"
-    if pipeline > 1:
-        return configured, (
-            f"parallel.zero_stage = {configured} with 1 DP rank, kept with PP = {pipeline}: "
-            "stage-0 clipping under the pipeline engine miscounts the gradient norm"
-        )
     if bf16:
         return configured, (
             f"parallel.zero_stage = {configured} with 1 DP rank, kept in bf16: DeepSpeed's "
