@@ -7,10 +7,10 @@ Layout: non-interleaved (rotate-half), as megatron-core's `apply_rotary_pos_emb`
     out = [t1 cos f - t2 sin f,  t2 cos f + t1 sin f]
 
 megatron-core's unfused path recomputes cos and sin of the angles for every call and builds the
-result from a chunk, a negation, two concatenations (one of them with an empty tail) and three
-elementwise products, each a full pass over q or k, and autograd keeps the pieces. Here cos/sin
+result from a negation, two concatenations (one of them with an empty tail), two products and a
+sum, each a pass over q or k, and autograd keeps the pieces. Here cos/sin
 are cached per (length, dim, dtype, device), the forward writes each half of the output with one
-multiply and one fused multiply-add, and the backward is the same rotation by -f (the
+multiply and one multiply-add (`addcmul_`), and the backward is the same rotation by -f (the
 transpose of a rotation), so nothing but cos/sin is saved. Where NVIDIA Apex is installed and we
 run on CUDA its fused kernel is used instead (`kernels.py`).
 """
