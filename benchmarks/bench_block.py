@@ -2,11 +2,13 @@
 
     python benchmarks/bench_block.py [--flavor demo] [--seq 82] [--batch 16] [--repeats 200]
 
-Three variants with the same weights, alternating in one process so machine noise hits all alike:
+Four variants with the same weights, alternating in one process so machine noise hits all alike:
 
 - `megatron_ts block`: `BlockLayer` (megatron-core TransformerLayer, local TP layers at TP = 1,
-  RoPE applied by our core attention with cached cos/sin, `models/rope.py`);
-- `megatron-core RoPE`: the same spec with RoPE left to megatron-core's SelfAttention
+  RoPE applied by our core attention with cached cos/sin, `models/rope.py`, and megatron's MLP
+  with SwiGLU as one autograd function, `models/swiglu.py`);
+- `our RoPE, megatron-core MLP`: the same with megatron-core's own `MLP` (chunk, silu, product);
+- `megatron-core RoPE + MLP (before)`: also RoPE left to megatron-core's SelfAttention
   (`rotary_pos_emb=`, its unfused `apply_rotary_pos_emb`): the block before issue 22;
 - `plain PyTorch (HF file)`: `TokenShuffleDecoderLayer` of the exported modeling file
   (separate q/k/v and gate/up linears, (B, S, d) layout), weights converted by `hf/weights.py`.
@@ -25,6 +27,7 @@ import statistics
 import time
 
 import torch
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import build_module
 from torch import nn
 
@@ -52,18 +55,23 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-class MegatronRopeBlock(nn.Module):
-    """The block before issue 22: megatron-core's SelfAttention applies RoPE from angles."""
+class MegatronCoreBlock(nn.Module):
+    """`block`'s weights in the spec with megatron-core's MLP and, optionally, its RoPE."""
 
-    def __init__(self, block: BlockLayer, config):
+    def __init__(self, block: BlockLayer, config, megatron_rope: bool):
         super().__init__()
         self.spec = block.spec
+        self.megatron_rope = megatron_rope
         backend = resolve_backend(block.spec.attention_backend)
-        self.layer = build_module(llama_layer_spec(backend), config=config, layer_number=1)
+        layer_spec = llama_layer_spec(backend, None if megatron_rope else block.spec.rope_theta)
+        layer_spec.submodules.mlp.module = MLP  # megatron-core's chunk + silu + product
+        self.layer = build_module(layer_spec, config=config, layer_number=1)
         self.layer.load_state_dict(block.layer.state_dict())
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        freqs = _freqs(hidden.shape[0], self.spec.shape.head_dim, self.spec.rope_theta)
+        freqs = None
+        if self.megatron_rope:
+            freqs = _freqs(hidden.shape[0], self.spec.shape.head_dim, self.spec.rope_theta)
         out, _ = self.layer(hidden, attention_mask=None, rotary_pos_emb=freqs)
         return out
 
@@ -106,7 +114,8 @@ def main() -> None:
     spec = ModelSpec.from_config(ModelConfig(flavor=args.flavor), vocab, 2)
     config = transformer_config(spec)
     block = BlockLayer(spec, config, 0, seed=5)
-    old = MegatronRopeBlock(block, config)
+    mcore_mlp = MegatronCoreBlock(block, config, megatron_rope=False)
+    old = MegatronCoreBlock(block, config, megatron_rope=True)
     plain = plain_layer(block)
     shape = spec.shape
     x = torch.randn(
@@ -121,11 +130,14 @@ def main() -> None:
         out.backward(torch.ones_like(out))
         return out.detach()
 
-    def run_old() -> torch.Tensor:
-        h = x.detach().requires_grad_()
-        out = old(h)
-        out.backward(torch.ones_like(out))
-        return out.detach()
+    def runner(module: MegatronCoreBlock):
+        def run() -> torch.Tensor:
+            h = x.detach().requires_grad_()
+            out = module(h)
+            out.backward(torch.ones_like(out))
+            return out.detach()
+
+        return run
 
     def run_plain() -> torch.Tensor:
         h = x_plain.detach().requires_grad_()
@@ -137,7 +149,8 @@ def main() -> None:
 
     variants = {
         "megatron_ts block": run_block,
-        "megatron-core RoPE (before)": run_old,
+        "our RoPE, megatron-core MLP": runner(mcore_mlp),
+        "megatron-core RoPE + MLP (before)": runner(old),
         "plain PyTorch (HF file)": run_plain,
     }
     ref = run_plain()
@@ -150,7 +163,7 @@ def main() -> None:
     cpu: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(args.warmup + args.repeats):
         for name, fn in variants.items():
-            for module in (block, old, plain):
+            for module in (block, mcore_mlp, old, plain):
                 module.zero_grad(set_to_none=True)
             start, start_cpu = time.perf_counter(), time.process_time()
             fn()

@@ -1,10 +1,11 @@
 """Layer structure as data: the megatron-core ModuleSpec of one Llama-style block.
 
 RMSNorm -> SelfAttention (fused QKV column-parallel, our core attention, row-parallel proj)
--> residual -> RMSNorm -> SwiGLU MLP (column-parallel fc1 holding [gate; up], row-parallel fc2)
--> residual. Backend choices (SDPA vs flash-attn, torch vs NVIDIA Apex norms and RoPE) live
-here and nowhere else. RoPE is applied by the core attention (see attention.py for why), so the
-block is called without megatron's `rotary_pos_emb`.
+-> residual -> RMSNorm -> SwiGLU MLP (megatron's MLP: column-parallel fc1 holding [gate; up],
+row-parallel fc2; the activation is one autograd function, swiglu.py) -> residual. Backend
+choices (SDPA vs flash-attn, torch vs NVIDIA Apex norms and RoPE) live here and nowhere else.
+RoPE is applied by the core attention (see attention.py for why), so the block is called
+without megatron's `rotary_pos_emb`.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_ts.models.attention import make_core_attention
 from megatron_ts.models.kernels import ApexRMSNorm, Kernels
+from megatron_ts.models.swiglu import SwiGLUMLP
 
 
 def llama_layer_spec(
@@ -57,7 +59,7 @@ def llama_layer_spec(
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
             mlp=ModuleSpec(
-                module=MLP,
+                module=SwiGLUMLP,
                 submodules=MLPSubmodules(
                     linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
                 ),
