@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +37,7 @@ from torch import nn
 from megatron_ts.config import ModelConfig
 from megatron_ts.models.attention import resolve_backend
 from megatron_ts.models.flavors import ModelShape
+from megatron_ts.models.kernels import select_kernels
 from megatron_ts.models.layer_specs import llama_layer_spec
 from megatron_ts.models.token_shuffle import TokenShuffle, TokenUnshuffle
 from megatron_ts.sequence import grid_to_windows
@@ -149,19 +149,6 @@ def _seeded(seed: int):
         torch.random.set_rng_state(state)
 
 
-@functools.lru_cache(maxsize=16)
-def _rope_freqs(seq_len: int, dim: int, theta: float, device: str) -> torch.Tensor:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (S, dim/2)
-    # megatron's non-interleaved layout (rotate-half, as HF Llama): [f, f]
-    return torch.cat([freqs, freqs], dim=-1)[:, None, None, :].to(device)  # (S, 1, 1, dim)
-
-
-def rope_freqs(seq_len: int, dim: int, theta: float, device: torch.device) -> torch.Tensor:
-    """RoPE angles for positions 0..seq_len-1 in megatron's layout, cached per shape."""
-    return _rope_freqs(seq_len, dim, theta, str(device))
-
-
 class InputLayer(nn.Module):
     """First pipeline stage: token embedding, token-shuffle of the image span."""
 
@@ -199,7 +186,7 @@ class InputLayer(nn.Module):
 
 
 class BlockLayer(nn.Module):
-    """One megatron-core transformer block; computes RoPE angles for the incoming length."""
+    """One megatron-core transformer block; its core attention applies RoPE over 0..S-1."""
 
     def __init__(self, spec: ModelSpec, config: TransformerConfig, layer_index: int, seed: int):
         super().__init__()
@@ -208,16 +195,15 @@ class BlockLayer(nn.Module):
         backend = resolve_backend(spec.attention_backend)
         with _seeded(seed):
             self.layer = build_module(
-                llama_layer_spec(backend), config=config, layer_number=layer_index + 1
+                llama_layer_spec(backend, spec.rope_theta, select_kernels()),
+                config=config,
+                layer_number=layer_index + 1,
             )
         if spec.activation_checkpointing == "selective":
             self.layer.self_attention.core_attention.checkpoint = True
 
     def _run(self, hidden: torch.Tensor) -> torch.Tensor:
-        freqs = rope_freqs(
-            hidden.shape[0], self.spec.shape.head_dim, self.spec.rope_theta, hidden.device
-        )
-        out, _ = self.layer(hidden, attention_mask=None, rotary_pos_emb=freqs)
+        out, _ = self.layer(hidden, attention_mask=None)  # RoPE: in the core attention
         return out
 
     def forward(
