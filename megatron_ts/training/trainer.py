@@ -38,7 +38,12 @@ from megatron_ts.training.checkpoint import (
 )
 from megatron_ts.training.engine import StageEngine
 from megatron_ts.training.lr_schedule import learning_rate
-from megatron_ts.training.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb
+from megatron_ts.training.metrics import (
+    MetricsWriter,
+    PendingSteps,
+    device_peak_tflops,
+    peak_memory_gb,
+)
 from megatron_ts.training.plan import vocab_from_config
 from megatron_ts.training.run_lock import RunDirBusyError, RunLock
 from megatron_ts.training.step_watch import SaveSchedule, StepHealth
@@ -344,6 +349,7 @@ class Trainer:
         seq_len = layout.seq_len
         meta_extra = {"config": cfg.to_dict(), "stage": _stage_meta(stage, downsample)}
         health, schedule = StepHealth(), SaveSchedule(cfg.checkpoint)
+        pending = PendingSteps()  # metrics stay on the device until a logging step or a save
         last_keys: list[str] = []
         log.info(
             "stage %d/%d %s: %d steps, %dpx, s=%d, %d positions, TP=%d PP=%d DP=%d",
@@ -372,7 +378,6 @@ class Trainer:
                 engine.set_lr(lr)
                 start = time.perf_counter()
                 result = engine.train_step(batches)
-                elapsed = time.perf_counter() - start
                 last_keys = result.keys
                 if cfg.logging.sample_keys:
                     self._record_keys(state.global_step + 1, result.keys)
@@ -380,8 +385,10 @@ class Trainer:
                 state.stage_step += 1
                 state.consumed_samples += stage.global_batch
                 state.stage_samples += stage.global_batch
-                state.record(result.loss)
-                health.observe(state, result)
+                pending.add(
+                    state.global_step, state.stage_step, result, time.perf_counter() - start
+                )
+                health.observe(state, result)  # host flags only: the metrics are not read here
 
                 diverged = state.nonfinite_in_row >= cfg.train.max_nonfinite_in_row
                 if (
@@ -389,7 +396,10 @@ class Trainer:
                     or state.global_step % cfg.logging.interval == 0
                     or state.stage_step == stage.steps
                 ):
-                    self._log(state, stage, result, lr, elapsed, flops_per_sample, seq_len, loader)
+                    step_seconds = self._read_metrics(pending, state, health)
+                    self._log(
+                        state, stage, result, lr, step_seconds, flops_per_sample, seq_len, loader
+                    )
                 if diverged:
                     raise TrainingError(
                         self._streak_message(state, result.keys, "train.max_nonfinite_in_row")
@@ -410,6 +420,7 @@ class Trainer:
                     continue
                 preview = self._preview_due(state)
                 if stop or preview or (due and state.stage_step < stage.steps):
+                    self._read_metrics(pending, state, health)  # the loss history is saved
                     saved = self._save(engine, state, loader, meta_extra)
                     schedule.saved()
                     if preview:
@@ -429,6 +440,7 @@ class Trainer:
             state.stage_samples = 0
             if cfg.checkpoint.save_on_exit or state.stage_index < len(self.stages):
                 # with the loader position, so that the stage can be extended later
+                self._read_metrics(pending, state, health)
                 self._save(engine, state, loader, meta_extra)
             return EXIT_OK
         finally:
@@ -436,6 +448,17 @@ class Trainer:
                 loader.close()
             del engine
             gc.collect()
+
+    @staticmethod
+    def _read_metrics(pending: PendingSteps, state: TrainState, health: StepHealth) -> float | None:
+        """Reads the queued steps' metrics (one device-to-host sync for all of them) into the
+        loss history and the spike check; returns the wall seconds per step since the last read.
+        """
+        steps, step_seconds = pending.read()
+        for global_step, _, result in steps:
+            state.record(result.loss, step=global_step)
+        health.spikes([(g, k, r.loss) for g, k, r in steps if not r.nonfinite])
+        return step_seconds
 
     def _preview_due(self, state: TrainState) -> bool:
         interval = self.cfg.logging.preview_interval
@@ -499,7 +522,12 @@ class Trainer:
             self.cfg.checkpoint.keep_last,
         )
 
-    def _log(self, state, stage, result, lr, elapsed, flops_per_sample, seq_len, loader) -> None:
+    def _log(
+        self, state, stage, result, lr, step_seconds, flops_per_sample, seq_len, loader
+    ) -> None:
+        """Writes the step's metrics (read already) and the throughput of the steps since the
+        last read (`step_seconds` per step)."""
+        elapsed = step_seconds
         images_per_s = stage.global_batch / elapsed
         tflops = flops_per_sample * images_per_s / self.world / 1e12
         values = {
