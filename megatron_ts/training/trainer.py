@@ -378,6 +378,7 @@ class Trainer:
                 engine.set_lr(lr)
                 start = time.perf_counter()
                 result = engine.train_step(batches)
+                seconds = time.perf_counter() - start  # host time: the device may still run
                 last_keys = result.keys
                 if cfg.logging.sample_keys:
                     self._record_keys(state.global_step + 1, result.keys)
@@ -385,9 +386,7 @@ class Trainer:
                 state.stage_step += 1
                 state.consumed_samples += stage.global_batch
                 state.stage_samples += stage.global_batch
-                pending.add(
-                    state.global_step, state.stage_step, result, time.perf_counter() - start
-                )
+                pending.add(state.global_step, state.stage_step, result, seconds)
                 health.observe(state, result)  # host flags only: the metrics are not read here
 
                 diverged = state.nonfinite_in_row >= cfg.train.max_nonfinite_in_row
@@ -527,8 +526,7 @@ class Trainer:
     ) -> None:
         """Writes the step's metrics (read already) and the throughput of the steps since the
         last read (`step_seconds` per step)."""
-        elapsed = step_seconds
-        images_per_s = stage.global_batch / elapsed
+        images_per_s = stage.global_batch / step_seconds
         tflops = flops_per_sample * images_per_s / self.world / 1e12
         values = {
             "train/loss": result.loss,
@@ -540,7 +538,7 @@ class Trainer:
             "train/skipped_steps": state.skipped_steps,
             "train/stage": stage.index,
             "train/consumed_samples": state.consumed_samples,
-            "perf/step_time_s": elapsed,
+            "perf/step_time_s": step_seconds,
             "perf/images_per_s": images_per_s,
             "perf/tokens_per_s": images_per_s * seq_len,
             "perf/tflops_per_device": tflops,
