@@ -120,9 +120,7 @@ def write_tensor_file(
     return path
 
 
-def write_model_files(
-    model_or_layers, ckpt_dir: Path, tp_rank: int, num_layers: int
-) -> list[Path]:
+def write_model_files(model_or_layers, ckpt_dir: Path, tp_rank: int, num_layers: int) -> list[Path]:
     """Writes every local layer module's layer file (single-process saves, converters, tests).
 
     Args:

@@ -12,6 +12,12 @@ uncond + w * (cond - uncond) with w from a schedule; then temperature, top-k and
 sample per code from a per-image CPU generator seeded with seed + image index, so an image depends
 only on its seed and settings, not on the device or the batch it was decoded in.
 
+Sampling never leaves the device: `torch.multinomial(p, 1)` is argmax(p / q) with q ~ Exp(1) drawn
+by the generator (PyTorch's own one-sample algorithm), and q does not depend on p, so the CPU
+generator draws q on the host and the device takes the argmax. The codes and the generators' states
+are those of `torch.multinomial` on the CPU probabilities, bit for bit, without the per-step
+device-to-host copy of the probabilities that stalled a GPU at every decoding step.
+
 Schedules: the paper guides with a scale that changes over the image tokens and adopts a
 "half-linear" schedule. Our reading: the scale rises linearly from 1 (no guidance) to the target
 over the first half of the image tokens and stays at the target for the second half. `linear`
@@ -206,13 +212,36 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def code_noise(
+    generators: Sequence[torch.Generator], shape: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
+    """(B, *shape) Exp(1) noise on `device`, image i's drawn by generators[i].
+
+    Each draw is the one `torch.multinomial(p, 1, generator=g)` makes for a `shape` fp32 input
+    (`empty_like(p).exponential_(1, g)`), so argmax(p / noise) is its sample and leaves `g` in
+    the same state. Drawn on the generators' device (the CPU) and copied to `device` from pinned
+    memory without a sync: the host draws the next step's noise while the GPU runs this one.
+    """
+    noise = torch.stack(
+        [
+            torch.empty(shape, dtype=torch.float32, device=g.device).exponential_(1, generator=g)
+            for g in generators
+        ]
+    )
+    if noise.device != device:
+        if device.type == "cuda":
+            noise = noise.pin_memory()
+        noise = noise.to(device, non_blocking=True)
+    return noise
+
+
 def sample_step(
     logits: torch.Tensor,
     scale: float | None,
     sampling: SamplingConfig,
     generators: Sequence[torch.Generator],
 ) -> torch.Tensor:
-    """Samples one window's codes.
+    """Samples one window's codes on the logits' device (no device-to-host sync).
 
     Args:
         logits: (R, s^2, K) codebook logits; R = B, or 2B rows [cond; uncond] when `scale`.
@@ -221,7 +250,7 @@ def sample_step(
         generators: one CPU generator per image.
 
     Returns:
-        (B, s^2) codebook-local codes.
+        (B, s^2) codebook-local codes, on the logits' device.
     """
     logits = logits.float()
     if scale is not None:
@@ -230,12 +259,9 @@ def sample_step(
     if sampling.temperature <= 0:
         return logits.argmax(-1)
     logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
-    probs = logits.softmax(-1).cpu()  # (B, s^2, K); sampled on CPU for device-independent seeds
-    codes = [
-        torch.multinomial(p, 1, generator=g).squeeze(-1)
-        for p, g in zip(probs, generators, strict=True)
-    ]
-    return torch.stack(codes).to(logits.device)
+    probs = logits.softmax(-1)  # (B, s^2, K)
+    noise = code_noise(generators, tuple(probs.shape[1:]), probs.device)  # (B, s^2, K)
+    return (probs / noise).argmax(-1)  # torch.multinomial(p, 1)'s sample, see code_noise
 
 
 @torch.no_grad()

@@ -172,6 +172,14 @@ class TokenShuffleLoss:
         self.history.append(LossParts(values=values, image_tokens=n_img))
         return total
 
+    def nonfinite(self) -> torch.Tensor:
+        """0-d: 1.0 when a micro-batch loss since the last `pop_history` is not finite, else 0.0
+        (on the device, no host read)."""
+        if not self.history:
+            return torch.zeros(())
+        totals = torch.stack([parts.values[0] for parts in self.history])
+        return (~torch.isfinite(totals)).any().float()
+
     def pop_history(self) -> list[LossParts]:
         out, self.history = self.history, []
         return out

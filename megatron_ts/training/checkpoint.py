@@ -85,9 +85,9 @@ class TrainState:
     history: list = field(default_factory=list)
     """(global_step, loss) of the last HISTORY_STEPS steps (metrics.jsonl keeps every step)."""
 
-    def record(self, loss: float) -> None:
-        """Appends this step's loss to the bounded history."""
-        self.history.append([self.global_step, loss])
+    def record(self, loss: float, step: int | None = None) -> None:
+        """Appends a step's loss (default: this step's) to the bounded history."""
+        self.history.append([self.global_step if step is None else step, loss])
         del self.history[:-HISTORY_STEPS]
 
 

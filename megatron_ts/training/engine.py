@@ -84,15 +84,53 @@ def effective_zero_stage(
     )
 
 
+METRICS = ("loss", "image_loss", "text_loss", "z_loss", "grad_norm")
+"""The fields of `StepResult.metrics`, in order."""
+
+
 @dataclass
 class StepResult:
-    loss: float
-    image_loss: float
-    text_loss: float
-    z_loss: float
-    grad_norm: float
+    """One optimizer step's outcome: host flags now, metrics on the device until read.
+
+    `metrics` stays where the loss was computed, so a step makes no device-to-host transfer
+    for its metrics; the trainer reads a logging interval's steps together (`read_metrics`)
+    and the properties below read the step alone (one transfer, cached).
+    """
+
+    metrics: torch.Tensor
+    """(5,) fp64 on the device: METRICS, the loss parts averaged over micro-batches and ranks."""
     skipped: bool
+    """The optimizer did not apply the update (non-finite gradients)."""
+    nonfinite: bool
+    """Skipped, or its loss is not finite: a non-finite step (the same on every rank)."""
     keys: list[str]
+    host: list[float] | None = None
+    """`metrics` on the host once read."""
+
+    def values(self) -> list[float]:
+        if self.host is None:
+            self.host = self.metrics.tolist()
+        return self.host
+
+    @property
+    def loss(self) -> float:
+        return self.values()[0]
+
+    @property
+    def image_loss(self) -> float:
+        return self.values()[1]
+
+    @property
+    def text_loss(self) -> float:
+        return self.values()[2]
+
+    @property
+    def z_loss(self) -> float:
+        return self.values()[3]
+
+    @property
+    def grad_norm(self) -> float:
+        return self.values()[4]
 
 
 class StageEngine:
@@ -163,7 +201,8 @@ class StageEngine:
             self.local_layers = {
                 idx: getattr(pipe, str(idx)) for idx in range(pipe._local_start, pipe._local_stop)
             }
-        guard_plain_optimizer(self.engine)
+        # ZeRO-0 fp32: our guard decides skips, and the loss's finiteness joins its verdict
+        self.guarded = guard_plain_optimizer(self.engine, self.loss_fn.nonfinite)
         self.is_first_stage = 0 in self.local_layers
         self.ema = WeightAverage(self.local_layers, ema_decay) if ema_decay else None
         self.is_last_stage = (spec.shape.num_layers + 1) in self.local_layers
@@ -224,17 +263,14 @@ class StageEngine:
         skipped = self.engine.skipped_steps > skipped_before
         if self.ema is not None and not skipped:
             self.ema.update()
-        grad_norm = self.engine.get_global_grad_norm()
-        parts = self._reduce_loss_parts()
-        return StepResult(
-            loss=parts[0],
-            image_loss=parts[1],
-            text_loss=parts[2],
-            z_loss=parts[3],
-            grad_norm=float("nan") if grad_norm is None else float(grad_norm),
-            skipped=skipped,
-            keys=keys,
-        )
+        metrics = self._reduce_loss_parts(self.engine.get_global_grad_norm())
+        # The skip logic needs one host bit per step: is the step non-finite (a streak stops
+        # the run, a save never lands inside one). Under our guard (ZeRO-0 fp32) its verdict
+        # already covers the loss; otherwise DeepSpeed synced to judge the gradients and a
+        # skipped step costs nothing more, and an applied one reads whether its loss is finite
+        # (the reduced loss, the same on every rank): one read per optimizer step either way.
+        nonfinite = skipped or (not self.guarded and not bool(torch.isfinite(metrics[0])))
+        return StepResult(metrics=metrics, skipped=skipped, nonfinite=nonfinite, keys=keys)
 
     def _step_norm(self, micro: list[dict]) -> torch.Tensor:
         """[text, image] predictions per micro-batch of this step's global batch.
@@ -243,23 +279,23 @@ class StageEngine:
         counts), so the step's loss and gradients are the token means of the whole global batch
         however it is split into micro-batches and data-parallel ranks: a run resumed on
         another DP size or micro-batch size continues the same curve. Counted on the host
-        copies of the masks; on GPU the one all-reduce stays on the device (no host sync).
+        copies of the masks, as tensors (no Python numbers: nothing here waits for a device);
+        on GPU the one all-reduce stays on the device.
         """
-        text = sum(int(b["text_mask"][:, 1:].sum()) for b in micro)
+        text = torch.stack([b["text_mask"][:, 1:].sum(dtype=torch.int64) for b in micro]).sum()
         image = sum(b["codes"].numel() for b in micro)  # one prediction per code
-        counts = torch.tensor([text, image], dtype=torch.float32)
+        counts = torch.stack([text, torch.tensor(image)]).to(torch.float32)
         if self.data_parallel > 1:
             if dist.get_backend() == "nccl":
                 counts = counts.to(self.device, non_blocking=True)
             dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
         return (counts / (len(micro) * self.data_parallel)).to(self.device, non_blocking=True)
 
-    def _reduce_loss_parts(self) -> list[float]:
-        """Mean loss parts over micro-batches and data-parallel ranks, known on every rank."""
+    def _reduce_loss_parts(self, grad_norm: float | torch.Tensor | None) -> torch.Tensor:
+        """(5,) fp64 METRICS: mean loss parts over micro-batches and data-parallel ranks, known
+        on every rank, and the gradient norm; on the device, without a host transfer."""
         history = self.loss_fn.pop_history()
-        # summed where the loss parts are (on the device), so the step costs one host transfer
-        # (the final tolist), not one per micro-batch
-        device = history[0].values.device if history else torch.device("cpu")
+        device = history[0].values.device if history else self.device
         vec = torch.zeros(5, dtype=torch.float64, device=device)
         if history:
             for parts in history:
@@ -267,6 +303,15 @@ class StageEngine:
             vec[:4] /= len(history)
             vec[4] = 1.0
         if dist.get_world_size() > 1:
-            vec = vec.to(self.device) if dist.get_backend() == "nccl" else vec.cpu()
+            comm = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+            if vec.device != comm:
+                vec = vec.to(comm)
             dist.all_reduce(vec)
-        return (vec[:4] / vec[4].clamp(min=1.0)).tolist()
+        out = torch.cat([vec[:4] / vec[4].clamp(min=1.0), vec.new_zeros(1)])
+        if grad_norm is None:
+            out[4] = float("nan")
+        elif isinstance(grad_norm, torch.Tensor):  # ZeRO and our guard leave it on the device
+            out[4:] = grad_norm.detach().reshape(1).to(out.device, out.dtype, non_blocking=True)
+        else:
+            out[4] = float(grad_norm)
+        return out

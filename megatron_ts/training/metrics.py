@@ -1,5 +1,10 @@
 """Training metrics to TensorBoard, the console and `metrics.jsonl` (rank 0 only).
 
+A step's metrics stay on the device (`StepResult.metrics`) until the trainer reads them: the
+steps since the last read come to the host together, in one transfer, at a logging step, before
+a checkpoint and at the end of a stage (`PendingSteps`). Steps with no read in between run
+without waiting for the device, so the reported step time is the interval's wall time per step.
+
 MFU = model training FLOPs per second per device / the device's peak dense bf16 TFLOP/s.
 Model FLOPs come from megatron_ts.models.flops (3x forward, recomputation not counted); the
 peak table is below and can be overridden with logging.peak_tflops.
@@ -10,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import time
 from pathlib import Path
 
 import torch
@@ -48,6 +54,33 @@ def peak_memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB
+
+
+class PendingSteps:
+    """Steps whose metrics are still on the device, read together (one device-to-host sync)."""
+
+    def __init__(self):
+        self.steps: list[tuple[int, int, object]] = []
+        self.seconds = 0.0
+
+    def add(self, global_step: int, stage_step: int, result, seconds: float) -> None:
+        """Queues a `StepResult` and the host seconds its `train_step` call took."""
+        self.steps.append((global_step, stage_step, result))
+        self.seconds += seconds
+
+    def read(self) -> tuple[list[tuple[int, int, object]], float | None]:
+        """(global_step, stage_step, result) of the queued steps, their `host` metrics set, and
+        the wall seconds per step: the train_step calls plus the wait for the device here."""
+        steps, self.steps = self.steps, []
+        start = time.perf_counter()
+        pending = [r for _, _, r in steps if r.host is None]
+        if pending:
+            rows = torch.stack([r.metrics for r in pending]).tolist()  # waits for the device
+            for result, row in zip(pending, rows, strict=True):
+                result.host = row
+        seconds = self.seconds + time.perf_counter() - start
+        self.seconds = 0.0
+        return steps, (seconds / len(steps) if steps else None)
 
 
 class MetricsWriter:

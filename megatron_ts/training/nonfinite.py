@@ -10,6 +10,8 @@ is the last line of defence before a checkpoint is written.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.base_optimizer import ZeROOptimizer
@@ -63,11 +65,13 @@ class _PlainOptimizerGuard:
     The verdict is taken on the reduced gradients before clipping (clipping by an infinite norm
     zeroes finite entries and could hide the problem). A bad step is not applied; the optimizer's
     `overflow` is set so the engine counts it as skipped and clears the gradients as after any
-    step.
+    step. `loss_flag` (a 0-d device tensor, non-zero when this step's loss is not finite) joins
+    the verdict in the same all-reduce, so the step's one host read decides both.
     """
 
-    def __init__(self, engine):
+    def __init__(self, engine, loss_flag: Callable[[], torch.Tensor] | None = None):
         self.engine = engine
+        self.loss_flag = loss_flag
         self.optimizer = engine.optimizer
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.verdict: bool | None = None
@@ -77,17 +81,19 @@ class _PlainOptimizerGuard:
         self.optimizer.overflow = False
 
     def _bad(self) -> bool:
-        return any_rank(_local_nonfinite(self.params))
+        flag = _local_nonfinite(self.params)
+        if self.loss_flag is not None:
+            flag = torch.maximum(flag, self.loss_flag().to(flag.device, flag.dtype))
+        return any_rank(flag)
 
     def clip(self) -> None:
         # Replaces the engine's clip_fp32_gradients, which drops the norm (ZeRO-0 fp32 runs
-        # logged none) and miscounts it under the pipeline engine (`clip_by_global_norm`).
+        # logged none) and miscounts it under the pipeline engine (`clip_by_global_norm`); the
+        # norm stays the device tensor it is (the trainer reads it with the step's metrics).
         self.verdict = self._bad()
         if not self.verdict:
-            self.optimizer._global_grad_norm = float(
-                clip_by_global_norm(
-                    list(self.engine.module.parameters()), self.engine.gradient_clipping()
-                )
+            self.optimizer._global_grad_norm = clip_by_global_norm(
+                list(self.engine.module.parameters()), self.engine.gradient_clipping()
             )
 
     def step(self, *args, **kwargs):
@@ -100,15 +106,17 @@ class _PlainOptimizerGuard:
         return self._step(*args, **kwargs)
 
 
-def guard_plain_optimizer(engine) -> bool:
+def guard_plain_optimizer(engine, loss_flag: Callable[[], torch.Tensor] | None = None) -> bool:
     """Installs the finiteness check where DeepSpeed has none; returns whether it did.
 
     Args:
         engine: a DeepSpeed engine (plain or pipeline) after `deepspeed.initialize`.
+        loss_flag: returns a 0-d tensor, non-zero when the step's loss (on this rank) is not
+            finite; the guard then also skips such a step, and its verdict covers the loss.
     """
     if isinstance(engine.optimizer, ZeROOptimizer):
         return False  # ZeRO 1-3 and bf16: DeepSpeed skips non-finite steps itself
-    _PlainOptimizerGuard(engine)
+    _PlainOptimizerGuard(engine, loss_flag)
     return True
 
 

@@ -3,13 +3,13 @@
 health = StepHealth()
 schedule = SaveSchedule(cfg.checkpoint)
 ...
-health.observe(state, result)             # counts skipped steps, warns on loss spikes
+health.observe(state, result)             # every step: counts non-finite (skipped) steps
+health.spikes(steps)                      # when the metrics are read: warns on loss spikes
 if schedule.due(state.global_step, in_streak=state.nonfinite_in_row > 0): save
 """
 
 from __future__ import annotations
 
-import math
 import time
 
 from megatron_ts.config import CheckpointConfig
@@ -24,7 +24,12 @@ SPIKE_WARMUP = 10
 
 
 class StepHealth:
-    """Counts non-finite steps into the train state and reports loss spikes."""
+    """Counts non-finite steps into the train state and reports loss spikes.
+
+    The count is kept every step from host flags (`result.nonfinite`); the spike check needs the
+    loss values, which stay on the device until the trainer reads a logging interval's metrics,
+    so it runs then, over those steps in order (the same warnings, printed at the read).
+    """
 
     def __init__(self):
         self.loss_mean: float | None = None
@@ -35,28 +40,29 @@ class StepHealth:
         Returns:
             Whether the step was applied with a finite loss.
         """
-        if not math.isfinite(result.loss) or result.skipped:
+        if result.nonfinite:
             state.skipped_steps += 1
             state.nonfinite_in_row += 1
             log.warning(
-                "step %d: non-finite loss or gradients (loss=%s), update skipped; batch keys %s",
+                "step %d: non-finite loss or gradients, update skipped; batch keys %s",
                 state.global_step,
-                result.loss,
                 result.keys[:8],
             )
             return False
         state.nonfinite_in_row = 0
-        mean = self.loss_mean
-        if (
-            mean is not None
-            and state.stage_step > SPIKE_WARMUP
-            and result.loss > SPIKE_FACTOR * mean
-        ):
-            log.warning(
-                "step %d: loss spike %.4f (running mean %.4f)", state.global_step, result.loss, mean
-            )
-        self.loss_mean = result.loss if mean is None else 0.9 * mean + 0.1 * result.loss
         return True
+
+    def spikes(self, steps: list[tuple[int, int, float]]) -> None:
+        """Updates the running mean with the finite steps' losses and warns on spikes.
+
+        Args:
+            steps: (global_step, stage_step, loss) of the steps `observe` found finite, in order.
+        """
+        for global_step, stage_step, loss in steps:
+            mean = self.loss_mean
+            if mean is not None and stage_step > SPIKE_WARMUP and loss > SPIKE_FACTOR * mean:
+                log.warning("step %d: loss spike %.4f (running mean %.4f)", global_step, loss, mean)
+            self.loss_mean = loss if mean is None else 0.9 * mean + 0.1 * loss
 
 
 class SaveSchedule:

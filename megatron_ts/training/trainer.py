@@ -45,7 +45,12 @@ from megatron_ts.training.checkpoint import (
 )
 from megatron_ts.training.engine import StageEngine
 from megatron_ts.training.lr_schedule import learning_rate
-from megatron_ts.training.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb
+from megatron_ts.training.metrics import (
+    MetricsWriter,
+    PendingSteps,
+    device_peak_tflops,
+    peak_memory_gb,
+)
 from megatron_ts.training.plan import vocab_from_config
 from megatron_ts.training.run_lock import RunDirBusyError, RunLock
 from megatron_ts.training.step_watch import SaveSchedule, StepHealth
@@ -378,6 +383,7 @@ class Trainer:
         seq_len = layout.seq_len
         meta_extra = {"config": cfg.to_dict(), "stage": _stage_meta(stage, downsample)}
         health, schedule = StepHealth(), SaveSchedule(cfg.checkpoint)
+        pending = PendingSteps()  # metrics stay on the device until a logging step or a save
         last_keys: list[str] = []
         log.info(
             "stage %d/%d %s: %d steps, %dpx, s=%d, %d positions, TP=%d PP=%d DP=%d",
@@ -406,7 +412,7 @@ class Trainer:
                 engine.set_lr(lr)
                 start = time.perf_counter()
                 result = engine.train_step(batches)
-                elapsed = time.perf_counter() - start
+                seconds = time.perf_counter() - start  # host time: the device may still run
                 last_keys = result.keys
                 if cfg.logging.sample_keys:
                     self._record_keys(state.global_step + 1, result.keys)
@@ -414,8 +420,8 @@ class Trainer:
                 state.stage_step += 1
                 state.consumed_samples += stage.global_batch
                 state.stage_samples += stage.global_batch
-                state.record(result.loss)
-                health.observe(state, result)
+                pending.add(state.global_step, state.stage_step, result, seconds)
+                health.observe(state, result)  # host flags only: the metrics are not read here
 
                 diverged = state.nonfinite_in_row >= cfg.train.max_nonfinite_in_row
                 if (
@@ -423,7 +429,10 @@ class Trainer:
                     or state.global_step % cfg.logging.interval == 0
                     or state.stage_step == stage.steps
                 ):
-                    self._log(state, stage, result, lr, elapsed, flops_per_sample, seq_len, loader)
+                    step_seconds = self._read_metrics(pending, state, health)
+                    self._log(
+                        state, stage, result, lr, step_seconds, flops_per_sample, seq_len, loader
+                    )
                 if diverged:
                     raise TrainingError(
                         self._streak_message(state, result.keys, "train.max_nonfinite_in_row")
@@ -444,6 +453,7 @@ class Trainer:
                     continue
                 preview = self._preview_due(state)
                 if stop or preview or (due and state.stage_step < stage.steps):
+                    self._read_metrics(pending, state, health)  # the loss history is saved
                     saved = self._save(engine, state, loader, meta_extra)
                     schedule.saved()
                     if preview:
@@ -463,6 +473,7 @@ class Trainer:
             state.stage_samples = 0
             if cfg.checkpoint.save_on_exit or state.stage_index < len(self.stages):
                 # with the loader position, so that the stage can be extended later
+                self._read_metrics(pending, state, health)
                 self._save(engine, state, loader, meta_extra)
             return EXIT_OK
         finally:
@@ -470,6 +481,17 @@ class Trainer:
                 loader.close()
             del engine
             gc.collect()
+
+    @staticmethod
+    def _read_metrics(pending: PendingSteps, state: TrainState, health: StepHealth) -> float | None:
+        """Reads the queued steps' metrics (one device-to-host sync for all of them) into the
+        loss history and the spike check; returns the wall seconds per step since the last read.
+        """
+        steps, step_seconds = pending.read()
+        for global_step, _, result in steps:
+            state.record(result.loss, step=global_step)
+        health.spikes([(g, k, r.loss) for g, k, r in steps if not r.nonfinite])
+        return step_seconds
 
     def _preview_due(self, state: TrainState) -> bool:
         interval = self.cfg.logging.preview_interval
@@ -533,8 +555,12 @@ class Trainer:
             self.cfg.checkpoint.keep_last,
         )
 
-    def _log(self, state, stage, result, lr, elapsed, flops_per_sample, seq_len, loader) -> None:
-        images_per_s = stage.global_batch / elapsed
+    def _log(
+        self, state, stage, result, lr, step_seconds, flops_per_sample, seq_len, loader
+    ) -> None:
+        """Writes the step's metrics (read already) and the throughput of the steps since the
+        last read (`step_seconds` per step)."""
+        images_per_s = stage.global_batch / step_seconds
         tflops = flops_per_sample * images_per_s / self.world / 1e12
         values = {
             "train/loss": result.loss,
@@ -546,7 +572,7 @@ class Trainer:
             "train/skipped_steps": state.skipped_steps,
             "train/stage": stage.index,
             "train/consumed_samples": state.consumed_samples,
-            "perf/step_time_s": elapsed,
+            "perf/step_time_s": step_seconds,
             "perf/images_per_s": images_per_s,
             "perf/tokens_per_s": images_per_s * seq_len,
             "perf/tflops_per_device": tflops,

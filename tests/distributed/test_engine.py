@@ -21,30 +21,30 @@ GLOBAL_BATCH = 4
 MICRO_BATCH = 2
 
 
-def _global_batches(vocab, step: int):
+def _global_batches(vocab, step: int, global_batch: int = GLOBAL_BATCH):
     """The global batch of one step, identical for every layout (a fixed batch, so the
     reference run measurably learns within three steps)."""
     import torch
 
     g = torch.Generator().manual_seed(1000)
-    text = torch.randint(0, 256, (GLOBAL_BATCH, 10), generator=g)
+    text = torch.randint(0, 256, (global_batch, 10), generator=g)
     text[:, 0] = vocab.bos_id
     text[:, -1] = vocab.boi_id
-    mask = torch.ones(GLOBAL_BATCH, 10)
+    mask = torch.ones(global_batch, 10)
     mask[:, 0] = 0
     mask[:, -1] = 0
     mask[:, 6:9] = 0  # some padding, so the text mask matters
     text[:, 6:9] = vocab.pad_id
-    codes = torch.randint(0, 512, (GLOBAL_BATCH, 8, 8), generator=g)
+    codes = torch.randint(0, 512, (global_batch, 8, 8), generator=g)
     return text, mask, codes
 
 
-def _micro_batches(vocab, dp_rank: int, dp: int):
+def _micro_batches(vocab, dp_rank: int, dp: int, global_batch: int = GLOBAL_BATCH):
     """Yields this DP rank's micro-batches: the global batch is split micro-batch-major."""
     step = 0
     while True:
-        text, mask, codes = _global_batches(vocab, step)
-        per_rank = GLOBAL_BATCH // dp
+        text, mask, codes = _global_batches(vocab, step, global_batch)
+        per_rank = global_batch // dp
         for m in range(per_rank // MICRO_BATCH):
             lo = dp_rank * per_rank + m * MICRO_BATCH
             sl = slice(lo, lo + MICRO_BATCH)
@@ -52,11 +52,16 @@ def _micro_batches(vocab, dp_rank: int, dp: int):
         step += 1
 
 
-def _loss_curve(
-    tp: int, pp: int, zero: int, z_loss: float = 1e-3, device: str = "cpu"
-) -> list[tuple[float, float]]:
+def _engine(
+    tp: int,
+    pp: int,
+    zero: int,
+    z_loss: float = 1e-3,
+    device: str = "cpu",
+    global_batch: int = GLOBAL_BATCH,
+):
+    """(StageEngine, vocab) of the debug model in this world's layout."""
     import torch
-    from megatron.core import parallel_state
 
     from megatron_ts.config import Config, validate
     from megatron_ts.distributed.init import init_distributed, init_model_parallel
@@ -73,7 +78,7 @@ def _loss_curve(
     cfg.data.resolution = 64
     cfg.data.caption_len = 8
     cfg.train.micro_batch = MICRO_BATCH
-    cfg.train.global_batch = GLOBAL_BATCH
+    cfg.train.global_batch = global_batch
     cfg.train.z_loss = z_loss
     cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.zero_stage = tp, pp, zero
     stage = validate(cfg, world)[0]
@@ -81,6 +86,15 @@ def _loss_curve(
     vocab = VocabLayout(256, 512)
     spec = ModelSpec.from_config(cfg.model, vocab, 2, tp)
     engine = StageEngine(spec, stage, cfg.parallel, cfg.optim, 1.0, 7, torch.device(device), False)
+    return engine, vocab
+
+
+def _loss_curve(
+    tp: int, pp: int, zero: int, z_loss: float = 1e-3, device: str = "cpu"
+) -> list[tuple[float, float]]:
+    from megatron.core import parallel_state
+
+    engine, vocab = _engine(tp, pp, zero, z_loss, device)
     batches = _micro_batches(
         vocab,
         parallel_state.get_data_parallel_rank(),
@@ -314,3 +328,42 @@ def test_weight_average_on_two_ranks_and_exact_resume(tmp_path, layout):
     resumed = load_full_state_dict(part / "checkpoints/step_00000004", "ema")
     for name, tensor in avg[4].items():
         assert torch.allclose(resumed[name], tensor, atol=1e-6), name
+
+
+# -- host syncs (issue 22) ----------------------------------------------------------------------
+
+KNOWN_ELSEWHERE = ("megatron_ts/models/model.py",)
+"""Syncs counted but not charged to the training step's metrics: OutputLayer reads the caption
+length (a device tensor the pipeline passes between stages) once per micro-batch."""
+
+
+def _sync_world(rank: int, world: int) -> dict:
+    """Syncs per optimizer step that megatron_ts makes (DeepSpeed's own listed apart)."""
+
+    from megatron_ts.testing import SyncCounter
+
+    out = {}
+    for zero, accumulation in ((0, 4), (1, 4)):
+        engine, vocab = _engine(1, 1, zero, global_batch=MICRO_BATCH * accumulation)
+        it = _micro_batches(vocab, 0, 1, MICRO_BATCH * accumulation)  # host data, made in advance
+        it = iter([next(it) for _ in range(3 * accumulation)])
+        engine.set_lr(1e-3)
+        engine.train_step(it)  # warm-up: the optimizer state is created once
+        with SyncCounter() as syncs:
+            engine.train_step(it)
+            engine.train_step(it)
+        ours = {
+            site: n
+            for site, n in syncs.sites.items()
+            if "/megatron_ts/" in site and not any(k in site for k in KNOWN_ELSEWHERE)
+        }
+        out[(zero, accumulation)] = (sum(ours.values()) / 2, ours, syncs.sites)
+    return out
+
+
+def test_a_training_step_makes_at_most_one_host_sync():
+    """megatron_ts syncs once per optimizer step (the non-finite verdict the skip logic needs),
+    not per micro-batch: its metrics stay on the device until the trainer reads them."""
+    results = run_distributed(_sync_world, 1)[0]
+    for (zero, accumulation), (per_step, ours, every) in results.items():
+        assert per_step <= 1, f"ZeRO-{zero}, {accumulation} micro-batches: {ours} (all: {every})"

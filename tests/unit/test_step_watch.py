@@ -1,17 +1,25 @@
-"""The training loop's per-step decisions: step health and the checkpoint schedule."""
+"""The training loop's per-step decisions: step health, the checkpoint schedule, and when the
+steps' metrics are read."""
 
 from __future__ import annotations
 
 import math
 from types import SimpleNamespace
 
+import torch
+
 from megatron_ts.config import CheckpointConfig
+from megatron_ts.testing import SyncCounter
 from megatron_ts.training.checkpoint import TrainState
+from megatron_ts.training.metrics import PendingSteps
 from megatron_ts.training.step_watch import SaveSchedule, StepHealth
 
 
 def _result(loss: float, skipped: bool = False):
-    return SimpleNamespace(loss=loss, skipped=skipped, keys=["k0", "k1"])
+    """A StepResult's host side: `nonfinite` is what train_step reads once per step."""
+    return SimpleNamespace(
+        loss=loss, skipped=skipped, nonfinite=skipped or not math.isfinite(loss), keys=["k0", "k1"]
+    )
 
 
 def test_health_counts_streaks_and_resets_on_a_finite_step(caplog):
@@ -26,13 +34,32 @@ def test_health_counts_streaks_and_resets_on_a_finite_step(caplog):
 
 
 def test_health_reports_a_spike_only_after_the_warm_up(caplog):
-    state, health = TrainState(), StepHealth()
-    for step in range(1, 14):
-        state.global_step = state.stage_step = step
-        health.observe(state, _result(1.0 if step not in (5, 13) else 3.0))
+    health = StepHealth()
+    # read in two batches (as the trainer reads a logging interval's metrics): the same report
+    steps = [(step, step, 1.0 if step not in (5, 13) else 3.0) for step in range(1, 14)]
+    health.spikes(steps[:7])
+    health.spikes(steps[7:])
     spikes = [r.message for r in caplog.records if "loss spike" in r.message]
     # step 5 is inside the warm-up (not reported, but averaged: 1 + 0.2 * 0.9^7 at step 13)
     assert spikes == ["step 13: loss spike 3.0000 (running mean 1.0957)"]
+
+
+def test_pending_steps_are_read_in_one_transfer():
+    """A logging interval's metrics come to the host together: one sync, whatever its length."""
+    steps = PendingSteps()
+    results = [
+        SimpleNamespace(
+            metrics=torch.tensor([k, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64), host=None
+        )
+        for k in range(5)
+    ]
+    for k, result in enumerate(results):
+        steps.add(k + 1, k + 1, result, 0.5)
+    with SyncCounter() as syncs:
+        read, seconds = steps.read()
+    assert syncs.count == 1, syncs.sites
+    assert [(g, r.host[0]) for g, _, r in read] == [(k + 1, float(k)) for k in range(5)]
+    assert 0.5 <= seconds < 0.6 and steps.read() == ([], None)
 
 
 def test_schedule_defers_a_save_that_falls_inside_a_streak():
