@@ -288,8 +288,8 @@ class OutputLayer(nn.Module):
     def forward(
         self, inputs: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, text_len = inputs
-        t = int(text_len[0])
+        hidden, text_len = inputs  # text_len: (1,) tensor in a pipeline, else an int
+        t = text_len if isinstance(text_len, int) else int(text_len[0])
         hidden = self.final_norm(hidden)  # (S, B, d)
         text_logits, _ = self.head(hidden[: t - 1])  # (T-1, B, V/tp)
         img = hidden[t - 1 : -1]  # (N, B, d): <boi> and windows 0..N-2
@@ -353,7 +353,11 @@ class TokenShuffleLM(nn.Module):
     def forward(
         self, text: torch.Tensor, codes: torch.Tensor, text_mask: torch.Tensor | None = None
     ):
-        x = self.input_stage((text, codes))
+        hidden, _ = self.input_stage((text, codes))
+        # Without a pipeline the text length need not travel as a device tensor (DeepSpeed's
+        # pipeline sends only tensors): a Python int spares the output layer a device-to-host
+        # read of it per micro-batch.
+        x = (hidden, text.shape[1])
         for block in self.blocks:
             x = block(x)
         out = self.output_stage(x)

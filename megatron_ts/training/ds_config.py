@@ -60,5 +60,8 @@ def deepspeed_config(
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # our own logger reports
         "wall_clock_breakdown": False,
+        # its throughput timer synchronizes the device about 5 times a step (bench_syncs.py);
+        # the trainer times steps itself
+        "timers": {"throughput": {"enabled": False}},
         "checkpoint": {"load_universal": False},
     }
