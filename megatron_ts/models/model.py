@@ -15,7 +15,8 @@ codebook rows only (`OutputHead`, `vocab_columns`): a third of the paper's vocab
 The model is the list [InputLayer, BlockLayer x L, OutputLayer]. Each element takes and returns
 the tuple (hidden (S, B, d), text_len (1,) int64), the shape DeepSpeed's pipeline engine passes
 between stages; only the first stage builds the embedding and token-shuffle, only the last the
-final norm, token-unshuffle and head. `TokenShuffleLM` chains them in one process.
+final norm, token-unshuffle and head. `TokenShuffleLM` chains them in one process and passes
+text_len on as a Python int, which the output layer reads without a device-to-host sync.
 """
 
 from __future__ import annotations
@@ -181,7 +182,8 @@ class InputLayer(nn.Module):
         if self.shuffle is not None:
             img_emb = self.shuffle(img_emb.reshape(b, g, g, -1))  # (B, N, d), N = G^2 / s^2
         hidden = torch.cat([text_emb, img_emb], dim=1).transpose(0, 1).contiguous()  # (S, B, d)
-        text_len = torch.tensor([t], dtype=torch.int64, device=hidden.device)
+        # filled on the device: a host list copied in would wait for the stream on a GPU
+        text_len = torch.full((1,), t, dtype=torch.int64, device=hidden.device)
         return hidden, text_len
 
 
