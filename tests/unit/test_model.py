@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -300,16 +298,12 @@ def components(model: TokenShuffleLM) -> dict[str, int]:
     ],
 )
 def test_built_parameters_match_param_counts(flavor: str, s: int, total: int):
-    start = time.perf_counter()
     model = build(s, flavor=flavor)
-    built_in = time.perf_counter() - start
     spec = model.spec
     assert spec.padded_vocab == 896
     expected = param_counts(spec.shape, spec.padded_vocab, s, spec.shuffle_mlp_blocks)
     assert components(model) == expected
     assert expected["total"] == total
-    if flavor == "debug":
-        assert built_in < 5.0, f"debug flavor took {built_in:.1f}s to build"
 
 
 def test_large_flavor_param_counts():
