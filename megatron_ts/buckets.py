@@ -43,7 +43,7 @@ class Bucket:
 
     @property
     def size(self) -> str:
-        """"WxH", the form `ts-generate --size` takes."""
+        """ "WxH", the form `ts-generate --size` takes."""
         return f"{self.width}x{self.height}"
 
     def to_dict(self) -> dict:
@@ -55,7 +55,7 @@ class Bucket:
 
 
 def parse_ratio(text: str) -> tuple[int, int]:
-    """"W:H" -> (W, H), both positive integers.
+    """ "W:H" -> (W, H), both positive integers.
 
     Raises:
         ValueError: naming the text and the form expected.

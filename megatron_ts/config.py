@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from megatron_ts.buckets import DEFAULT_GRID_MULTIPLE, Bucket, make_buckets
 from megatron_ts.errors import EXIT_USAGE
 from megatron_ts.models.flavors import FLAVORS, ModelShape
 from megatron_ts.sequence import SequenceLayout
@@ -87,6 +88,11 @@ class ModelConfig:
     """The vocabulary is padded to a multiple of this; every tensor-parallel size must divide it."""
     attention_backend: AttentionBackend = "auto"
     """Core attention: auto (flash-attn when importable on CUDA, else SDPA), sdpa, flash_attn."""
+    max_windows_per_side: int = 0
+    """Size of the window-position tables that tell the model an image's shape and where its rows
+    end (docs/model.md "Aspect ratios"): the most shuffle windows down or across any image it
+    trains on or draws. Required (>= the largest bucket's) when a stage lists aspect-ratio
+    buckets; 0 builds no tables (square images only). Part of the checkpoint's shape."""
 
     def shape(self) -> ModelShape:
         """The flavor's shape with this section's explicit overrides applied.
@@ -221,6 +227,11 @@ class DataConfig:
     """Token-shard sources when no curriculum is given."""
     resolution: int = 256
     """Image side in pixels when no curriculum is given."""
+    buckets: list[str] = field(default_factory=list)
+    """Aspect-ratio buckets "W:H" when no curriculum is given (empty: square images only)."""
+    grid_multiple: int = DEFAULT_GRID_MULTIPLE
+    """Bucket sides are multiples of tokenizer.downsample x this (as `ts-data tokenize
+    --grid-multiple`, which must have used the same value)."""
     caption_len: int = 64
     """Caption tokens per sample (padded or truncated) when no curriculum is given."""
     caption_dropout: float = 0.1
@@ -248,7 +259,10 @@ class StageConfig:
     name: str = "stage"
     """Stage name, used in logs and checkpoints."""
     resolution: int = 256
-    """Image side in pixels."""
+    """Image side in pixels; with buckets, the pixel budget is its square."""
+    buckets: list[str] = field(default_factory=list)
+    """Aspect-ratio buckets "W:H" of this stage, for example ["1:1", "4:3", "3:4", "2:1"], each
+    at about resolution^2 pixels (megatron_ts/buckets.py); empty: square images only."""
     shuffle_window: int = 1
     """Token-shuffle window for this stage."""
     sources: list[SourceConfig] = field(default_factory=list)
@@ -596,6 +610,10 @@ class ResolvedStage:
     carry_over: CarryOver
     tensor: int
     pipeline: int
+    buckets: tuple[str, ...] = ()
+    """Aspect-ratio bucket names; empty for square images only."""
+    grid_multiple: int = DEFAULT_GRID_MULTIPLE
+    """Bucket sides are multiples of downsample x this (data.grid_multiple)."""
 
     def layout(self, downsample: int) -> SequenceLayout:
         """The sequence layout of this stage's samples (grid, positions, prompt format).
@@ -611,8 +629,32 @@ class ResolvedStage:
         )
 
     def grid(self, downsample: int) -> int:
-        """Codes per image side (`layout(downsample).grid`)."""
-        return self.layout(downsample).grid
+        """Codes per side of the square image (resolution / downsample): the pixel budget's."""
+        return self.resolution // downsample
+
+    def bucket_sizes(self, downsample: int) -> tuple[Bucket, ...]:
+        """The stage's aspect-ratio buckets with their pixel sizes; () without buckets.
+
+        Raises:
+            ValueError: a malformed or repeated ratio.
+        """
+        if not self.buckets:
+            return ()
+        return make_buckets(self.buckets, self.resolution, downsample * self.grid_multiple)
+
+    def layouts(self, downsample: int) -> dict[str, SequenceLayout]:
+        """{bucket name: its sequence layout}; {"1:1": `layout`} for a stage without buckets."""
+        if not self.buckets:
+            return {"1:1": self.layout(downsample)}
+        return {
+            b.name: SequenceLayout.from_resolution(
+                (b.height, b.width),
+                downsample,
+                caption_len=self.caption_len,
+                shuffle_window=self.shuffle_window,
+            )
+            for b in self.bucket_sizes(downsample)
+        }
 
     def seq_len(self, downsample: int) -> int:
         """Transformer positions per sample (`layout(downsample).seq_len`)."""
@@ -630,6 +672,7 @@ def resolve_stages(cfg: Config) -> list[ResolvedStage]:
         StageConfig(
             name="main",
             resolution=cfg.data.resolution,
+            buckets=list(cfg.data.buckets),
             shuffle_window=cfg.model.shuffle_window,
             sources=list(cfg.data.sources),
             global_batch=cfg.train.global_batch,
@@ -658,6 +701,8 @@ def resolve_stages(cfg: Config) -> list[ResolvedStage]:
                 name=st.name,
                 resolution=st.resolution,
                 shuffle_window=st.shuffle_window,
+                buckets=tuple(st.buckets),
+                grid_multiple=cfg.data.grid_multiple,
                 sources=tuple(st.sources),
                 global_batch=st.global_batch,
                 micro_batch=st.micro_batch,
@@ -698,6 +743,8 @@ _FIELD_RULES = {
     "tokenizer.text_size": _AT_LEAST_1,
     "tokenizer.codebook_size": _AT_LEAST_1,
     "tokenizer.downsample": _AT_LEAST_1,
+    "model.max_windows_per_side": _AT_LEAST_0,
+    "data.grid_multiple": _AT_LEAST_1,
     "optim.lr": _POSITIVE,
     "optim.min_lr": _NON_NEGATIVE,
     "optim.warmup_steps": _AT_LEAST_0,
@@ -786,6 +833,7 @@ def _check_choices(cfg: Config) -> None:
 # The field each value of the implicit single stage (no [[curriculum.stages]]) comes from.
 _IMPLICIT_STAGE_FIELDS = {
     "resolution": "data.resolution",
+    "buckets": "data.buckets",
     "caption_len": "data.caption_len",
     "shuffle_window": "model.shuffle_window",
     "global_batch": "train.global_batch",
@@ -902,6 +950,26 @@ def _check_stage_image(c: _StageCheck, hidden_size: int) -> None:
         raise ConfigError(
             f"{at('shuffle_window')} = {st.shuffle_window}{of}: hidden size "
             f"{hidden_size} is not divisible by s^2 = {st.shuffle_window**2}"
+        )
+    _check_stage_buckets(c)
+
+
+def _check_stage_buckets(c: _StageCheck) -> None:
+    """Aspect-ratio buckets parse, tile by the shuffle window and fit the window-position tables."""
+    st, at, of = c.stage, c.at, c.of
+    if not st.buckets:
+        return
+    downsample, limit = c.cfg.tokenizer.downsample, c.cfg.model.max_windows_per_side
+    try:
+        layouts = st.layouts(downsample)
+    except ValueError as exc:
+        raise ConfigError(f"{at('buckets')}{of}: {exc}") from None
+    widest = max(max(layout.window_grid) for layout in layouts.values())
+    if widest > limit:
+        raise ConfigError(
+            f"model.max_windows_per_side = {limit}, but {at('buckets')}{of} has images of "
+            f"{widest} windows on a side; set model.max_windows_per_side = {widest} or more "
+            "(it fixes the model's shape, so cover the largest stage from the start)"
         )
 
 

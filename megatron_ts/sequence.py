@@ -1,12 +1,14 @@
 """The sequence layout of one sample: which transformer positions hold text and which the image.
 
-For caption length C, a G x G code grid (G = resolution / tokenizer.downsample) and shuffle
-window s, one sample takes S = T + N positions:
+For caption length C, an H x W code grid (H = image height / tokenizer.downsample, W likewise;
+H = W = G for the square images of a stage without aspect-ratio buckets) and shuffle window s,
+one sample takes S = T + N positions:
 
     position  0        1 .. C          C+1      C+2 .. C+1+N
     token     <bos>    caption/<pad>   <boi>    image windows 0 .. N-1 (s x s codes each)
 
-T = C + 2 text positions and N = (G/s)^2 image positions. `SequenceLayout` is the one place
+T = C + 2 text positions and N = (H/s)(W/s) image positions, windows in raster order (a row of
+W/s windows, then the next row). `SequenceLayout` is the one place
 these numbers, the prompt format and the window order are defined; the config's stages, the
 dry run and FLOPs, the collator, the model's targets and the HF config builder ask it. The
 files an HF export ships (`megatron_ts/hf/*_token_shuffle.py`) cannot import megatron_ts and keep
@@ -36,38 +38,38 @@ def grid_to_windows(x: torch.Tensor, s: int) -> torch.Tensor:
     loss targets and the data pipeline go through them.
 
     Args:
-        x: (B, G, G, *rest) grid (codes or embeddings), raster order.
+        x: (B, H, W, *rest) grid (codes or embeddings), raster order.
         s: window side.
 
     Returns:
-        (B, (G/s)^2, s^2, *rest): windows in raster order, codes in raster order inside.
+        (B, (H/s)(W/s), s^2, *rest): windows in raster order, codes in raster order inside.
     """
     b, gh, gw = x.shape[:3]
     rest = x.shape[3:]
     if gh % s or gw % s:
         raise ValueError(f"code grid {gh}x{gw} is not divisible by shuffle window {s}")
-    x = x.reshape(b, gh // s, s, gw // s, s, *rest)  # (B, G/s, s, G/s, s, ...)
-    x = x.transpose(2, 3)  # (B, G/s, G/s, s, s, ...)
-    return x.reshape(b, (gh // s) * (gw // s), s * s, *rest)  # (B, (G/s)^2, s^2, ...)
+    x = x.reshape(b, gh // s, s, gw // s, s, *rest)  # (B, H/s, s, W/s, s, ...)
+    x = x.transpose(2, 3)  # (B, H/s, W/s, s, s, ...)
+    return x.reshape(b, (gh // s) * (gw // s), s * s, *rest)  # (B, N, s^2, ...)
 
 
-def windows_to_grid(x: torch.Tensor, s: int, grid: int) -> torch.Tensor:
+def windows_to_grid(x: torch.Tensor, s: int, grid: int | tuple[int, int]) -> torch.Tensor:
     """Inverse of `grid_to_windows`.
 
     Args:
-        x: (B, (G/s)^2, s^2, *rest) windows in raster order.
+        x: (B, (H/s)(W/s), s^2, *rest) windows in raster order.
         s: window side.
-        grid: G, codes per image side.
+        grid: (H, W) codes per image column and row; an int G means G x G.
 
     Returns:
-        (B, G, G, *rest) grid in raster order.
+        (B, H, W, *rest) grid in raster order.
     """
+    gh, gw = (grid, grid) if isinstance(grid, int) else grid
     b = x.shape[0]
     rest = x.shape[3:]
-    g = grid // s
-    x = x.reshape(b, g, g, s, s, *rest)  # (B, G/s, G/s, s, s, ...)
-    x = x.transpose(2, 3)  # (B, G/s, s, G/s, s, ...)
-    return x.reshape(b, grid, grid, *rest)  # (B, G, G, ...)
+    x = x.reshape(b, gh // s, gw // s, s, s, *rest)  # (B, H/s, W/s, s, s, ...)
+    x = x.transpose(2, 3)  # (B, H/s, s, W/s, s, ...)
+    return x.reshape(b, gh, gw, *rest)  # (B, H, W, ...)
 
 
 def build_prompts(
@@ -110,60 +112,81 @@ def build_prompts(
 
 @dataclass(frozen=True)
 class SequenceLayout:
-    """Positions of one sample: a text span of C+2 and an image span of (G/s)^2 windows."""
+    """Positions of one sample: a text span of C+2 and an image span of (H/s)(W/s) windows."""
 
     caption_len: int
     """C: caption tokens per prompt (truncated or padded with `<pad>` to this length)."""
-    grid: int
-    """G: codes per image side (resolution / tokenizer.downsample)."""
+    grid: tuple[int, int]
+    """(H, W): code rows and columns of the image (its pixel size / tokenizer.downsample). An int
+    G given here means the square G x G."""
     shuffle_window: int = 1
     """s: each image position holds an s x s window of codes; 1 means no token-shuffle."""
 
     def __post_init__(self) -> None:
+        given = self.grid
+        grid = (given, given) if isinstance(given, int) else tuple(given)
+        object.__setattr__(self, "grid", grid)
         if self.caption_len < 0:
             raise ValueError(f"caption_len = {self.caption_len}; use 0 or more")
-        if self.grid < 1:
-            raise ValueError(f"grid = {self.grid}; an image has at least 1 x 1 codes")
+        if len(grid) != 2 or min(grid) < 1:
+            raise ValueError(f"grid = {given}; an image has at least 1 x 1 codes")
         if self.shuffle_window < 1:
             raise ValueError(f"shuffle_window = {self.shuffle_window}; use 1 or more")
-        if self.grid % self.shuffle_window:
+        if grid[0] % self.shuffle_window or grid[1] % self.shuffle_window:
             raise ValueError(
                 f"shuffle_window = {self.shuffle_window} does not divide the code grid "
-                f"{self.grid}x{self.grid}; pick a window dividing {self.grid}"
+                f"{grid[0]}x{grid[1]}; pick a window dividing both sides"
             )
 
     @classmethod
     def from_resolution(
-        cls, resolution: int, downsample: int, *, caption_len: int, shuffle_window: int = 1
+        cls,
+        resolution: int | tuple[int, int],
+        downsample: int,
+        *,
+        caption_len: int,
+        shuffle_window: int = 1,
     ) -> SequenceLayout:
         """The layout of images `resolution` pixels on a side under a `downsample`x tokenizer.
 
         Args:
-            resolution: image side in pixels.
+            resolution: image side in pixels, or (height, width) of a non-square image.
             downsample: pixels per code along each side (tokenizer.downsample).
             caption_len: caption tokens per prompt.
             shuffle_window: token-shuffle window s.
 
         Raises:
-            ValueError: the resolution is not a multiple of the downsample factor, or the grid
-                is not divisible by the window.
+            ValueError: a side is not a multiple of the downsample factor, or the grid is not
+                divisible by the window.
         """
-        if downsample < 1 or resolution % downsample:
+        sides = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+        if downsample < 1 or any(side % downsample for side in sides):
+            size = "x".join(str(side) for side in sides[::-1])  # width x height
             raise ValueError(
-                f"resolution {resolution} is not a multiple of the tokenizer's downsample "
-                f"{downsample}"
+                f"image size {size} is not a multiple of the tokenizer's downsample {downsample}"
             )
-        return cls(caption_len, resolution // downsample, shuffle_window)
+        grid = (sides[0] // downsample, sides[1] // downsample)
+        return cls(caption_len, grid, shuffle_window)
 
     @property
-    def windows_per_side(self) -> int:
-        """G/s: image positions along each side of the grid."""
-        return self.grid // self.shuffle_window
+    def rows(self) -> int:
+        """H: code rows of the image."""
+        return self.grid[0]
+
+    @property
+    def cols(self) -> int:
+        """W: code columns of the image."""
+        return self.grid[1]
+
+    @property
+    def window_grid(self) -> tuple[int, int]:
+        """(H/s, W/s): image positions down and across the grid."""
+        return self.rows // self.shuffle_window, self.cols // self.shuffle_window
 
     @property
     def image_codes(self) -> int:
-        """G^2: VQ codes of one image."""
-        return self.grid * self.grid
+        """H x W: VQ codes of one image."""
+        return self.rows * self.cols
 
     @property
     def codes_per_position(self) -> int:
@@ -172,8 +195,9 @@ class SequenceLayout:
 
     @property
     def image_positions(self) -> int:
-        """N = (G/s)^2: transformer positions of the image, and decoding steps of the sampler."""
-        return self.windows_per_side * self.windows_per_side
+        """N = (H/s)(W/s): transformer positions of the image, and decoding steps of the sampler."""
+        wh, ww = self.window_grid
+        return wh * ww
 
     @property
     def text_positions(self) -> int:
@@ -212,15 +236,15 @@ class SequenceLayout:
         return build_prompts(captions, self.caption_len, vocab.bos_id, vocab.pad_id, vocab.boi_id)
 
     def grid_to_windows(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, G, G, *rest) grid -> (B, N, s^2, *rest) windows; see `grid_to_windows`."""
-        if tuple(x.shape[1:3]) != (self.grid, self.grid):
+        """(B, H, W, *rest) grid -> (B, N, s^2, *rest) windows; see `grid_to_windows`."""
+        if tuple(x.shape[1:3]) != self.grid:
             raise ValueError(
-                f"expected a (B, {self.grid}, {self.grid}, ...) code grid, got {tuple(x.shape)}"
+                f"expected a (B, {self.rows}, {self.cols}, ...) code grid, got {tuple(x.shape)}"
             )
         return grid_to_windows(x, self.shuffle_window)
 
     def windows_to_grid(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, s^2, *rest) windows -> (B, G, G, *rest) grid; see `windows_to_grid`."""
+        """(B, N, s^2, *rest) windows -> (B, H, W, *rest) grid; see `windows_to_grid`."""
         if tuple(x.shape[1:3]) != (self.image_positions, self.codes_per_position):
             raise ValueError(
                 f"expected (B, {self.image_positions}, {self.codes_per_position}, ...) windows, "

@@ -48,11 +48,11 @@ class Collator:
     stage: int
 
     def __call__(self, samples: list[Sample]) -> dict:
-        b, g = len(samples), self.layout.grid
-        codes = np.empty((b, g, g), dtype=np.int64)
+        b = len(samples)
+        codes = np.empty((b, *self.layout.grid), dtype=np.int64)
         dropped = np.zeros(b, dtype=bool)
         for i, s in enumerate(samples):
-            codes[i] = s.codes  # (G, G) uint16 -> int64
+            codes[i] = s.codes  # (H, W) uint16 -> int64
             dropped[i] = self.caption_dropout > 0 and (
                 dropout_draw(self.seed, self.stage, s.source, s.epoch, s.key) < self.caption_dropout
             )

@@ -278,7 +278,7 @@ def shard_records(
 def decode_records(
     records: Iterable[dict],
     *,
-    grid: int,
+    grid: tuple[int, int],
     text_size: int,
     codebook_size: int,
     source: int,
@@ -287,7 +287,8 @@ def decode_records(
 ) -> Iterator[Sample]:
     """Decodes codes and caption ids and checks them; corrupt samples are counted and skipped.
 
-    Corrupt: a missing member, an unreadable .npy, codes of another shape than (grid, grid),
+    Corrupt: a missing member, an unreadable .npy, codes of another shape than `grid` (rows,
+    columns),
     codes outside [0, codebook_size), caption ids outside [0, text_size) or not 1-D.
     """
     for rec in records:
@@ -299,8 +300,8 @@ def decode_records(
                 )
             codes = load_npy(rec[CODES_FIELD])
             ids = load_npy(rec[IDS_FIELD])
-            if codes.shape != (grid, grid):
-                raise ValueError(f"codes shape {codes.shape}, expected ({grid}, {grid})")
+            if codes.shape != grid:
+                raise ValueError(f"codes shape {codes.shape}, expected {grid}")
             if not np.issubdtype(codes.dtype, np.integer):
                 raise ValueError(f"codes dtype {codes.dtype} is not an integer type")
             if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= codebook_size):
@@ -379,7 +380,8 @@ class StreamContext:
     stage: int
     streams: int
     """C: canonical streams (lanes) per source."""
-    grid: int
+    grid: tuple[int, int]
+    """(rows, columns) of codes of the synthetic samples (square; sources carry their own)."""
     text_size: int
     codebook_size: int
     caption_len: int
@@ -436,7 +438,7 @@ class SourceStream:
                     size=s.bytes,
                     sha256=s.sha256,
                 ),
-                grid=c.grid,
+                grid=self.spec.grid,
                 text_size=c.text_size,
                 codebook_size=c.codebook_size,
                 source=self.index,
@@ -514,7 +516,7 @@ class StreamReader:
 def synthetic_sample(ctx: StreamContext, position: int) -> Sample:
     """Random codes and caption at a global position: a pure function of (seed, stage, p)."""
     rng = np.random.default_rng([ctx.seed, ctx.stage, position, TAG_SYNTHETIC])
-    codes = rng.integers(0, ctx.codebook_size, size=(ctx.grid, ctx.grid), dtype=np.uint16)
+    codes = rng.integers(0, ctx.codebook_size, size=ctx.grid, dtype=np.uint16)
     length = int(rng.integers(1, ctx.caption_len + 8))
     ids = rng.integers(0, ctx.text_size, size=length, dtype=np.int32)
     return Sample(f"synthetic-{position}", "synthetic://", codes, ids, 0, 0)

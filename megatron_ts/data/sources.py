@@ -42,14 +42,18 @@ class SourceSpec:
     """URL prefix of the shards (the manifest's directory, ending in "/")."""
     shards: tuple[ShardEntry, ...]
     """Shards listed by the manifest, in manifest order."""
-    grid: int
-    """Codes per image side."""
+    grid: tuple[int, int]
+    """(rows, columns) of every sample's codes."""
     vocab: VocabLayout
     """Vocabulary layout the shards were tokenized with (a required manifest field)."""
 
 
 def read_source(
-    url: str, weight: float, *, endpoint_url: str | None = None, grid: int | None = None
+    url: str,
+    weight: float,
+    *,
+    endpoint_url: str | None = None,
+    grid: tuple[int, int] | None = None,
 ) -> SourceSpec:
     """Reads a source's manifest and checks it against the stage.
 
@@ -57,7 +61,7 @@ def read_source(
         url: source directory or manifest URL (local or s3://).
         weight: mixing weight.
         endpoint_url: S3 endpoint.
-        grid: the stage's codes per side; a manifest with another grid is an error.
+        grid: the stage's (rows, columns) of codes; a manifest with another grid is an error.
 
     Raises:
         DataSourceError: naming the manifest and the field that is wrong.
@@ -66,17 +70,17 @@ def read_source(
         manifest = load_manifest(url, endpoint_url)
     except ManifestError as exc:
         raise DataSourceError(f"source {url}: {exc}") from exc
-    if grid is not None and manifest.grid != grid:
+    if grid is not None and (manifest.grid, manifest.grid) != tuple(grid):
         raise DataSourceError(
-            f"source {url} was tokenized at grid {manifest.grid} (resolution "
-            f"{manifest.resolution}), but the stage needs grid {grid}; use shards "
+            f"source {url} was tokenized at grid {manifest.grid}x{manifest.grid} (resolution "
+            f"{manifest.resolution}), but the stage needs grid {grid[0]}x{grid[1]}; use shards "
             "tokenized at the stage's resolution"
         )
     if not manifest.shards:
         raise DataSourceError(f"source manifest {manifest.url} lists no shards")
     shards = tuple(manifest.shards)
     return SourceSpec(
-        url, float(weight), manifest.base_url(), shards, manifest.grid, manifest.vocab
+        url, float(weight), manifest.base_url(), shards, (manifest.grid,) * 2, manifest.vocab
     )
 
 

@@ -60,6 +60,9 @@ class ModelSpec:
     tensor_parallel: int = 1
     attention_backend: str = "auto"
     activation_checkpointing: str = "none"
+    max_windows_per_side: int = 0
+    """Window-position tables cover image grids up to this many windows down and across
+    (`WindowPositions`); 0 builds none: a model of square images only, as before buckets."""
 
     @property
     def padded_vocab(self) -> int:
@@ -99,6 +102,7 @@ class ModelSpec:
             tensor_parallel=tensor_parallel,
             attention_backend=model.attention_backend,
             activation_checkpointing=activation_checkpointing,
+            max_windows_per_side=model.max_windows_per_side,
         )
 
 
@@ -150,8 +154,46 @@ def _seeded(seed: int):
         torch.random.set_rng_state(state)
 
 
+class WindowPositions(nn.Module):
+    """Tells each position predicting an image window where that window lies and the image's shape.
+
+    The position predicting window k of an R x C window grid (R = H/s rows, C = W/s columns; `<boi>`
+    predicts window 0) gets row[k // C] + col[k % C] + rows[R - 1] + cols[C - 1] added to its input.
+    So the first window is drawn knowing the shape asked for, and every step knows where a row
+    ends, without extra positions (token-shuffle's point is fewer of them). The tables start at
+    zero: a model gaining them (square checkpoint, bucketed stage) computes exactly what it did.
+    Replicated on every TP rank, as the token-shuffle compress layer is: the input is replicated.
+    """
+
+    def __init__(self, max_side: int, hidden: int):
+        super().__init__()
+        self.max_side = max_side
+        self.row = nn.Parameter(torch.zeros(max_side, hidden))
+        self.col = nn.Parameter(torch.zeros(max_side, hidden))
+        self.rows = nn.Parameter(torch.zeros(max_side, hidden))
+        self.cols = nn.Parameter(torch.zeros(max_side, hidden))
+
+    def forward(self, window_grid: tuple[int, int], start: int = 0, count: int | None = None):
+        """(count, d) additions for the positions predicting windows start .. start + count - 1.
+
+        Args:
+            window_grid: (R, C) windows down and across the image.
+            start: first window predicted (the sampler's decoding step).
+            count: windows predicted (default: all R x C from `start`).
+        """
+        r, c = window_grid
+        if max(r, c) > self.max_side:
+            raise ValueError(
+                f"an image of {r} x {c} windows exceeds model.max_windows_per_side = "
+                f"{self.max_side}; this model cannot draw that size"
+            )
+        count = r * c - start if count is None else count
+        k = torch.arange(start, start + count, device=self.row.device)
+        return self.row[k // c] + self.col[k % c] + self.rows[r - 1] + self.cols[c - 1]  # (n, d)
+
+
 class InputLayer(nn.Module):
-    """First pipeline stage: token embedding, token-shuffle of the image span."""
+    """First pipeline stage: token embedding, token-shuffle of the image span, window positions."""
 
     def __init__(self, spec: ModelSpec, config: TransformerConfig, seed: int):
         super().__init__()
@@ -169,19 +211,29 @@ class InputLayer(nn.Module):
                 self.shuffle = TokenShuffle(
                     spec.shape.hidden_size, spec.shuffle_window, spec.shuffle_mlp_blocks, config
                 )
+        self.window_positions = None
+        if spec.max_windows_per_side > 0:
+            self.window_positions = WindowPositions(
+                spec.max_windows_per_side, spec.shape.hidden_size
+            )
 
     def forward(
         self, inputs: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        text, codes = inputs  # (B, T) vocabulary ids, (B, G, G) codebook-local codes
+        text, codes = inputs  # (B, T) vocabulary ids, (B, H, W) codebook-local codes
         b, t = text.shape
-        g = codes.shape[1]
-        ids = torch.cat([text, codes.reshape(b, g * g) + self.spec.vocab.code_offset], dim=1)
-        emb = self.embedding(ids)  # (B, T + G^2, d)
+        gh, gw = codes.shape[1:]
+        s = self.spec.shuffle_window
+        ids = torch.cat([text, codes.reshape(b, gh * gw) + self.spec.vocab.code_offset], dim=1)
+        emb = self.embedding(ids)  # (B, T + H*W, d)
         text_emb, img_emb = emb[:, :t], emb[:, t:]
         if self.shuffle is not None:
-            img_emb = self.shuffle(img_emb.reshape(b, g, g, -1))  # (B, N, d), N = G^2 / s^2
-        hidden = torch.cat([text_emb, img_emb], dim=1).transpose(0, 1).contiguous()  # (S, B, d)
+            img_emb = self.shuffle(img_emb.reshape(b, gh, gw, -1))  # (B, N, d), N = HW / s^2
+        hidden = torch.cat([text_emb, img_emb], dim=1)  # (B, S, d)
+        if self.window_positions is not None:
+            pos = self.window_positions((gh // s, gw // s))  # (N, d): positions T-1 .. T+N-2
+            hidden = hidden + F.pad(pos, (0, 0, t - 1, 1)).to(hidden.dtype)  # (S, d), broadcast
+        hidden = hidden.transpose(0, 1).contiguous()  # (S, B, d)
         # filled on the device: a host list copied in would wait for the stream on a GPU
         text_len = torch.full((1,), t, dtype=torch.int64, device=hidden.device)
         return hidden, text_len
@@ -371,6 +423,6 @@ class TokenShuffleLM(nn.Module):
 
 
 def image_targets(codes: torch.Tensor, window: int, vocab: VocabLayout) -> torch.Tensor:
-    """Vocabulary ids of the codes each image position predicts: (B, G, G) -> (N, B, s^2)."""
+    """Vocabulary ids of the codes each image position predicts: (B, H, W) -> (N, B, s^2)."""
     windows = grid_to_windows(codes, window)  # (B, N, s^2)
     return (windows + vocab.code_offset).transpose(0, 1)  # (N, B, s^2)

@@ -494,6 +494,10 @@ BAD_VALUE = {
     "data.shuffle_buffer": -1,
     "data.max_error_rate": 1.5,
     "data.streams": -1,
+    "data.buckets": ["16x9"],
+    "data.grid_multiple": 0,
+    "model.max_windows_per_side": -1,
+    "curriculum.stages.0.buckets": ["1:1", "2:1"],  # with model.max_windows_per_side = 0
     "curriculum.stages.0.resolution": -512,
     "curriculum.stages.0.shuffle_window": 0,
     "curriculum.stages.0.sources.0.url": " ",

@@ -189,7 +189,7 @@ def test_vocab_or_grid_mismatch_fails_before_the_first_batch(sources):
             make_data_cfg(), stage, other, seed=0, dp_rank=0, dp_size=1, downsample=DOWNSAMPLE
         )
     big = make_stage([(str(sources["a"]), 1.0)], grid=8)
-    with pytest.raises(DataSourceError, match=r"grid 4 .* stage needs grid 8"):
+    with pytest.raises(DataSourceError, match=r"grid 4x4 .* stage needs grid 8x8"):
         build_loader(
             make_data_cfg(), big, VOCAB, seed=0, dp_rank=0, dp_size=1, downsample=DOWNSAMPLE
         )

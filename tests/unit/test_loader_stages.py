@@ -121,7 +121,13 @@ def test_decode_skips_and_counts_corrupt_samples():
     tracker = ErrorTracker(max_error_rate=0.1)
     out = list(
         decode_records(
-            records, grid=2, text_size=256, codebook_size=16, source=0, epoch=0, tracker=tracker
+            records,
+            grid=(2, 2),
+            text_size=256,
+            codebook_size=16,
+            source=0,
+            epoch=0,
+            tracker=tracker,
         )
     )
     assert [s.key for s in out] == ["ok"]
@@ -132,7 +138,13 @@ def test_decode_skips_and_counts_corrupt_samples():
     ):
         list(
             decode_records(
-                records, grid=2, text_size=256, codebook_size=16, source=0, epoch=0, tracker=strict
+                records,
+                grid=(2, 2),
+                text_size=256,
+                codebook_size=16,
+                source=0,
+                epoch=0,
+                tracker=strict,
             )
         )
 

@@ -264,6 +264,110 @@ def test_debug_flavor_learns_fixed_batch(s: int):
 
 
 # ------------------------------------------------------------------------------------------------
+# Non-square images and window positions
+# ------------------------------------------------------------------------------------------------
+
+
+def codes_of(b: int, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB.codebook_size, (b, rows, cols), generator=gen)
+
+
+def test_window_positions_name_the_window_each_position_predicts():
+    from megatron_ts.models.model import WindowPositions
+
+    table = WindowPositions(4, 3)
+    with torch.no_grad():
+        for i, p in enumerate((table.row, table.col, table.rows, table.cols)):
+            p.copy_(torch.arange(4.0).unsqueeze(1) * 10 ** (3 - i) * torch.ones(3))
+    out = table((2, 3))  # 2 window rows of 3: windows (0,0) (0,1) (0,2) (1,0) (1,1) (1,2)
+    # row*1000 + col*100 + (R-1)*10 + (C-1)
+    assert out[:, 0].tolist() == [12.0, 112.0, 212.0, 1012.0, 1112.0, 1212.0]
+    assert table((2, 3), start=4, count=1)[:, 0].tolist() == [1112.0]  # a decoding step
+    with pytest.raises(ValueError, match="max_windows_per_side = 4"):
+        table((2, 5))
+
+
+@pytest.mark.parametrize("s", [1, 2])
+def test_zero_window_positions_change_nothing(s: int):
+    """A square model gaining the tables (zero at init) computes exactly what it did."""
+    plain = build(s, seed=5)
+    tabled = build(s, seed=5, max_windows_per_side=8)
+    randomize_weights(plain, 2)
+    state = plain.state_dict()
+    missing, unexpected = tabled.load_state_dict(state, strict=False)
+    assert sorted(missing) == [f"input_stage.window_positions.{n}" for n in sorted(
+        ("row", "col", "rows", "cols"))] and not unexpected  # fmt: skip
+    plain.eval(), tabled.eval()
+    text, _, codes = batch(2, 4, 8, seed=1)
+    with torch.no_grad():
+        for a, b in zip(plain(text, codes), tabled(text, codes)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("s", [1, 2])
+def test_non_square_shapes_and_causality(s: int):
+    """A 4 x 8 code grid: N = (4/s)(8/s) positions, causal over windows in raster order."""
+    model = build(s, seed=7, max_windows_per_side=8)
+    randomize_weights(model, 3)
+    model.eval()
+    text, _, _ = batch(2, 6, 8, seed=3)
+    codes = codes_of(2, 4, 8, seed=4)
+    n = 32 // s**2
+    with torch.no_grad():
+        text_ref, img_ref = model(text, codes)
+    assert text_ref.shape == (7, 2, 896) and img_ref.shape == (n, 2, s * s, 896)
+    for j in (0, n // 2):
+        win = grid_to_windows(codes, s).clone()
+        win[:, j + 1 :] = (win[:, j + 1 :] + 1) % VOCAB.codebook_size
+        with torch.no_grad():
+            _, img_out = model(text, windows_to_grid(win, s, (4, 8)))
+        torch.testing.assert_close(img_out[: j + 2], img_ref[: j + 2], rtol=0, atol=1e-6)
+        assert (img_out[j + 2] - img_ref[j + 2]).abs().max() > 1e-3
+
+
+def test_shape_is_known_at_the_first_window():
+    """<boi> predicts window 0 differently for a 2:1 and a 1:2 image: the shape term."""
+    model = build(2, seed=7, max_windows_per_side=8)
+    randomize_weights(model, 3)
+    model.eval()
+    text, _, _ = batch(1, 6, 8, seed=3)
+    with torch.no_grad():
+        _, wide = model(text, codes_of(1, 4, 8))
+        _, tall = model(text, codes_of(1, 8, 4))
+    assert (wide[0] - tall[0]).abs().max() > 1e-3
+    plain = build(2, seed=7)  # without the tables the first window cannot tell
+    randomize_weights(plain, 3)
+    plain.eval()
+    with torch.no_grad():
+        _, wide = plain(text, codes_of(1, 4, 8))
+        _, tall = plain(text, codes_of(1, 8, 4))
+    assert torch.equal(wide[0], tall[0])
+
+
+def test_non_square_learns_and_trains_the_tables():
+    model = build(2, seed=11, max_windows_per_side=4)
+    loss_fn = TokenShuffleLoss(VOCAB, 2, text_weight=1.0, z_coef=1e-4)
+    text, mask, _ = batch(2, 8, 8, seed=5)
+    codes = codes_of(2, 4, 8, seed=6)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = loss_fn(model(text, codes), (text, mask, codes))
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert loss_fn.pop_history()[0].image_tokens == 2 * 32
+    assert losses[-1] < 0.7 * losses[0], losses
+    table = model.input_stage.window_positions
+    # a 2 x 4 window grid: rows[1] and cols[3] learn; other shapes were never seen
+    assert table.rows[1].abs().sum() > 0 and table.cols[3].abs().sum() > 0
+    assert table.rows[0].abs().sum() == 0 and table.cols[1].abs().sum() == 0
+    assert table.row[:2].abs().sum(1).min() > 0 and table.row[2:].abs().sum() == 0
+
+
+# ------------------------------------------------------------------------------------------------
 # Parameter counts
 # ------------------------------------------------------------------------------------------------
 
@@ -274,6 +378,7 @@ def components(model: TokenShuffleLM) -> dict[str, int]:
     prefix = {
         "input_stage.embedding.": "embeddings",
         "input_stage.shuffle.": "shuffle",
+        "input_stage.window_positions.": "shuffle",
         "blocks.": "transformer",
         "output_stage.final_norm.": "transformer",
         "output_stage.unshuffle.": "unshuffle",

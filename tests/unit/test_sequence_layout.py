@@ -24,7 +24,8 @@ VOCAB = VocabLayout(text_size=256, codebook_size=512)  # <pad> 256, <bos> 257, <
 
 def test_grid_16_window_2_positions():
     layout = SequenceLayout(caption_len=16, grid=16, shuffle_window=2)
-    assert layout.windows_per_side == 8
+    assert layout.grid == (16, 16) and (layout.rows, layout.cols) == (16, 16)
+    assert layout.window_grid == (8, 8)
     assert layout.image_codes == 256
     assert layout.codes_per_position == 4
     assert layout.image_positions == 64
@@ -44,7 +45,7 @@ def test_grid_16_window_2_positions():
 def test_paper_stages(resolution: int, codes: int, p1: int, p2: int, p4: int, seq2: int):
     for s, positions in ((1, p1), (2, p2), (4, p4)):
         layout = SequenceLayout.from_resolution(resolution, 16, caption_len=126, shuffle_window=s)
-        assert (layout.grid, layout.image_codes) == (resolution // 16, codes)
+        assert (layout.grid, layout.image_codes) == ((resolution // 16,) * 2, codes)
         assert layout.image_positions == positions
         assert layout.seq_len == 128 + positions
     layout = SequenceLayout.from_resolution(resolution, 16, caption_len=126, shuffle_window=2)
@@ -59,12 +60,15 @@ def test_default_window_is_no_shuffle():
 @pytest.mark.parametrize(
     "make,field",
     [
-        (lambda: SequenceLayout.from_resolution(100, 16, caption_len=8), "resolution 100"),
+        (lambda: SequenceLayout.from_resolution(100, 16, caption_len=8), "size 100x100"),
+        (lambda: SequenceLayout.from_resolution((64, 40), 16, caption_len=8), "size 40x64"),
+        (lambda: SequenceLayout(caption_len=8, grid=(8, 6), shuffle_window=4), "8x6"),
         (lambda: SequenceLayout.from_resolution(64, 0, caption_len=8), "downsample 0"),
         (lambda: SequenceLayout(caption_len=8, grid=6, shuffle_window=4), "shuffle_window = 4"),
         (lambda: SequenceLayout(caption_len=8, grid=8, shuffle_window=0), "shuffle_window = 0"),
         (lambda: SequenceLayout(caption_len=-1, grid=8), "caption_len = -1"),
         (lambda: SequenceLayout(caption_len=8, grid=0), "grid = 0"),
+        (lambda: SequenceLayout(caption_len=8, grid=(4, 0)), r"grid = \(4, 0\)"),
     ],
 )
 def test_bad_geometry_names_the_field(make, field: str):
@@ -81,12 +85,41 @@ def test_layout_is_a_frozen_value():
 
 def test_resolved_stage_asks_the_layout():
     st = ResolvedStage(
-        index=0, name="x", resolution=64, shuffle_window=2, sources=(), global_batch=1,
+        index=0, name="x", resolution=64, shuffle_window=2, buckets=(), grid_multiple=4,
+        sources=(), global_batch=1,
         micro_batch=1, caption_len=16, steps=1, lr=0.0, min_lr=0.0, warmup_steps=0,
         schedule="constant", z_loss=0.0, carry_over="weights", tensor=1, pipeline=1,
     )  # fmt: skip
     assert st.layout(8) == SequenceLayout(caption_len=16, grid=8, shuffle_window=2)
     assert (st.grid(8), st.seq_len(8)) == (8, 34)  # 16 caption + 2 + (8 / 2)^2
+    assert st.layouts(8) == {"1:1": st.layout(8)}
+
+
+def test_bucketed_stage_has_one_layout_per_bucket():
+    st = ResolvedStage(
+        index=0, name="x", resolution=64, shuffle_window=2, buckets=("1:1", "2:1", "1:2"),
+        grid_multiple=2, sources=(), global_batch=1, micro_batch=1, caption_len=16, steps=1,
+        lr=0.0, min_lr=0.0, warmup_steps=0, schedule="constant", z_loss=0.0,
+        carry_over="weights", tensor=1, pipeline=1,
+    )  # fmt: skip
+    layouts = st.layouts(8)  # unit 16 px: 2:1 at a 64^2 budget is 96 x 48 px
+    assert list(layouts) == ["1:1", "2:1", "1:2"]
+    assert layouts["2:1"].grid == (6, 12) and layouts["1:2"].grid == (12, 6)
+    assert layouts["2:1"].window_grid == (3, 6)
+    assert layouts["2:1"].image_positions == 18 and layouts["2:1"].seq_len == 36
+
+
+def test_non_square_layout_and_round_trip():
+    layout = SequenceLayout(caption_len=2, grid=(4, 6), shuffle_window=2)
+    assert (layout.window_grid, layout.image_positions, layout.image_codes) == ((2, 3), 6, 24)
+    grid = torch.arange(24).reshape(1, 4, 6)
+    windows = layout.grid_to_windows(grid)  # (1, 6, 4)
+    # window 1 is the top row's second window: columns 2..3 of rows 0..1
+    assert windows[0, 1].tolist() == [2, 3, 8, 9]
+    assert windows[0, 3].tolist() == [12, 13, 18, 19]  # second window row starts at row 2
+    assert torch.equal(layout.windows_to_grid(windows), grid)
+    with pytest.raises(ValueError, match=r"\(B, 4, 6, ...\)"):
+        layout.grid_to_windows(grid.reshape(1, 6, 4))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,7 +250,7 @@ def test_export_config_positions_agree(s: int):
         for r in (64, 128, 256)
     ]
     for r, layout in zip((64, 128, 256), layouts):
-        assert config.grid(r) == layout.grid
+        assert (config.grid(r),) * 2 == layout.grid
         assert config.image_positions(r) == layout.image_positions
     # the longest trained sequence: 18 text + (256 / 8 / s)^2 image positions
     assert config.max_position_embeddings == max(layout.seq_len for layout in layouts)
