@@ -115,7 +115,15 @@ class TokenizeOptions:
         """
         if self.buckets is None:
             return None
-        return make_buckets(self.buckets, self.resolution, downsample * self.grid_multiple)
+        unit = downsample * self.grid_multiple
+        try:
+            return make_buckets(self.buckets, self.resolution, unit)
+        except ValueError as exc:
+            raise ValueError(
+                f"--buckets: {exc} (sides are multiples of {unit} px: VQ downsample {downsample} "
+                f"x --grid-multiple {self.grid_multiple}; a lower --grid-multiple or a larger "
+                "--resolution separates them)"
+            ) from None
 
 
 @dataclass

@@ -167,6 +167,8 @@ def test_bucket_options_are_checked_before_any_work():
     assert opts.buckets == ("1:1", "2:1") and opts.grid_multiple == 4
     assert [b.size for b in opts.bucket_list(8)] == ["32x32", "64x32"]
     assert TokenizeOptions(resolution=32).bucket_list(8) is None
+    with pytest.raises(ValueError, match="1:1 and 4:3 are both 64x64 .* multiples of 32 px"):
+        TokenizeOptions(resolution=64, buckets=("1:1", "4:3")).bucket_list(8)
     with pytest.raises(ValueError, match="--grid-multiple applies only"):
         TokenizeOptions(resolution=32, grid_multiple=2)
     with pytest.raises(ValueError, match="'16x9' is not of the form W:H"):
