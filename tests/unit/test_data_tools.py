@@ -114,11 +114,13 @@ BUCKETS = make_buckets(["1:1", "2:1", "1:2", "4:3"], 32, 8)
 
 
 def _striped(width: int, height: int) -> Image.Image:
-    """White, with a red band along the left edge and a blue one along the right (x10% each)."""
+    """A red band along the left edge, a blue one along the right (10% each), white between; the
+    green channel ramps from top to bottom, so a vertical crop differs from a squash."""
     arr = np.full((height, width, 3), 255, np.uint8)
     band = max(1, width // 10)
     arr[:, :band] = (255, 0, 0)
     arr[:, -band:] = (0, 0, 255)
+    arr[:, :, 1] = np.linspace(0, 255, height).round().astype(np.uint8)[:, None]
     return Image.fromarray(arr)
 
 
@@ -141,10 +143,10 @@ def test_resize_to_bucket_keeps_the_whole_image_when_the_ratio_matches():
     assert out.shape == (24, 48, 3) and out.dtype == np.uint8
     want = img.resize((48, 24), Image.Resampling.BICUBIC, reducing_gap=3.0)
     assert np.array_equal(out, np.asarray(want))  # a plain resize: nothing cropped
-    assert tuple(out[12, 0]) == (255, 0, 0) and tuple(out[12, -1]) == (0, 0, 255)
+    assert tuple(out[12, 0, [0, 2]]) == (255, 0) and tuple(out[12, -1, [0, 2]]) == (0, 255)
     # the square path crops the centre square: both edge bands are gone
     square = resize_center_crop(img, 32)
-    assert square.shape == (32, 32, 3) and tuple(square[16, 0]) == tuple(square[16, -1])
+    assert square.shape == (32, 32, 3) and tuple(square[16, 0, [0, 2]]) == (255, 255)
 
 
 def test_resize_to_bucket_crops_only_the_sliver_the_ratio_needs():
