@@ -23,6 +23,11 @@ def _size(text: str) -> int:
     return int(text)
 
 
+def _ratios(text: str) -> tuple[str, ...]:
+    """'1:1,16:9' -> ('1:1', '16:9'); each checked later by TokenizeOptions."""
+    return tuple(r.strip() for r in text.split(",") if r.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ts-data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,10 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("tokenize", help="image/caption shards -> token shards + manifest")
     tok.add_argument("--input", nargs="+", required=True, help="dirs, tars, {a..b} patterns, s3://")
     tok.add_argument("--output", required=True, help="output directory or s3://bucket/prefix/")
-    tok.add_argument("--resolution", type=int, required=True, help="stage resolution (square)")
+    tok.add_argument(
+        "--resolution",
+        type=int,
+        required=True,
+        help="stage resolution (square; with --buckets the side of the pixel budget)",
+    )
     tok.add_argument("--vq-format", default="native", choices=typing.get_args(VqFormat))
     tok.add_argument("--vq-checkpoint", required=True, help="VQ checkpoint path")
     tok.add_argument("--text", default="byte", help="'byte' or a tokenizers JSON path")
+    tok.add_argument(
+        "--buckets",
+        type=_ratios,
+        default=None,
+        help="aspect-ratio buckets W:H,... (e.g. 1:1,4:3,3:4,16:9,9:16,2:1,1:2); default: square",
+    )
+    tok.add_argument(
+        "--grid-multiple",
+        type=int,
+        default=None,
+        help="bucket code-grid sides are multiples of this (default 4; only with --buckets)",
+    )
     tok.add_argument("--min-size", type=int, default=None, help="default: resolution // 2")
     tok.add_argument("--batch-size", type=int, default=32, help="images per VQ encode")
     tok.add_argument("--shard-size", type=_size, default=_size("256MB"), help="e.g. 256MB")
@@ -173,6 +195,8 @@ def _run(args: argparse.Namespace) -> int:
             world_size=world,
             endpoint_url=args.endpoint_url,
             tmp_dir=args.tmp_dir,
+            buckets=args.buckets,
+            grid_multiple=args.grid_multiple,
         )
         vq = load_vq(args.vq_format, args.vq_checkpoint, device=args.device)
         text = load_text_tokenizer(args.text)

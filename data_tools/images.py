@@ -1,4 +1,8 @@
-"""Image decoding and the stage transform: to RGB, resize with antialiasing, centre crop."""
+"""Image decoding and the stage transform: to RGB, resize with antialiasing, centre crop.
+
+Square stages crop the centre square (`resize_center_crop`); aspect-ratio buckets keep the image's
+shape and crop only the sliver between its ratio and the bucket's (`resize_to_bucket`).
+"""
 
 from __future__ import annotations
 
@@ -73,6 +77,32 @@ def resize_center_crop(img: Image.Image, resolution: int) -> np.ndarray:
         img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
     left, top = (nw - resolution) // 2, (nh - resolution) // 2
     img = img.crop((left, top, left + resolution, top + resolution))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def resize_to_bucket(img: Image.Image, width: int, height: int) -> np.ndarray:
+    """Resizes to cover `width` x `height` (antialiased) and crops the centre to exactly that.
+
+    The scale is the larger of the two side ratios, so one side fits exactly and only the other
+    loses the sliver by which the image's ratio differs from the bucket's: a 200x100 image into a
+    48x24 bucket keeps all of its content.
+
+    Args:
+        img: any PIL image (converted to RGB).
+        width: bucket width in pixels.
+        height: bucket height in pixels.
+
+    Returns:
+        uint8 array (height, width, 3).
+    """
+    img = to_rgb(img)
+    w, h = img.size
+    scale = max(width / w, height / h)
+    nw, nh = max(width, round(w * scale)), max(height, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (nw - width) // 2, (nh - height) // 2
+    img = img.crop((left, top, left + width, top + height))
     return np.asarray(img, dtype=np.uint8)
 
 

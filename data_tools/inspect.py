@@ -1,10 +1,11 @@
 """`ts-data inspect`: checks a token-shard directory against its manifest.
 
 Reads every shard listed by the manifest and reports sample counts, the original-resolution
-histogram, caption-length statistics, the code range against the manifest's codebook size, and
-every unreadable sample or shard. A set is corrupt when any shard is missing, has another size or
-sha256 than the manifest says, holds another number of samples, or any sample is unreadable,
-has codes out of range or of the wrong shape/dtype, or has text ids outside the text vocabulary.
+histogram, the aspect-ratio bucket histogram, caption-length statistics, the code range against the
+manifest's codebook size, and every unreadable sample or shard. A set is corrupt when any shard is
+missing, has another size or sha256 than the manifest says, holds another number of samples, or any
+sample is unreadable, has codes out of range or of another shape than its shard's bucket grid
+(the square grid in format /1) or dtype, or has text ids outside the text vocabulary.
 """
 
 from __future__ import annotations
@@ -18,20 +19,23 @@ from collections import Counter
 import numpy as np
 
 from megatron_ts import storage
+from megatron_ts.buckets import SQUARE
 from megatron_ts.data.manifest import load_manifest
 
 FIELDS = ("codes.npy", "ids.npy", "txt", "json")
 
 
-def _bucket(side: int) -> str:
+def _side_bin(side: int) -> str:
     for edge in (256, 512, 1024, 2048, 4096):
         if side < edge:
             return f"<{edge}"
     return ">=4096"
 
 
-def _check_sample(key: str, members: dict[str, bytes], grid: int, codebook: int, text: int):
-    """Returns (problem or None, caption chars, caption ids, max code)."""
+def _check_sample(
+    key: str, members: dict[str, bytes], shape: tuple[int, int], codebook: int, text: int
+):
+    """Returns (problem or None, caption chars, caption ids, max code); `shape` is (rows, cols)."""
     missing = [f for f in FIELDS if f not in members]
     if missing:
         return f"missing member {key}.{missing[0]}", 0, 0, -1
@@ -41,8 +45,8 @@ def _check_sample(key: str, members: dict[str, bytes], grid: int, codebook: int,
         caption = members["txt"].decode("utf-8")
     except Exception as exc:  # noqa: BLE001 - any failure makes the sample unreadable
         return f"unreadable: {type(exc).__name__}: {exc}", 0, 0, -1
-    if codes.dtype != np.uint16 or codes.shape != (grid, grid):
-        return f"codes {codes.dtype} {codes.shape}, expected uint16 ({grid}, {grid})", 0, 0, -1
+    if codes.dtype != np.uint16 or codes.shape != tuple(shape):
+        return f"codes {codes.dtype} {codes.shape}, expected uint16 {tuple(shape)}", 0, 0, -1
     top = int(codes.max()) if codes.size else -1
     if top >= codebook:
         return f"code {top} >= codebook size {codebook}", 0, 0, top
@@ -61,6 +65,8 @@ def inspect(url: str, endpoint_url: str | None = None, verify_sha: bool = True) 
     bad_samples: list[dict] = []
     bad_shards: list[dict] = []
     res_hist: Counter = Counter()
+    # readable samples per bucket, in the manifest's bucket order ("1:1" alone in format /1)
+    bucket_hist = dict.fromkeys(manifest.bucket_samples, 0)
     chars, n_ids = [], []
     code_max = -1
     counted = 0
@@ -77,6 +83,8 @@ def inspect(url: str, endpoint_url: str | None = None, verify_sha: bool = True) 
             )
         elif verify_sha and hashlib.sha256(raw).hexdigest() != entry.sha256:
             bad_shards.append({"shard": entry.name, "problem": "sha256 differs from the manifest"})
+        shape = manifest.bucket_grid(entry.bucket)
+        bucket_name = entry.bucket or SQUARE
         samples: dict[str, dict[str, bytes]] = {}
         try:
             with tarfile.open(fileobj=io.BytesIO(raw), mode="r|*") as tar:
@@ -89,17 +97,18 @@ def inspect(url: str, endpoint_url: str | None = None, verify_sha: bool = True) 
         except (tarfile.TarError, EOFError, OSError) as exc:
             bad_shards.append({"shard": entry.name, "problem": f"truncated or corrupt tar: {exc}"})
         for key, members in samples.items():
-            problem, n_chars, n_tok, top = _check_sample(key, members, grid, codebook, text)
+            problem, n_chars, n_tok, top = _check_sample(key, members, shape, codebook, text)
             code_max = max(code_max, top)
             if problem:
                 bad_samples.append({"shard": entry.name, "key": key, "problem": problem})
                 continue
             chars.append(n_chars)
             n_ids.append(n_tok)
+            bucket_hist[bucket_name] += 1
             try:
                 meta = json.loads(members["json"])
                 side = min(int(meta["original_width"]), int(meta["original_height"]))
-                res_hist[_bucket(side)] += 1
+                res_hist[_side_bin(side)] += 1
             except (ValueError, KeyError, TypeError):
                 res_hist["unknown"] += 1
         if len(samples) != entry.samples:
@@ -134,6 +143,8 @@ def inspect(url: str, endpoint_url: str | None = None, verify_sha: bool = True) 
         "samples_read": counted,
         "readable_samples": len(chars),
         "original_short_side_histogram": dict(sorted(res_hist.items())),
+        "buckets": (None if manifest.buckets is None else [b.to_dict() for b in manifest.buckets]),
+        "bucket_histogram": bucket_hist,
         "caption_chars": stats(chars),
         "caption_ids": stats(n_ids),
         "code_max": code_max,
@@ -144,6 +155,12 @@ def inspect(url: str, endpoint_url: str | None = None, verify_sha: bool = True) 
         "bad_samples": bad_samples,
         "corrupt": bool(bad_shards or bad_samples),
     }
+
+
+def _bucket_line(report: dict) -> str:
+    """'1:1 32x32: 5, 2:1 48x24: 3' (format /2) or '1:1: 24' (format /1)."""
+    sizes = {b["name"]: f" {b['width']}x{b['height']}" for b in report["buckets"] or []}
+    return ", ".join(f"{n}{sizes.get(n, '')}: {c}" for n, c in report["bucket_histogram"].items())
 
 
 def format_report(report: dict) -> str:
@@ -157,6 +174,7 @@ def format_report(report: dict) -> str:
         f"caption chars: {report['caption_chars']}",
         f"caption ids: {report['caption_ids']}",
         f"original short side: {report['original_short_side_histogram']}",
+        f"buckets (readable samples): {_bucket_line(report)}",
     ]
     if report["skipped_at_tokenize"]:
         lines.append(f"skipped when tokenizing: {report['skipped_at_tokenize']}")

@@ -9,6 +9,11 @@ records no failure and lists outputs that exist with the recorded sizes; any oth
 from scratch (its partial outputs are overwritten), so an input that failed because the store
 was unreachable is retried by the next run. Each rank writes `_ranks/rank-{r:03d}-of-{w:03d}.json`;
 `merge` (run automatically when world size is 1) writes `manifest.json` from the done records.
+
+With aspect-ratio buckets (`TokenizeOptions.buckets`) each image goes to the bucket nearest its
+ratio, keeps its shape (cropped only by the sliver the ratio needs) and is encoded in batches of
+one bucket; every output shard holds one bucket and is named `tokens-{i:06d}-{W}x{H}-{part:03d}.tar`
+(the bucket's size in pixels, unique within a bucket list), and the manifest has format /2.
 """
 
 from __future__ import annotations
@@ -27,9 +32,16 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.images import ImageSkip, decode_image, resize_center_crop, to_tensor_batch
+from data_tools.images import (
+    ImageSkip,
+    decode_image,
+    resize_center_crop,
+    resize_to_bucket,
+    to_tensor_batch,
+)
 from data_tools.shards import RawSample, ShardReadError, expand_inputs, iter_samples
 from megatron_ts import storage
+from megatron_ts.buckets import DEFAULT_GRID_MULTIPLE, Bucket, make_buckets, nearest, parse_ratio
 from megatron_ts.data.manifest import Manifest, ShardEntry, save_manifest
 from megatron_ts.logging import get_logger
 from megatron_ts.storage import S3BucketNotFoundError, is_s3_url
@@ -46,7 +58,8 @@ CODE_LIMIT = 1 << 16
 @dataclass
 class TokenizeOptions:
     resolution: int
-    """Stage resolution: images are resized and centre-cropped to this square."""
+    """Stage resolution: images are resized and centre-cropped to this square (with `buckets`:
+    the side of the pixel budget, resolution^2)."""
     min_size: int | None = None
     """Drop images whose short side is below this (default: resolution // 2)."""
     batch_size: int = 32
@@ -67,12 +80,50 @@ class TokenizeOptions:
     """Where shards are staged before upload (default: the system temp dir)."""
     max_samples_per_input: int | None = None
     """Stop each input after this many samples (benchmarks)."""
+    buckets: tuple[str, ...] | None = None
+    """Aspect-ratio bucket names "W:H" (`--buckets`); None: square images, manifest format /1."""
+    grid_multiple: int | None = None
+    """Bucket code-grid sides are multiples of this (default 4 with `buckets`; only with them)."""
 
     def __post_init__(self):
         if self.min_size is None:
             self.min_size = self.resolution // 2
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"--rank {self.rank} must be in [0, --world-size {self.world_size})")
+        if self.buckets is None:
+            if self.grid_multiple is not None:
+                raise ValueError(
+                    "--grid-multiple applies only to aspect-ratio buckets; add --buckets (for "
+                    "example --buckets 1:1,4:3,3:4) or drop --grid-multiple"
+                )
+            return
+        self.buckets = tuple(str(b).strip() for b in self.buckets)
+        if not self.buckets:
+            raise ValueError("--buckets lists no ratio; list some, such as 1:1,4:3,3:4")
+        for ratio in self.buckets:
+            parse_ratio(ratio)  # a malformed ratio stops here, before the VQ is loaded
+        if self.grid_multiple is None:
+            self.grid_multiple = DEFAULT_GRID_MULTIPLE
+        if self.grid_multiple < 1:
+            raise ValueError(f"--grid-multiple {self.grid_multiple} must be at least 1")
+
+    def bucket_list(self, downsample: int) -> tuple[Bucket, ...] | None:
+        """The buckets' sizes for a VQ of `downsample` (None without buckets).
+
+        Raises:
+            ValueError: two ratios give one size or one is listed twice (from `make_buckets`).
+        """
+        if self.buckets is None:
+            return None
+        unit = downsample * self.grid_multiple
+        try:
+            return make_buckets(self.buckets, self.resolution, unit)
+        except ValueError as exc:
+            raise ValueError(
+                f"--buckets: {exc} (sides are multiples of {unit} px: VQ downsample {downsample} "
+                f"x --grid-multiple {self.grid_multiple}; a lower --grid-multiple or a larger "
+                "--resolution separates them)"
+            ) from None
 
 
 @dataclass
@@ -98,9 +149,12 @@ class InputReport:
     skipped: list[dict] = field(default_factory=list)
     failed: str | None = None
     shards: list[dict] = field(default_factory=list)
+    buckets: list[dict] | None = None
+    """The bucket list the outputs were made with (bucketed runs only; a re-run with another
+    list redoes the input)."""
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "index": self.index,
             "url": self.url,
             "samples": self.samples,
@@ -108,10 +162,21 @@ class InputReport:
             "failed": self.failed,
             "shards": self.shards,
         }
+        if self.buckets is not None:
+            out["buckets"] = self.buckets
+        return out
 
 
-def output_name(input_index: int, part: int) -> str:
-    return f"tokens-{input_index:06d}-{part:03d}.tar"
+def output_name(input_index: int, part: int, bucket: Bucket | None = None) -> str:
+    """The output shard's name: `tokens-{input:06d}-{part:03d}.tar`, or with a bucket
+    `tokens-{input:06d}-{W}x{H}-{part:03d}.tar` (its size in pixels, unique within a bucket list).
+
+    Names depend only on the input's index, the bucket's size and the part, never on the number
+    of workers, so a job may resume with another world size.
+    """
+    if bucket is None:
+        return f"tokens-{input_index:06d}-{part:03d}.tar"
+    return f"tokens-{input_index:06d}-{bucket.size}-{part:03d}.tar"
 
 
 def _npy(arr: np.ndarray) -> bytes:
@@ -147,8 +212,16 @@ def rank_from_env(rank: int | None, world_size: int | None) -> tuple[int, int]:
 class _ShardWriter:
     """Writes output shards of one input to a staging dir, then copies them to the output."""
 
-    def __init__(self, output: str, index: int, opts: TokenizeOptions, stage: Path):
+    def __init__(
+        self,
+        output: str,
+        index: int,
+        opts: TokenizeOptions,
+        stage: Path,
+        bucket: Bucket | None = None,
+    ):
         self.output, self.index, self.opts, self.stage = output, index, opts, stage
+        self.bucket = bucket
         self.part = -1
         self.tar: tarfile.TarFile | None = None
         self.path: Path | None = None
@@ -157,7 +230,7 @@ class _ShardWriter:
 
     def _open(self) -> None:
         self.part += 1
-        self.path = self.stage / output_name(self.index, self.part)
+        self.path = self.stage / output_name(self.index, self.part, self.bucket)
         self.tar = tarfile.open(self.path, "w", format=tarfile.GNU_FORMAT)
         self.samples = 0
 
@@ -180,36 +253,43 @@ class _ShardWriter:
         name = self.path.name
         url = storage.join(self.output, name)
         sha = storage.upload_file(self.path, url, self.opts.endpoint_url)
-        self.entries.append(
-            {
-                "name": name,
-                "samples": self.samples,
-                "bytes": self.path.stat().st_size,
-                "sha256": sha,
-            }
-        )
+        size = self.path.stat().st_size
+        entry = {"name": name, "samples": self.samples, "bytes": size, "sha256": sha}
+        if self.bucket is not None:
+            entry["bucket"] = self.bucket.name
+        self.entries.append(entry)
         self.path.unlink()
         self.tar = None
 
 
-def _prepare(sample: RawSample, opts: TokenizeOptions) -> tuple:
-    """Decode + resize in a worker thread: (array | None, reason | None, meta, t_dec, t_res)."""
+def _prepare(sample: RawSample, opts: TokenizeOptions, buckets: tuple[Bucket, ...] | None) -> tuple:
+    """Decode + resize in a worker thread: (array | None, reason | None, meta, t_dec, t_res).
+
+    meta is (original width, original height, bucket or None).
+    """
     t0 = time.perf_counter()
     found = sample.image_member()
     if found is None:
         return None, "missing image (.jpg/.png/.webp)", None, 0.0, 0.0
     if "txt" not in sample.members:
         return None, "missing caption (.txt)", None, 0.0, 0.0
+    # JPEG draft keeps this many pixels on the short side: a bucket's longest side covers any
+    # bucket's need (the resized short side is at most the bucket's long side)
+    keep = opts.resolution if buckets is None else max(max(b.width, b.height) for b in buckets)
     try:
-        img, width, height = decode_image(found[1], opts.resolution, opts.min_size)
+        img, width, height = decode_image(found[1], keep, opts.min_size)
     except ImageSkip as exc:
         return None, str(exc), None, time.perf_counter() - t0, 0.0
     t1 = time.perf_counter()
+    bucket = None if buckets is None else nearest(buckets, width, height)
     try:
-        arr = resize_center_crop(img, opts.resolution)
+        if bucket is None:
+            arr = resize_center_crop(img, opts.resolution)
+        else:
+            arr = resize_to_bucket(img, bucket.width, bucket.height)
     except Exception as exc:  # noqa: BLE001 - a broken image must not stop the shard
         return None, f"undecodable image: {exc}", None, t1 - t0, 0.0
-    return arr, None, (width, height), t1 - t0, time.perf_counter() - t1
+    return arr, None, (width, height, bucket), t1 - t0, time.perf_counter() - t1
 
 
 def tokenize_input(
@@ -221,20 +301,32 @@ def tokenize_input(
     opts: TokenizeOptions,
     pool: ThreadPoolExecutor,
     timings: Timings,
+    buckets: tuple[Bucket, ...] | None = None,
 ) -> InputReport:
-    """Tokenizes one input shard into output shard(s); returns its report."""
-    report = InputReport(index, url)
-    stage = Path(tempfile.mkdtemp(prefix="ts-tokenize-", dir=opts.tmp_dir))
-    writer = _ShardWriter(output, index, opts, stage)
+    """Tokenizes one input shard into output shard(s); returns its report.
 
-    def flush(batch: list[tuple[RawSample, np.ndarray, tuple[int, int]]]) -> None:
+    With `buckets`, every bucket that receives samples gets its own output shard(s).
+    """
+    report = InputReport(index, url)
+    if buckets is not None:
+        report.buckets = [b.to_dict() for b in buckets]
+    stage = Path(tempfile.mkdtemp(prefix="ts-tokenize-", dir=opts.tmp_dir))
+    writers: dict[Bucket | None, _ShardWriter] = {}
+    # images waiting for a VQ encode, by bucket: the encoder takes one image shape per batch
+    batches: dict[Bucket | None, list] = {}
+
+    def flush(batch: list[tuple[RawSample, np.ndarray, tuple]]) -> None:
         if not batch:
             return
+        bucket = batch[0][2][2]
+        if bucket not in writers:
+            writers[bucket] = _ShardWriter(output, index, opts, stage, bucket)
+        writer = writers[bucket]
         t0 = time.perf_counter()
         codes = vq.encode(to_tensor_batch([a for _, a, _ in batch])).cpu().numpy()
         t1 = time.perf_counter()
         timings.encode += t1 - t0
-        for (sample, _, (w, h)), grid in zip(batch, codes):
+        for (sample, _, (w, h, _)), grid in zip(batch, codes):
             text = sample.members["txt"].decode("utf-8", errors="replace").strip()
             t2 = time.perf_counter()
             ids = np.asarray(text_tok.encode(text), dtype=np.int32)
@@ -261,19 +353,25 @@ def tokenize_input(
         timings.images += len(batch)
 
     def consume(pending: list) -> None:
-        batch = []
         for sample, fut in pending:
-            arr, reason, size, t_dec, t_res = fut.result()
+            arr, reason, meta, t_dec, t_res = fut.result()
             timings.decode += t_dec
             timings.resize += t_res
             if arr is None:
                 report.skipped.append({"key": sample.key, "reason": reason})
                 continue
-            batch.append((sample, arr, size))
+            batch = batches.setdefault(meta[2], [])
+            batch.append((sample, arr, meta))
             if len(batch) == opts.batch_size:
-                flush(batch)
-                batch = []
-        flush(batch)
+                flush(batches.pop(meta[2]))
+        if buckets is None:
+            # square runs encode the rest of every read-ahead window, as before buckets; bucketed
+            # runs keep partial batches until the input ends, so batches stay full
+            flush_all()
+
+    def flush_all() -> None:
+        for bucket in list(batches):
+            flush(batches.pop(bucket))
 
     try:
         pending: list = []
@@ -289,7 +387,7 @@ def tokenize_input(
                 )
                 break
             timings.read += time.perf_counter() - t_read
-            pending.append((item, pool.submit(_prepare, item, opts)))
+            pending.append((item, pool.submit(_prepare, item, opts, buckets)))
             seen += 1
             if len(pending) >= opts.batch_size * 2:
                 consume(pending)
@@ -298,8 +396,10 @@ def tokenize_input(
                 break
             t_read = time.perf_counter()
         consume(pending)
+        flush_all()
         t3 = time.perf_counter()
-        writer.close()
+        for writer in writers.values():
+            writer.close()
         timings.write += time.perf_counter() - t3
     except S3BucketNotFoundError:
         raise  # the bucket went away: no other input or output can succeed either
@@ -311,12 +411,14 @@ def tokenize_input(
             url,
             report.failed,
         )
-        writer.tar = None
+        for writer in writers.values():
+            writer.tar = None
     finally:
         for p in stage.iterdir():
             p.unlink()
         stage.rmdir()
-    report.shards = writer.entries if report.failed is None else []
+    entries = [e for writer in writers.values() for e in writer.entries]
+    report.shards = sorted(entries, key=lambda e: e["name"]) if report.failed is None else []
     if report.skipped:
         log.warning(
             "%s: skipped %d sample(s): %s",
@@ -327,8 +429,14 @@ def tokenize_input(
     return report
 
 
-def _is_done(output: str, index: int, url: str, endpoint_url: str | None) -> dict | None:
-    """The done record of input `index` if it and every output it lists are present."""
+def _is_done(
+    output: str, index: int, url: str, endpoint_url: str | None, buckets: list[dict] | None = None
+) -> dict | None:
+    """The done record of input `index` if it and every output it lists are present.
+
+    A record made with another bucket list (or made square when this run has buckets, or the
+    other way round) is not done: the input is redone.
+    """
     rec_url = storage.join(output, f"{DONE_DIR}/{index:06d}.json")
     if not storage.exists(rec_url, endpoint_url):
         return None
@@ -338,6 +446,8 @@ def _is_done(output: str, index: int, url: str, endpoint_url: str | None) -> dic
         return None
     if rec.get("url") != url or rec.get("failed"):
         return None  # another input list, or a failure that may have been transient: redo it
+    if rec.get("buckets") != buckets:
+        return None
     for shard in rec.get("shards", []):
         size = storage.stat_size(storage.join(output, shard["name"]), endpoint_url)
         if size != shard["bytes"]:
@@ -345,8 +455,14 @@ def _is_done(output: str, index: int, url: str, endpoint_url: str | None) -> dic
     return rec
 
 
-def header(vq, text_tok, resolution: int) -> dict:
-    """The manifest fields that identify the tokenizers and resolution."""
+def header(
+    vq,
+    text_tok,
+    resolution: int,
+    buckets: tuple[Bucket, ...] | None = None,
+    grid_multiple: int | None = None,
+) -> dict:
+    """The manifest fields that identify the tokenizers, resolution and buckets."""
     vocab = VocabLayout(
         text_size=text_tok.vocab_size,
         codebook_size=vq.codebook_size,
@@ -354,10 +470,15 @@ def header(vq, text_tok, resolution: int) -> dict:
         vq_tokenizer=vq.identity,
     )
     sha = vq.identity.split(":", 1)[1] if ":" in vq.identity else None
-    return {
+    out = {
         "resolution": resolution,
         "grid": resolution // vq.downsample,
         "downsample": vq.downsample,
+    }
+    if buckets is not None:
+        out["buckets"] = [b.to_dict() for b in buckets]
+        out["grid_multiple"] = grid_multiple
+    return out | {
         "vocab": vocab.to_dict(),
         "vq": {
             "format": vq.format,
@@ -405,6 +526,13 @@ def tokenize(
             f"--resolution {opts.resolution} is not a multiple of the VQ downsampling "
             f"{vq.downsample}"
         )
+    buckets = opts.bucket_list(vq.downsample)
+    if buckets is not None:
+        log.info(
+            "tokenize: aspect-ratio buckets %s",
+            ", ".join(f"{b.name}={b.size}" for b in buckets),
+        )
+    bucket_dicts = None if buckets is None else [b.to_dict() for b in buckets]
     # A missing output or input bucket stops here, before any shard is read or encoded.
     storage.check_bucket(output, opts.endpoint_url)
     urls = expand_inputs(inputs, opts.endpoint_url)
@@ -424,12 +552,12 @@ def tokenize(
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max(1, opts.workers)) as pool:
         for index, url in mine:
-            rec = _is_done(output, index, url, opts.endpoint_url)
+            rec = _is_done(output, index, url, opts.endpoint_url, bucket_dicts)
             if rec is not None:
                 reports.append(rec)
                 skipped_inputs += 1
                 continue
-            report = tokenize_input(index, url, output, vq, text_tok, opts, pool, timings)
+            report = tokenize_input(index, url, output, vq, text_tok, opts, pool, timings, buckets)
             rec = report.to_dict()
             storage.write_bytes(
                 storage.join(output, f"{DONE_DIR}/{index:06d}.json"),
@@ -439,7 +567,7 @@ def tokenize(
             reports.append(rec)
     seconds = time.perf_counter() - t0
     summary = {
-        **header(vq, text_tok, opts.resolution),
+        **header(vq, text_tok, opts.resolution, buckets, opts.grid_multiple),
         "rank": opts.rank,
         "world_size": opts.world_size,
         "num_inputs": len(urls),
@@ -488,8 +616,10 @@ def merge(output: str, endpoint_url: str | None = None) -> str:
     """Writes manifest.json of `output` from its rank summaries and per-input done records.
 
     Raises:
-        ValueError: a rank summary is missing, ranks disagree on tokenizers or resolution, or an
-            input shard has no done record (naming it and the rank to re-run).
+        ValueError: a rank summary is missing, ranks disagree on tokenizers, resolution or
+            buckets, or an input shard has no done record (naming it and the rank to re-run).
+        megatron_ts.data.manifest.ManifestError: a done record lists a shard of a bucket the
+            ranks did not use (a record left by a run with other buckets: re-run tokenize).
     """
     rank_urls = storage.list_prefix(storage.join(output, RANKS_DIR), endpoint_url, ".json")
     if not rank_urls:
@@ -504,13 +634,14 @@ def merge(output: str, endpoint_url: str | None = None) -> str:
             f"`ts-data tokenize ... --rank {missing[0]} --world-size {world}` first"
         )
     ident_keys = ("resolution", "grid", "downsample", "vocab", "vq", "text_tokenizer")
+    ident_keys += ("buckets", "grid_multiple")  # absent (None) in square runs
     first = latest[0]
     for r, s in latest.items():
         for k in ident_keys:
-            if s[k] != first[k]:
+            if s.get(k) != first.get(k):
                 raise ValueError(
-                    f"{output}: rank {r} has {k} {s[k]!r} but rank 0 has {first[k]!r}; all ranks "
-                    "must use the same tokenizers and resolution"
+                    f"{output}: rank {r} has {k} {s.get(k)!r} but rank 0 has {first.get(k)!r}; "
+                    "all ranks must use the same tokenizers, resolution and --buckets"
                 )
     num_inputs = first["num_inputs"]
     shards, inputs, reasons = [], [], Counter()
@@ -541,6 +672,10 @@ def merge(output: str, endpoint_url: str | None = None) -> str:
         vq=first["vq"],
         text_tokenizer=first["text_tokenizer"],
         shards=sorted(shards, key=lambda s: s.name),
+        buckets=tuple(Bucket.from_dict(b) for b in first["buckets"])
+        if "buckets" in first
+        else None,
+        grid_multiple=first.get("grid_multiple"),
         extra={
             "inputs": inputs,
             "skipped": dict(sorted(reasons.items())),

@@ -15,7 +15,7 @@ from PIL import Image
 
 from data_tools.cli import main as ts_data
 from data_tools.demo import COLORS, make_sample
-from data_tools.images import resize_center_crop, to_tensor_batch
+from data_tools.images import resize_center_crop, resize_to_bucket, to_tensor_batch
 from megatron_ts.data.manifest import load_manifest
 from megatron_ts.hf.vq_token_shuffle import load_vq
 
@@ -337,3 +337,170 @@ def test_s3_in_and_out(demo, tmp_path, s3_bucket, monkeypatch, capfd, logged):
     assert {u: storage.stat_size(u, endpoint) for u in listing} == etags
     text = "\n".join(logged) + capfd.readouterr().out
     assert logged and "SeCrEt" not in text and "SeCrEt" not in json.dumps(s3_manifest)
+
+
+def _photo(width: int, height: int, seed: int, fmt: str) -> bytes:
+    """A smooth random colour field of the given size, encoded as `fmt`."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+    img = small.resize((width, height), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+# key: (width, height, format, the bucket it must land in); input a then input b
+BUCKET_INPUTS = {
+    "a.tar": {
+        "w1": (200, 100, "PNG", "2:1"),
+        "t1": (100, 200, "PNG", "1:2"),
+        "s1": (64, 64, "PNG", "1:1"),
+        "q1": (120, 90, "PNG", "4:3"),
+        "w2": (150, 60, "PNG", "2:1"),
+    },
+    "b.tar": {
+        "w3": (400, 200, "JPEG", "2:1"),  # JPEG: decoded at a reduced draft scale
+        "t2": (60, 130, "PNG", "1:2"),
+        "s2": (50, 48, "PNG", "1:1"),
+    },
+}
+BUCKET_FLAGS = ["--buckets", "1:1,2:1,1:2,4:3", "--grid-multiple", "1", "--shard-samples", "1"]
+GRIDS = {"1:1": (4, 4), "2:1": (3, 6), "1:2": (6, 3), "4:3": (3, 4)}  # 32 px budget, 8 px codes
+
+
+@pytest.fixture()
+def bucket_inputs(tmp_path) -> tuple[Path, dict[str, Image.Image]]:
+    """Two img2dataset-style tars of wide, tall and square images; returns (dir, images by key)."""
+    src = tmp_path / "in"
+    src.mkdir()
+    images = {}
+    for name, samples in BUCKET_INPUTS.items():
+        members = []
+        for key, (w, h, fmt, _) in samples.items():
+            data = _photo(w, h, len(images), fmt)
+            images[key] = Image.open(io.BytesIO(data))
+            ext = "jpg" if fmt == "JPEG" else "png"
+            members += [(f"{key}.{ext}", data), (f"{key}.txt", f"a {key} image".encode())]
+        _tar(src / name, members)
+    return src, images
+
+
+def test_buckets_end_to_end(demo, bucket_inputs, tmp_path, capsys):
+    import webdataset as wds
+
+    src, images = bucket_inputs
+    out = tmp_path / "tok"
+    assert _tokenize(demo, out, *BUCKET_FLAGS, inputs=[str(src)]) == 0
+    raw = json.loads((out / "manifest.json").read_text())
+    assert raw["format"] == "megatron_ts.tokens/2"
+    assert (raw["resolution"], raw["grid"], raw["grid_multiple"]) == (RES, 4, 1)
+    assert raw["buckets"] == [
+        {"name": "1:1", "width": 32, "height": 32},
+        {"name": "2:1", "width": 48, "height": 24},
+        {"name": "1:2", "width": 24, "height": 48},
+        {"name": "4:3", "width": 32, "height": 24},
+    ]
+    # one bucket per shard, parts counted per input and bucket, names sorted
+    assert [(s["name"], s["bucket"]) for s in raw["shards"]] == [
+        ("tokens-000000-24x48-000.tar", "1:2"),
+        ("tokens-000000-32x24-000.tar", "4:3"),
+        ("tokens-000000-32x32-000.tar", "1:1"),
+        ("tokens-000000-48x24-000.tar", "2:1"),
+        ("tokens-000000-48x24-001.tar", "2:1"),
+        ("tokens-000001-24x48-000.tar", "1:2"),
+        ("tokens-000001-32x32-000.tar", "1:1"),
+        ("tokens-000001-48x24-000.tar", "2:1"),
+    ]
+    m = load_manifest(str(out))
+    assert m.bucket_samples == {"1:1": 2, "2:1": 3, "1:2": 2, "4:3": 1}
+    done = json.loads((out / "_done/000000.json").read_text())
+    assert len(done["shards"]) == 5 and done["buckets"] == raw["buckets"]
+
+    vq = load_vq("native", str(demo["vq"]), device="cpu")
+    want_bucket = {k: v[3] for samples in BUCKET_INPUTS.values() for k, v in samples.items()}
+    seen = set()
+    for entry in m.shards:
+        for sample in wds.WebDataset([str(out / entry.name)], shardshuffle=False).decode():
+            key = sample["__key__"]
+            seen.add(key)
+            assert want_bucket[key] == entry.bucket, key
+            codes = sample["codes.npy"]
+            assert codes.dtype == np.uint16 and codes.shape == GRIDS[entry.bucket], key
+            w, h, _, _ = BUCKET_INPUTS["a.tar" if key in BUCKET_INPUTS["a.tar"] else "b.tar"][key]
+            assert (sample["json"]["original_width"], sample["json"]["original_height"]) == (w, h)
+    assert seen == set(want_bucket)
+    # the codes are the VQ's codes of the bucket-resized image (a 200x100 image kept whole)
+    first_wide = next(iter(wds.WebDataset([str(out / "tokens-000000-48x24-000.tar")]).decode()))
+    assert first_wide["__key__"] == "w1"
+    pixels = resize_to_bucket(images["w1"], 48, 24)
+    want = vq.encode(to_tensor_batch([pixels]))[0].numpy()
+    assert np.array_equal(first_wide["codes.npy"], want)
+
+    capsys.readouterr()
+    assert ts_data(["inspect", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert not report["corrupt"] and report["samples_read"] == 8
+    assert report["bucket_histogram"] == {"1:1": 2, "2:1": 3, "1:2": 2, "4:3": 1}
+    assert ts_data(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert (
+        "buckets (readable samples): 1:1 32x32: 2, 2:1 48x24: 3, 1:2 24x48: 2, 4:3 32x24: 1" in text
+    )
+
+    # a shard listed under another bucket: its codes have the wrong shape, and inspect says so
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["shards"][3]["bucket"] = "1:2"  # tokens-000000-48x24-000.tar holds 2:1 codes
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    assert ts_data(["inspect", str(bad), "--json"]) == 3
+    report = json.loads(capsys.readouterr().out)
+    assert report["bad_samples"] == [
+        {
+            "shard": "tokens-000000-48x24-000.tar",
+            "key": "w1",
+            "problem": "codes uint16 (3, 6), expected uint16 (6, 3)",
+        }
+    ]
+
+
+def test_buckets_rerun_skips_done_inputs_and_resumes(demo, bucket_inputs, tmp_path):
+    src, _ = bucket_inputs
+    out = tmp_path / "tok"
+    assert _tokenize(demo, out, *BUCKET_FLAGS, inputs=[str(src)]) == 0
+    before = _files(out)
+    manifest = (out / "manifest.json").read_bytes()
+    assert _tokenize(demo, out, *BUCKET_FLAGS, "--no-merge", inputs=[str(src)]) == 0
+    assert {k: v for k, v in _files(out).items() if not k.startswith("_ranks")} == {
+        k: v for k, v in before.items() if not k.startswith("_ranks")
+    }
+    # input #1 interrupted: no record, one of its three shards half written
+    (out / "_done/000001.json").unlink()
+    shard = out / "tokens-000001-48x24-000.tar"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    (out / "manifest.json").unlink()
+    assert _tokenize(demo, out, *BUCKET_FLAGS, inputs=[str(src)]) == 0
+    assert (out / "manifest.json").read_bytes() == manifest
+    resumed = _files(out)
+    for name in ("tokens-000000-48x24-000.tar", "tokens-000000-48x24-001.tar"):
+        assert resumed[name] == before[name]  # input #0 untouched
+    assert resumed["tokens-000001-48x24-000.tar"][0] == before["tokens-000001-48x24-000.tar"][0]
+    # other buckets make every input's record stale: all inputs are redone
+    result_dir = tmp_path / "other"
+    shutil.copytree(out, result_dir)
+    flags = ["--buckets", "1:1,2:1", "--grid-multiple", "1"]
+    assert _tokenize(demo, result_dir, *flags, inputs=[str(src)]) == 0
+    m = load_manifest(str(result_dir))
+    assert [b.name for b in m.buckets] == ["1:1", "2:1"] and m.total_samples == 8
+
+
+def test_merge_refuses_ranks_with_other_buckets(demo, bucket_inputs, tmp_path, capsys):
+    src, _ = bucket_inputs
+    out = tmp_path / "tok"
+    rank = ["--no-merge", "--world-size", "2", "--rank"]
+    assert _tokenize(demo, out, *BUCKET_FLAGS, *rank, "0", inputs=[str(src)]) == 0
+    assert _tokenize(demo, out, *rank, "1", inputs=[str(src)]) == 0  # square
+    capsys.readouterr()
+    assert ts_data(["merge", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "rank 1 has buckets None" in err and "same tokenizers, resolution and --buckets" in err
