@@ -49,7 +49,10 @@ class Collator:
 
     def __call__(self, samples: list[Sample]) -> dict:
         b = len(samples)
-        codes = np.empty((b, *self.layout.grid), dtype=np.int64)
+        shapes = {s.codes.shape for s in samples}
+        if len(shapes) > 1:  # the loader draws one bucket per step; a mix is a bug, not data
+            raise RuntimeError(f"a micro-batch mixes code grids {sorted(shapes)}")
+        codes = np.empty((b, *shapes.pop()), dtype=np.int64)
         dropped = np.zeros(b, dtype=bool)
         for i, s in enumerate(samples):
             codes[i] = s.codes  # (H, W) uint16 -> int64

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megatron_ts.config import DataConfig, ResolvedStage
 from megatron_ts.data.batching import Collator
-from megatron_ts.data.order import LaneCounter, Layout, lane_positions_before
+from megatron_ts.data.order import LaneCounter, Layout, Mixture, lane_positions_before
 from megatron_ts.data.pipeline import (
     ErrorTracker,
     SourceStream,
@@ -77,10 +77,13 @@ class LoaderPlan:
 
     ctx: StreamContext
     specs: tuple[SourceSpec, ...]
-    weights: tuple[float, ...]
+    mixture: Mixture
+    """Weights of the (sub-)sources, and the bucket of each with aspect-ratio buckets."""
     collator: Collator
     micro_batch: int
     synthetic: bool
+    synthetic_grids: tuple[tuple[int, int], ...] = ()
+    """Synthetic data with buckets: the grid of each bucket (`mixture` draws one per step)."""
 
 
 def worker_chunks(
@@ -102,7 +105,7 @@ def worker_chunks(
     )
 
     def new_lane(c: int, n: int = 0, counts: list[int] | None = None) -> LaneCounter:
-        return LaneCounter(c, ctx.streams, plan.weights, ctx.seed, ctx.stage, n, counts)
+        return LaneCounter(c, ctx.streams, plan.mixture, ctx.seed, ctx.stage, n, counts)
 
     def new_reader(s: int, c: int, index: int = 0, cursor=(0, 0, 0)) -> StreamReader:
         return StreamReader(SourceStream(ctx, plan.specs[s], s, c, tracker), index, cursor)
@@ -119,7 +122,10 @@ def worker_chunks(
                 continue
             if plan.synthetic:
                 tracker.ok()
-                chunk.append((j, synthetic_sample(ctx, p)))
+                grid = None
+                if plan.synthetic_grids:
+                    grid = plan.synthetic_grids[plan.mixture.bucket_of(p, ctx.seed, ctx.stage)]
+                chunk.append((j, synthetic_sample(ctx, p, grid)))
                 continue
             if c not in lanes:
                 lanes[c] = new_lane(c)  # counting from lane position 0 is always right
@@ -302,7 +308,7 @@ class TokenLoader:
             "seed": c.seed,
             "stage": c.stage,
             "stage_name": self.stage_name,
-            "sources": [s.url for s in self.plan.specs],
+            "sources": [s.label for s in self.plan.specs],
             "synthetic": self.plan.synthetic,
             "streams": c.streams,
             "dp_rank": lay.dp_rank,
@@ -337,7 +343,7 @@ class TokenLoader:
             for name, mine in (
                 ("seed", c.seed),
                 ("stage", c.stage),
-                ("sources", [s.url for s in self.plan.specs]),
+                ("sources", [s.label for s in self.plan.specs]),
                 ("synthetic", self.plan.synthetic),
                 ("streams", c.streams),
             ):
@@ -424,7 +430,7 @@ class TokenLoader:
                 known = [e for e in lane_entries.get(lane, []) if e[0] <= target]
                 n, counts = max(known, key=lambda e: e[0]) if known else (0, None)
                 counter = LaneCounter(
-                    lane, c.streams, self.plan.weights, c.seed, c.stage, n, counts
+                    lane, c.streams, self.plan.mixture, c.seed, c.stage, n, counts
                 )
                 counter.advance(target)
                 ws.lanes.append(counter.entry())
@@ -515,7 +521,8 @@ def build_loader(
         seed: run seed (job.seed).
         dp_rank: this rank's data-parallel rank.
         dp_size: data-parallel size.
-        downsample: pixels per code (tokenizer.downsample); grid = resolution // downsample.
+        downsample: pixels per code (tokenizer.downsample); grid = resolution // downsample, or
+            each bucket's size // downsample with aspect-ratio buckets.
         processes: use worker processes (default: when data_cfg.num_workers > 0). With False the
             same `max(1, num_workers)` logical workers run in this process: same batches.
         shards_per_group: shards read interleaved (and replayed on resume) per stream.
@@ -539,9 +546,11 @@ def build_loader(
         raise ValueError(f"data.streams = {data_cfg.streams}; use 0 (auto) or more")
     try:
         sequence = stage.layout(downsample)  # grid and prompt format (not the DP `Layout`)
+        grids = {name: lay.grid for name, lay in stage.layouts(downsample).items()}
     except ValueError as exc:
         raise ValueError(f"stage {stage.name}: {exc}") from exc
     grid = sequence.grid
+    bucket_names = list(grids) if stage.buckets else []
     num_workers = max(1, data_cfg.num_workers)
     register_s3_scheme(data_cfg.s3_endpoint)
     specs: list[SourceSpec] = []
@@ -556,9 +565,16 @@ def build_loader(
                 raise DataSourceError(
                     f"stage {stage.name} source {src.url}: weight {src.weight} must be > 0"
                 )
-            spec = read_source(src.url, src.weight, endpoint_url=data_cfg.s3_endpoint, grid=grid)
-            vocab.check_compatible(spec.vocab, what=f"token shards {src.url}")
-            specs.append(spec)
+            got = read_source(
+                src.url,
+                src.weight,
+                endpoint_url=data_cfg.s3_endpoint,
+                grid=None if bucket_names else grid,
+                buckets=grids if bucket_names else None,
+                buckets_field=f"the buckets of stage {stage.name}",
+            )
+            vocab.check_compatible(got[0].vocab, what=f"token shards {src.url}")
+            specs.extend(got)
     streams = data_cfg.streams or (
         auto_streams([len(s.shards) for s in specs]) if specs else AUTO_STREAMS_MAX
     )
@@ -574,13 +590,13 @@ def build_loader(
                 resample=data_cfg.resample_shards,
             )
         except DataSourceError as exc:
-            raise DataSourceError(f"source {spec.url}: {exc}") from exc
+            raise DataSourceError(f"source {spec.label}: {exc}") from exc
     if specs:
         logger.info(
             "stage %s data (%d streams): %s",
             stage.name,
             streams,
-            ", ".join(f"{s.url} ({len(s.shards)} shards, weight {s.weight})" for s in specs),
+            ", ".join(f"{s.label} ({len(s.shards)} shards, weight {s.weight:.4g})" for s in specs),
         )
     layout = Layout(dp_rank, dp_size, stage.micro_batch, num_workers, streams, 0)
     if layout.read_amplification > 1 and dp_rank == 0:
@@ -624,10 +640,17 @@ def build_loader(
         seed=seed,
         stage=stage.index,
     )
+    if data_cfg.synthetic:  # buckets equally likely
+        groups = tuple(range(len(bucket_names)))
+        mixture = Mixture((1.0,) * len(groups) or (1.0,), groups, stage.global_batch)
+    else:
+        groups = tuple(bucket_names.index(s.bucket) for s in specs) if bucket_names else ()
+        mixture = Mixture(tuple(s.weight for s in specs) or (1.0,), groups, stage.global_batch)
     plan = LoaderPlan(
         ctx=ctx,
         specs=tuple(specs),
-        weights=tuple(s.weight for s in specs) or (1.0,),
+        mixture=mixture,
+        synthetic_grids=tuple(grids.values()) if data_cfg.synthetic and bucket_names else (),
         collator=collator,
         micro_batch=stage.micro_batch,
         synthetic=data_cfg.synthetic,

@@ -15,6 +15,13 @@ and the sample at p is sample number index(p) of the canonical stream (source(p)
     the lanes a rank touches are owned by its workers: owner(c) = (c // gcd(dp, C)) mod W
 
 so a lane is read by dp / gcd(dp, C) ranks (1 when dp divides C) and by one worker per rank.
+
+With aspect-ratio buckets each (source, bucket) pair is a sub-source with its own streams (a
+source's shards each hold one bucket), and the draw has two levels (`Mixture`): the bucket of a
+position is drawn once per optimizer step, from hash(seed, stage, p // B) with B the global batch,
+weighted by the samples each bucket has; the sub-source is then drawn from hash(seed, stage, p)
+among that bucket's. Every position of a step, so every micro-batch of every rank, holds one
+bucket, whatever the DP size (a resume point is always a multiple of B).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_ts.data.sources import TAG_MIX
+from megatron_ts.data.sources import TAG_BUCKET, TAG_MIX
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _COUNT_BLOCK = 1 << 20
@@ -38,10 +45,17 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _key(seed: int, stage: int) -> np.uint64:
+def _key(seed: int, stage: int, tag: int = TAG_MIX) -> np.uint64:
     k = _mix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
-    k = _mix64(k ^ np.uint64((stage << 8 | TAG_MIX) & 0xFFFFFFFFFFFFFFFF))
+    k = _mix64(k ^ np.uint64((stage << 8 | tag) & 0xFFFFFFFFFFFFFFFF))
     return k[0]
+
+
+def _uniform(counter: np.ndarray, key: np.uint64) -> np.ndarray:
+    """A uniform draw in [0, 1) per uint64 counter, keyed."""
+    with np.errstate(over="ignore"):
+        x = _mix64(counter * np.uint64(0x9E3779B97F4A7C15) + key)
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def source_draws(
@@ -61,11 +75,55 @@ def source_draws(
     pos = np.asarray(positions, dtype=np.uint64)
     if len(weights) == 1:
         return np.zeros(pos.shape, dtype=np.int64)
-    with np.errstate(over="ignore"):
-        x = _mix64(pos * np.uint64(0x9E3779B97F4A7C15) + _key(seed, stage))
-    u = (x >> np.uint64(11)).astype(np.float64) * 2.0**-53  # uniform in [0, 1)
+    return _pick(weights, _uniform(pos, _key(seed, stage)))
+
+
+def _pick(weights, u: np.ndarray) -> np.ndarray:
+    """Index i with probability weights[i] / sum for each uniform u."""
     cum = np.cumsum(np.asarray(weights, dtype=np.float64))
     return np.minimum(np.searchsorted(cum / cum[-1], u, side="right"), len(weights) - 1)
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """How positions are dealt to (sub-)sources: by weight, and with buckets a bucket per step.
+
+    Without buckets (`groups` empty) this is `source_draws`, unchanged. With them, sub-source j
+    belongs to bucket groups[j]; the bucket of position p is drawn from hash(seed, stage, p //
+    step) with each bucket weighted by its sub-sources' summed weight, then the sub-source from
+    hash(seed, stage, p) among that bucket's, by weight.
+    """
+
+    weights: tuple[float, ...]
+    """Weight of each sub-source."""
+    groups: tuple[int, ...] = ()
+    """Bucket index of each sub-source; empty: no buckets."""
+    step: int = 1
+    """Positions per optimizer step (the stage's global batch): the span that shares a bucket."""
+
+    def draws(self, positions: np.ndarray, seed: int, stage: int) -> np.ndarray:
+        """The sub-source of every position (int64, the shape of `positions`)."""
+        if not self.groups:
+            return source_draws(positions, self.weights, seed, stage)
+        pos = np.asarray(positions, dtype=np.uint64)
+        buckets = sorted(set(self.groups))
+        members = {b: [j for j, g in enumerate(self.groups) if g == b] for b in buckets}
+        bucket_weights = [sum(self.weights[j] for j in members[b]) for b in buckets]
+        steps = pos // np.uint64(self.step)
+        chosen = _pick(bucket_weights, _uniform(steps, _key(seed, stage, TAG_BUCKET)))
+        u = _uniform(pos, _key(seed, stage))
+        out = np.empty(pos.shape, dtype=np.int64)
+        for i, b in enumerate(buckets):
+            here = chosen == i
+            mine = members[b]
+            out[here] = np.asarray(mine)[_pick([self.weights[j] for j in mine], u[here])]
+        return out
+
+    def bucket_of(self, position: int, seed: int, stage: int) -> int:
+        """The bucket index of `position` (0 without buckets)."""
+        if not self.groups:
+            return 0
+        return self.groups[int(self.draws(np.array([position]), seed, stage)[0])]
 
 
 @dataclass(frozen=True)
@@ -126,22 +184,23 @@ class LaneCounter:
         self,
         lane: int,
         lanes: int,
-        weights: tuple[float, ...],
+        weights: tuple[float, ...] | Mixture,
         seed: int,
         stage: int,
         n: int = 0,
         counts: list[int] | None = None,
     ):
-        self.lane, self.lanes, self.weights = lane, lanes, weights
+        self.mixture = weights if isinstance(weights, Mixture) else Mixture(tuple(weights))
+        self.lane, self.lanes, self.weights = lane, lanes, self.mixture.weights
         self.seed, self.stage = seed, stage
         self.n = n
-        self.counts = list(counts) if counts is not None else [0] * len(weights)
+        self.counts = list(counts) if counts is not None else [0] * len(self.weights)
         self._block = -1
         self._block_draws = np.zeros(0, dtype=np.int64)
 
     def _draws(self, lo: int, hi: int) -> np.ndarray:
         pos = self.lane + self.lanes * np.arange(lo, hi, dtype=np.uint64)
-        return source_draws(pos, self.weights, self.seed, self.stage)
+        return self.mixture.draws(pos, self.seed, self.stage)
 
     def advance(self, n: int) -> None:
         """Accounts lane positions [self.n, n)."""

@@ -513,10 +513,13 @@ class StreamReader:
             self._gen.close()
 
 
-def synthetic_sample(ctx: StreamContext, position: int) -> Sample:
-    """Random codes and caption at a global position: a pure function of (seed, stage, p)."""
+def synthetic_sample(
+    ctx: StreamContext, position: int, grid: tuple[int, int] | None = None
+) -> Sample:
+    """Random codes (of `grid`, default the stage's) and caption at a global position: a pure
+    function of (seed, stage, p)."""
     rng = np.random.default_rng([ctx.seed, ctx.stage, position, TAG_SYNTHETIC])
-    codes = rng.integers(0, ctx.codebook_size, size=ctx.grid, dtype=np.uint16)
+    codes = rng.integers(0, ctx.codebook_size, size=grid or ctx.grid, dtype=np.uint16)
     length = int(rng.integers(1, ctx.caption_len + 8))
     ids = rng.integers(0, ctx.text_size, size=length, dtype=np.int32)
     return Sample(f"synthetic-{position}", "synthetic://", codes, ids, 0, 0)

@@ -69,7 +69,7 @@ def _entry(src: Path, name: str) -> dict:
 def test_manifest_bytes_and_sha256_reach_the_loader_and_are_optional(tmp_path):
     src = _source(tmp_path)
     raw = (src / "shard-00001.tar").read_bytes()
-    shard = read_source(str(src), 1.0).shards[1]
+    shard = read_source(str(src), 1.0)[0].shards[1]
     assert (shard.bytes, shard.sha256) == (len(raw), hashlib.sha256(raw).hexdigest())
 
     # A minimal manifest (no bytes, no sha256) still loads; its shards are read unverified.
@@ -77,7 +77,7 @@ def test_manifest_bytes_and_sha256_reach_the_loader_and_are_optional(tmp_path):
     for entry in manifest["shards"]:
         del entry["bytes"], entry["sha256"]
     (src / "manifest.json").write_text(json.dumps(manifest))
-    shards = read_source(str(src), 1.0).shards
+    shards = read_source(str(src), 1.0)[0].shards
     assert [(s.bytes, s.sha256) for s in shards] == [(None, None), (None, None)]
     loader = _loader(src, max_error_rate=0.0)
     assert len(set(_keys(loader, 10))) == 2 * PER_SHARD
