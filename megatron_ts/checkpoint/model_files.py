@@ -217,6 +217,7 @@ _SPEC_FIELDS = (
     ("norm_eps", "model.norm_eps"),
     ("shuffle_window", "model.shuffle_window"),
     ("shuffle_mlp_blocks", "model.shuffle_mlp_blocks"),
+    ("max_windows_per_side", "model.max_windows_per_side"),
 )
 
 
@@ -224,7 +225,9 @@ def check_spec(source_spec: dict, run_spec: dict, source: Path) -> None:
     """Checks that a checkpoint's model spec fits the model it initialises (`checkpoint.load`).
 
     A source without token-shuffle (window 1) fits a run with any window: the run's shuffle
-    layers keep their initial values, as when a curriculum turns token-shuffle on.
+    layers keep their initial values, as when a curriculum turns token-shuffle on. A source of
+    square images only (no window-position tables) fits a run with any table size: the tables
+    start at zero, so the loaded model computes what it did (models/model.py `WindowPositions`).
 
     Args:
         source_spec: the checkpoint's `model_spec` (meta.json, or an HF export's config.json).
@@ -237,6 +240,8 @@ def check_spec(source_spec: dict, run_spec: dict, source: Path) -> None:
     skip = set()
     if source_spec.get("shuffle_window") == 1:
         skip = {"shuffle_window", "shuffle_mlp_blocks"}
+    if not source_spec.get("max_windows_per_side"):
+        skip.add("max_windows_per_side")
     for key, field in _SPEC_FIELDS:
         if key in skip:
             continue

@@ -292,6 +292,17 @@ class TokenLoader:
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 
+    def bucket_shares(self) -> dict[str, float]:
+        """{bucket: share of the steps drawn from it}; {} for a stage without buckets."""
+        names = [s.bucket for s in self.plan.specs]
+        if self.plan.synthetic or not self.plan.mixture.groups or None in names:
+            return {}
+        total = sum(self.plan.mixture.weights)
+        out: dict[str, float] = {}
+        for name, weight in zip(names, self.plan.mixture.weights):
+            out[name] = out.get(name, 0.0) + weight / total
+        return out
+
     # -- state ----------------------------------------------------------------------------------
 
     @property

@@ -193,6 +193,9 @@ class StageEngine:
                 loss_fn=self.loss_fn,
                 topology=topology,
                 partition_method="type:BlockLayer",
+                # aspect-ratio buckets: the sequence length changes from step to step, so the
+                # stages exchange activation shapes every micro-batch instead of once
+                dynamic_shape=bool(stage.buckets),
             )
             self._check_topology(topology)
             self.engine, *_ = deepspeed.initialize(

@@ -92,6 +92,11 @@ def _use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16"
 
 
+NEW_AT_A_STAGE = ("shuffle.", "window_positions.")
+"""Parameters a checkpoint may lack when a stage or run adds them (token-shuffle turned on, or
+aspect-ratio buckets on a square model); they start from their init: identity / zero."""
+
+
 def _needs_data(engine: StageEngine) -> bool:
     return not engine.pipeline or engine.is_first_stage or engine.is_last_stage
 
@@ -104,6 +109,7 @@ def _stage_meta(stage: ResolvedStage, downsample: int) -> dict:
         "shuffle_window": stage.shuffle_window,
         "caption_len": stage.caption_len,
         "grid": stage.grid(downsample),
+        "buckets": list(stage.buckets),
         "steps": stage.steps,
         "global_batch": stage.global_batch,
     }
@@ -192,8 +198,10 @@ class Trainer:
         if state.stage_step == 0 or not 0 <= k < len(self.stages) or saved.get("index") != k:
             return
         stage = self.stages[k]
-        for key in ("global_batch", "resolution", "shuffle_window", "caption_len"):
+        for key in ("global_batch", "resolution", "shuffle_window", "caption_len", "buckets"):
             old, new = saved.get(key), getattr(stage, key)
+            if key == "buckets":  # a checkpoint from before buckets trained square images
+                old, new = saved.get(key, []), list(new)
             if old is not None and old != new:
                 raise ConfigError(
                     f"{stage_field(self.cfg, k, key)} = {new}, but stage {stage.name!r} was "
@@ -304,7 +312,7 @@ class Trainer:
                 latest,
                 engine,
                 load_optimizer=stage.carry_over == "weights+optimizer",
-                allow_missing=("shuffle.",),
+                allow_missing=NEW_AT_A_STAGE,
             )
             log.info("stage %s starts from %s (%s)", stage.name, latest, mode)
             return
@@ -353,7 +361,7 @@ class Trainer:
                 source,
                 engine,
                 load_optimizer=cfg.checkpoint.load_optimizer,
-                allow_missing=("shuffle.",),
+                allow_missing=NEW_AT_A_STAGE,
                 load_rng=False,
             )
         finally:
@@ -369,24 +377,13 @@ class Trainer:
         engine, loader = self._build(stage)
         self._restore(stage, engine, loader, state, latest)
         batches = iter(loader) if loader is not None else None
-        shape = cfg.model.shape()
-        layout = stage.layout(downsample)
-        flops_per_sample = sample_flops(
-            shape,
-            engine.spec.padded_vocab,
-            layout.caption_len,
-            layout.grid,
-            layout.shuffle_window,
-            cfg.model.shuffle_mlp_blocks,
-            image_head_rows=self.vocab.codebook_size,  # image positions score codes only
-        ).training
-        seq_len = layout.seq_len
+        flops_per_sample, seq_len = self._sample_cost(stage, engine, loader)
         meta_extra = {"config": cfg.to_dict(), "stage": _stage_meta(stage, downsample)}
         health, schedule = StepHealth(), SaveSchedule(cfg.checkpoint)
         pending = PendingSteps()  # metrics stay on the device until a logging step or a save
         last_keys: list[str] = []
         log.info(
-            "stage %d/%d %s: %d steps, %dpx, s=%d, %d positions, TP=%d PP=%d DP=%d",
+            "stage %d/%d %s: %d steps, %dpx, s=%d, %.0f positions, TP=%d PP=%d DP=%d",
             stage.index + 1,
             len(self.stages),
             stage.name,
@@ -554,6 +551,34 @@ class Trainer:
             meta_extra,
             self.cfg.checkpoint.keep_last,
         )
+
+    def _sample_cost(self, stage: ResolvedStage, engine, loader) -> tuple[float, float]:
+        """(training FLOPs, positions) of one sample of the stage, for throughput and MFU.
+
+        With aspect-ratio buckets both are the means over the buckets, each weighted by the share
+        of steps the loader draws from it (equal shares on a rank without a loader).
+        """
+        layouts = stage.layouts(self.cfg.tokenizer.downsample)
+        shares = (loader.bucket_shares() if loader is not None else {}) or {
+            name: 1.0 / len(layouts) for name in layouts
+        }
+        flops = positions = 0.0
+        for name, layout in layouts.items():
+            share = shares.get(name, 0.0)
+            flops += (
+                share
+                * sample_flops(
+                    self.cfg.model.shape(),
+                    engine.spec.padded_vocab,
+                    layout.caption_len,
+                    layout.grid,
+                    layout.shuffle_window,
+                    self.cfg.model.shuffle_mlp_blocks,
+                    image_head_rows=self.vocab.codebook_size,  # image positions score codes only
+                ).training
+            )
+            positions += share * layout.seq_len
+        return flops, positions
 
     def _log(
         self, state, stage, result, lr, step_seconds, flops_per_sample, seq_len, loader
