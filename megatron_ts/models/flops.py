@@ -91,9 +91,14 @@ def sample_flops(
 
 
 def param_counts(
-    shape: ModelShape, padded_vocab: int, shuffle_window: int, shuffle_mlp_blocks: int
+    shape: ModelShape,
+    padded_vocab: int,
+    shuffle_window: int,
+    shuffle_mlp_blocks: int,
+    max_windows_per_side: int = 0,
 ) -> dict[str, int]:
-    """Parameters by component (embeddings, shuffle, transformer, unshuffle, head) and total."""
+    """Parameters by component (embeddings, shuffle, transformer, unshuffle, head, and the
+    window-position tables when `max_windows_per_side` > 0) and total."""
     d, f = shape.hidden_size, shape.ffn_hidden_size
     kv = shape.num_kv_heads * shape.head_dim
     s2 = shuffle_window**2
@@ -109,5 +114,7 @@ def param_counts(
         "unshuffle": unshuffle,
         "head": padded_vocab * d,
     }
+    if max_windows_per_side > 0:
+        out["window_positions"] = 4 * max_windows_per_side * d  # row, col, rows, cols tables
     out["total"] = sum(out.values())
     return out

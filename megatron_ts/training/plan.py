@@ -85,7 +85,9 @@ def dry_run_report(cfg: Config, stages: list[ResolvedStage]) -> dict:
             "codes": vocab.codebook_size,
             "padded": padded,
         },
-        "parameters": param_counts(shape, padded, max_window, cfg.model.shuffle_mlp_blocks),
+        "parameters": param_counts(
+            shape, padded, max_window, cfg.model.shuffle_mlp_blocks, cfg.model.max_windows_per_side
+        ),
         "stages": [],
     }
     for st in stages:
@@ -109,7 +111,11 @@ def dry_run_report(cfg: Config, stages: list[ResolvedStage]) -> dict:
                 "image_positions_per_sample": layout.image_positions,
                 "sequence_length": seq,
                 "parameters": param_counts(
-                    shape, padded, st.shuffle_window, cfg.model.shuffle_mlp_blocks
+                    shape,
+                    padded,
+                    st.shuffle_window,
+                    cfg.model.shuffle_mlp_blocks,
+                    cfg.model.max_windows_per_side,
                 )["total"],
                 "training_flops_per_sample": flops.training,
                 "training_flops_per_step": flops.training * st.global_batch,
@@ -121,4 +127,36 @@ def dry_run_report(cfg: Config, stages: list[ResolvedStage]) -> dict:
                 "pipeline": st.pipeline,
             }
         )
+        if st.buckets:
+            report["stages"][-1]["buckets"] = _bucket_rows(cfg, st, shape, padded, vocab)
     return report
+
+
+def _bucket_rows(cfg: Config, st: ResolvedStage, shape, padded: int, vocab) -> list[dict]:
+    """Per aspect-ratio bucket: pixel size, code grid, positions and FLOPs of one sample. The
+    stage's own numbers are the square image of its resolution (the pixel budget)."""
+    downsample = cfg.tokenizer.downsample
+    layouts = st.layouts(downsample)
+    rows = []
+    for bucket in st.bucket_sizes(downsample):
+        layout = layouts[bucket.name]
+        flops = sample_flops(
+            shape,
+            padded,
+            layout.caption_len,
+            layout.grid,
+            layout.shuffle_window,
+            cfg.model.shuffle_mlp_blocks,
+            image_head_rows=vocab.codebook_size,
+        )
+        rows.append(
+            {
+                "name": bucket.name,
+                "size": bucket.size,
+                "grid": list(layout.grid),
+                "image_positions_per_sample": layout.image_positions,
+                "sequence_length": layout.seq_len,
+                "training_flops_per_sample": flops.training,
+            }
+        )
+    return rows

@@ -190,3 +190,57 @@ def test_missing_config_file_exits_2(tmp_path: Path):
     proc = ts_train("--config", str(tmp_path / "nope.toml"), "--dry-run")
     assert proc.returncode == 2
     assert "nope.toml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+BUCKETS_TOML = """
+[model]
+flavor = "2.7B"
+max_windows_per_side = {max_windows}
+
+[tokenizer]
+text = "llama2.json"
+text_size = 32000
+codebook_size = 16384
+downsample = 16
+
+[[curriculum.stages]]
+name = "1024px"
+resolution = 1024
+shuffle_window = 2
+caption_len = 126
+global_batch = 128
+steps = 10
+buckets = ["1:1", "16:9", "9:16"]
+"""
+
+
+def test_dry_run_reports_every_bucket(tmp_path: Path):
+    path = tmp_path / "buckets.toml"
+    path.write_text(BUCKETS_TOML.format(max_windows=48))
+    proc = ts_train("--config", str(path), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    rows = report["stages"][0]["buckets"]
+    # 16:9 at a 1024^2 budget in 64 px steps (16 px codes x grid multiple 4): 1344 x 768
+    assert [(r["name"], r["size"], r["grid"]) for r in rows] == [
+        ("1:1", "1024x1024", [64, 64]),
+        ("16:9", "1344x768", [48, 84]),
+        ("9:16", "768x1344", [84, 48]),
+    ]
+    assert [r["image_positions_per_sample"] for r in rows] == [1024, 1008, 1008]
+    assert [r["sequence_length"] for r in rows] == [1152, 1136, 1136]
+    shape = FLAVORS["2.7B"]
+    for r in rows:
+        want = sample_flops(shape, 48512, 126, tuple(r["grid"]), 2, 2, image_head_rows=16384)
+        assert r["training_flops_per_sample"] == want.training
+    # the four window-position tables: 4 x 48 x 3072
+    assert report["parameters"]["window_positions"] == 589_824
+
+
+def test_dry_run_refuses_buckets_wider_than_the_tables(tmp_path: Path):
+    path = tmp_path / "buckets.toml"
+    path.write_text(BUCKETS_TOML.format(max_windows=32))
+    proc = ts_train("--config", str(path), "--dry-run")
+    assert proc.returncode == 2
+    assert "model.max_windows_per_side = 32, but curriculum.stages[0].buckets" in proc.stderr
+    assert "42 windows on a side; set model.max_windows_per_side = 42" in proc.stderr

@@ -378,7 +378,7 @@ def components(model: TokenShuffleLM) -> dict[str, int]:
     prefix = {
         "input_stage.embedding.": "embeddings",
         "input_stage.shuffle.": "shuffle",
-        "input_stage.window_positions.": "shuffle",
+        "input_stage.window_positions.": "window_positions",
         "blocks.": "transformer",
         "output_stage.final_norm.": "transformer",
         "output_stage.unshuffle.": "unshuffle",
@@ -386,7 +386,7 @@ def components(model: TokenShuffleLM) -> dict[str, int]:
     }
     for name, p in model.named_parameters():
         (key,) = [v for k, v in prefix.items() if name.startswith(k)]
-        out[key] += p.numel()
+        out[key] = out.get(key, 0) + p.numel()
     out["total"] = sum(out.values())
     return out
 
@@ -409,6 +409,15 @@ def test_built_parameters_match_param_counts(flavor: str, s: int, total: int):
     expected = param_counts(spec.shape, spec.padded_vocab, s, spec.shuffle_mlp_blocks)
     assert components(model) == expected
     assert expected["total"] == total
+
+
+def test_window_position_tables_are_counted():
+    model = build(2, max_windows_per_side=8)
+    spec = model.spec
+    expected = param_counts(spec.shape, spec.padded_vocab, 2, spec.shuffle_mlp_blocks, 8)
+    assert components(model) == expected
+    assert expected["window_positions"] == 4 * 8 * 64
+    assert expected["total"] == 250_176 + 2048
 
 
 def test_large_flavor_param_counts():
