@@ -300,4 +300,4 @@ def test_config_sampling_defaults_are_the_export_samplers_defaults():
     defaults = dataclasses.asdict(SamplingDefaults())
     call = dataclasses.asdict(SamplingConfig())
     assert defaults == {k: call[k] for k in defaults}
-    assert set(call) - set(defaults) == {"seed", "resolution", "use_kv_cache"}
+    assert set(call) - set(defaults) == {"seed", "resolution", "size", "use_kv_cache"}
