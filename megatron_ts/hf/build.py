@@ -23,16 +23,22 @@ def hf_config_from_spec(
     caption_len: int = 64,
     resolutions: Sequence[int] = (256,),
     vq_downsample: int = 16,
+    buckets: Sequence[dict] = (),
 ) -> TokenShuffleConfig:
     """The HF config of a training model.
 
     Args:
         spec: the training model spec.
         caption_len: caption tokens per prompt the model was trained with.
-        resolutions: image sides in pixels it was trained at (first = default).
+        resolutions: image sides in pixels it was trained at (first = default); with buckets,
+            the stages' pixel budgets.
         vq_downsample: pixels per code along each side.
+        buckets: aspect-ratio buckets it was trained on, each {"name", "width", "height",
+            "resolution"} (`Bucket.to_dict()` plus the stage's resolution); empty: squares of
+            `resolutions` only.
     """
     shape, vocab = spec.shape, spec.vocab
+    sizes = [(b["height"], b["width"]) for b in buckets] or list(resolutions)
     spec_dict = spec.to_dict()
     spec_dict["tensor_parallel"] = 1  # an export is one full model
     return TokenShuffleConfig(
@@ -51,6 +57,8 @@ def hf_config_from_spec(
         special_tokens=list(vocab.specials),
         caption_len=caption_len,
         resolutions=list(resolutions),
+        buckets=[dict(b) for b in buckets],
+        max_windows_per_side=spec.max_windows_per_side,
         vq_downsample=vq_downsample,
         text_tokenizer=vocab.text_tokenizer,
         vq_tokenizer=vocab.vq_tokenizer,
@@ -60,7 +68,7 @@ def hf_config_from_spec(
             SequenceLayout.from_resolution(
                 r, vq_downsample, caption_len=caption_len, shuffle_window=spec.shuffle_window
             ).seq_len
-            for r in resolutions
+            for r in sizes
         ),
     )
 
@@ -71,6 +79,7 @@ def build_plain_model(
     caption_len: int = 64,
     resolutions: Sequence[int] = (256,),
     vq_downsample: int = 16,
+    buckets: Sequence[dict] = (),
 ) -> TokenShuffleForCausalLM:
     """A single-device HF model holding a full TokenShuffleLM-style state dict.
 
@@ -84,11 +93,12 @@ def build_plain_model(
         caption_len: caption tokens per prompt.
         resolutions: trained image sides in pixels.
         vq_downsample: pixels per code.
+        buckets: trained aspect-ratio buckets (see `hf_config_from_spec`); empty: squares only.
 
     Returns:
         The model in eval mode, fp32, on CPU.
     """
-    config = hf_config_from_spec(spec, caption_len, resolutions, vq_downsample)
+    config = hf_config_from_spec(spec, caption_len, resolutions, vq_downsample, buckets)
     model = TokenShuffleForCausalLM(config)
     tensors = {
         k: v

@@ -33,6 +33,13 @@ class TokenShuffleConfig(PretrainedConfig):
         special_tokens: names of the special tokens placed after the text ids.
         caption_len: caption tokens per prompt the model was trained with (padded with <pad>).
         resolutions: image sides in pixels the model was trained at; the first is the default.
+            With aspect-ratio buckets, the stages' pixel budgets (each bucket has about
+            resolution^2 pixels).
+        buckets: the aspect-ratio buckets the model was trained on, each
+            {"name": "W:H", "width": px, "height": px, "resolution": the stage's side}; empty
+            (every export before buckets) means square images of `resolutions` only.
+        max_windows_per_side: rows of the window-position tables (`WindowPositions`): images of
+            up to this many windows down and across; 0 (every export before buckets) builds none.
         vq_downsample: pixels per code along each side.
         text_tokenizer: identity of the text tokenizer (`byte` or `name:sha256-prefix`).
         vq_tokenizer: identity of the VQ tokenizer.
@@ -61,6 +68,8 @@ class TokenShuffleConfig(PretrainedConfig):
         special_tokens: list[str] | tuple[str, ...] = SPECIAL_TOKENS,
         caption_len: int = 64,
         resolutions: list[int] | tuple[int, ...] = (256,),
+        buckets: list[dict] | tuple[dict, ...] = (),
+        max_windows_per_side: int = 0,
         vq_downsample: int = 16,
         text_tokenizer: str = "byte",
         vq_tokenizer: str = "native",
@@ -85,6 +94,16 @@ class TokenShuffleConfig(PretrainedConfig):
         self.special_tokens = list(special_tokens)
         self.caption_len = caption_len
         self.resolutions = [int(r) for r in resolutions]
+        self.buckets = [
+            {
+                "name": str(b["name"]),
+                "width": int(b["width"]),
+                "height": int(b["height"]),
+                "resolution": int(b.get("resolution") or 0),
+            }
+            for b in buckets or ()
+        ]
+        self.max_windows_per_side = int(max_windows_per_side or 0)
         self.vq_downsample = vq_downsample
         self.text_tokenizer = text_tokenizer
         self.vq_tokenizer = vq_tokenizer
@@ -121,6 +140,26 @@ class TokenShuffleConfig(PretrainedConfig):
         """Codes per image side at `resolution` pixels."""
         return resolution // self.vq_downsample
 
-    def image_positions(self, resolution: int) -> int:
-        """Decoding steps (transformer positions) of one image at `resolution`."""
-        return (self.grid(resolution) // self.shuffle_window) ** 2
+    def image_positions(self, resolution: int | tuple[int, int]) -> int:
+        """Decoding steps (transformer positions) of one image at `resolution` pixels a side, or
+        of a (width, height) image."""
+        rows, cols = self.window_grid(resolution)
+        return rows * cols
+
+    def code_grid(self, size: int | tuple[int, int]) -> tuple[int, int]:
+        """(rows, columns) of codes of a (width, height) image in pixels (an int: a square)."""
+        width, height = (size, size) if isinstance(size, int) else size
+        return height // self.vq_downsample, width // self.vq_downsample
+
+    def window_grid(self, size: int | tuple[int, int]) -> tuple[int, int]:
+        """(rows, columns) of shuffle windows, one decoding step each, of a (width, height)
+        image in pixels (an int: a square)."""
+        rows, cols = self.code_grid(size)
+        return rows // self.shuffle_window, cols // self.shuffle_window
+
+    def trained_sizes(self) -> list[tuple[str, int, int]]:
+        """(name, width, height) of every image size the model trained on: its buckets, or the
+        squares of `resolutions` (named "1:1") for a model without buckets."""
+        if self.buckets:
+            return [(b["name"], b["width"], b["height"]) for b in self.buckets]
+        return [("1:1", r, r) for r in self.resolutions]

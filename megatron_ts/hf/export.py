@@ -24,10 +24,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from megatron_ts.buckets import DEFAULT_GRID_MULTIPLE, Bucket, make_buckets
 from megatron_ts.checkpoint.integrity import verify
 from megatron_ts.checkpoint.model_files import (
     WEIGHTS,
@@ -89,26 +91,79 @@ def generation_defaults(config: dict) -> dict:
     return {"do_sample": True, **sampling}
 
 
-def _stage_info(meta: dict) -> tuple[int, list[int], dict]:
-    """(caption_len, resolutions, tokenizer section) from meta.json with fallbacks."""
+@dataclass(frozen=True)
+class StageInfo:
+    """What an export needs to know of the stages that trained a checkpoint."""
+
+    caption_len: int
+    resolutions: list[int]
+    """Square sides (pixel budgets with buckets) of the stages, current stage first."""
+    buckets: list[dict]
+    """Aspect-ratio buckets of those stages, each {"name", "width", "height", "resolution"};
+    empty for a model of square images only."""
+    tokenizer: dict
+
+
+def _stage_buckets(stage: dict, config: dict, downsample: int) -> list[dict]:
+    """A stage's buckets with their pixel sizes: as the stage meta lists them (dicts), else sized
+    from their names as the config sizes them (megatron_ts.buckets.make_buckets)."""
+    data = config.get("data") or {}
+    listed = stage.get("buckets")
+    if listed is None and not (config.get("curriculum") or {}).get("stages"):
+        listed = data.get("buckets")  # a run without a curriculum: its one stage is [data]'s
+    if not listed:
+        return []
+    resolution = int(stage.get("resolution") or data.get("resolution") or 256)
+    if all(isinstance(b, dict) for b in listed):
+        sized = [Bucket.from_dict(b) for b in listed]
+    else:
+        multiple = int(data.get("grid_multiple") or DEFAULT_GRID_MULTIPLE)
+        sized = make_buckets(listed, resolution, downsample * multiple)
+    return [{**b.to_dict(), "resolution": resolution} for b in sized]
+
+
+def _stage_info(meta: dict) -> StageInfo:
+    """Caption length, resolutions, buckets and tokenizer section from meta.json, with fallbacks.
+
+    Earlier curriculum stages with the same shuffle window trained this model too: their sizes
+    are offered after the current stage's.
+    """
     stage = meta.get("stage") or {}
     config = meta.get("config") or {}
     data = config.get("data") or {}
+    tok = dict(config.get("tokenizer") or {})
+    downsample = int(tok.get("downsample") or 16)
     caption_len = int(stage.get("caption_len") or data.get("caption_len") or 64)
-    resolutions: list[int] = []
-    if stage.get("resolution"):
-        resolutions.append(int(stage["resolution"]))
     window = meta["model_spec"]["shuffle_window"]
-    # earlier curriculum stages with the same window trained this model too: offer their sizes
     stages = (config.get("curriculum") or {}).get("stages") or []
     index = stage.get("index")
-    for st in stages[: index if isinstance(index, int) else 0]:
+    current = dict(stage)
+    if isinstance(index, int) and index < len(stages) and "buckets" not in current:
+        current["buckets"] = stages[index].get("buckets")  # the trainer's meta names none
+    resolutions: list[int] = []
+    sizes: list[dict] = []
+    bucketed = False
+    earlier = stages[: index if isinstance(index, int) else 0]
+    fallback = {**current, "resolution": data.get("resolution") or 256}
+    for st in [current, *earlier, fallback]:
         res = st.get("resolution")
-        if res and st.get("shuffle_window", 1) == window and int(res) not in resolutions:
-            resolutions.append(int(res))
-    if not resolutions:
-        resolutions.append(int(data.get("resolution") or 256))
-    return caption_len, resolutions, dict(config.get("tokenizer") or {})
+        if not res or (st is not current and st.get("shuffle_window", 1) != window):
+            continue
+        if st is fallback and resolutions:
+            break  # only when neither the stage nor an earlier one names a resolution
+        res = int(res)
+        if res not in resolutions:
+            resolutions.append(res)
+        stage_buckets = _stage_buckets(st, config, downsample)
+        bucketed = bucketed or bool(stage_buckets)
+        # a square stage beside bucketed ones trained its square too
+        square = {"name": "1:1", "width": res, "height": res, "resolution": res}
+        known = {(b["width"], b["height"]) for b in sizes}
+        for b in stage_buckets or [square]:
+            if (b["width"], b["height"]) not in known:
+                sizes.append(b)
+                known.add((b["width"], b["height"]))
+    return StageInfo(caption_len, resolutions, sizes if bucketed else [], tok)
 
 
 def _plan(ckpt_dir: Path, spec: ModelSpec, dtype: torch.dtype, weights: str) -> list[TensorPlan]:
@@ -209,9 +264,22 @@ def write_vq(
 
 
 def _model_card(
-    spec: ModelSpec, caption_len: int, resolutions: list[int], meta: dict, weights: str
+    spec: ModelSpec,
+    caption_len: int,
+    resolutions: list[int],
+    meta: dict,
+    weights: str,
+    buckets: list[dict] = (),
 ) -> str:
     shape = spec.shape
+    trained = f"trained at {', '.join(f'{r} px' for r in resolutions)}"
+    size_flag = cli_size = ""  # square models: the default size, no flag
+    if buckets:
+        listed = ", ".join(f"{b['width']}x{b['height']} ({b['name']})" for b in buckets)
+        trained = f"trained on the image sizes (width x height) {listed}"
+        example = next((b for b in buckets if b["width"] != b["height"]), buckets[0])
+        size = f"{example['width']}x{example['height']}"
+        size_flag, cli_size = f'size="{size}", ', f" --size {size}"
     if weights == "ema":
         ema = meta.get("ema") or {}
         source = (
@@ -229,7 +297,7 @@ Exported by megatron_ts `ts-convert to-hf` from step {meta.get("step")}: {source
 - token-shuffle window s = {spec.shuffle_window}: {spec.shuffle_window**2} VQ codes per position
 - vocabulary: {spec.vocab.text_size} text ids ({spec.vocab.text_tokenizer}), 5 special tokens,
   {spec.vocab.codebook_size} VQ codes ({spec.vocab.vq_tokenizer}), padded to {spec.padded_vocab}
-- trained at {", ".join(f"{r} px" for r in resolutions)}, captions of {caption_len} tokens
+- {trained}, captions of {caption_len} tokens
 
 Images with torch and transformers alone (the sampler and the VQ decoder ship in this directory):
 
@@ -237,7 +305,7 @@ Images with torch and transformers alone (the sampler and the VQ decoder ship in
 from transformers import AutoModelForCausalLM
 
 model = AutoModelForCausalLM.from_pretrained("THIS_DIR", trust_remote_code=True)
-images = model.pipeline()(["a photo of a red bicycle"], num_images_per_prompt=4).images
+images = model.pipeline()(["a photo of a red bicycle"], {size_flag}num_images_per_prompt=4).images
 ```
 
 `model.generate(input_ids)` returns code grids (guidance_scale, cfg_schedule, temperature, top_k,
@@ -245,7 +313,7 @@ top_p, seed; defaults from generation_config.json). With megatron_ts installed, 
 as PNGs with their settings:
 
 ```bash
-ts-generate --model THIS_DIR --prompt "a photo of a red bicycle" --out samples/
+ts-generate --model THIS_DIR --prompt "a photo of a red bicycle"{cli_size} --out samples/
 ```
 """
 
@@ -279,7 +347,13 @@ def export_to_hf(
     ckpt_dir = resolve_checkpoint(checkpoint)
     meta = read_meta(ckpt_dir)
     spec = ModelSpec.from_dict(meta["model_spec"])
-    caption_len, resolutions, tok = _stage_info(meta)
+    info = _stage_info(meta)
+    caption_len, resolutions, buckets, tok = (
+        info.caption_len,
+        info.resolutions,
+        info.buckets,
+        info.tokenizer,
+    )
     downsample = int(tok.get("downsample") or 16)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}; choose one of {sorted(DTYPES)}")
@@ -291,7 +365,7 @@ def export_to_hf(
 
     weight_files = write_weights(ckpt_dir, spec, out, max_shard_size, DTYPES[dtype], weights)
 
-    config = hf_config_from_spec(spec, caption_len, resolutions, downsample)
+    config = hf_config_from_spec(spec, caption_len, resolutions, downsample, buckets)
     config.auto_map = dict(AUTO_MAP)
     config.architectures = ["TokenShuffleForCausalLM"]
     config.dtype = dtype
@@ -310,6 +384,14 @@ def export_to_hf(
         "caption_len": caption_len,
         "resolution": resolutions[0],
         "resolutions": resolutions,
+    }
+    if buckets:  # the default image: the first square bucket, else the first bucket
+        default = next((b for b in buckets if b["width"] == b["height"]), buckets[0])
+        del generation["resolution"]
+        generation["size"] = f"{default['width']}x{default['height']}"
+        generation["sizes"] = [f"{b['width']}x{b['height']}" for b in buckets]
+    generation = {
+        **generation,
         "bos_token_id": spec.vocab.bos_id,
         "pad_token_id": spec.vocab.pad_id,
         "eos_token_id": spec.vocab.eos_id,
@@ -330,6 +412,8 @@ def export_to_hf(
         downsample,
         out,
     )
-    (out / "README.md").write_text(_model_card(spec, caption_len, resolutions, meta, weights))
+    (out / "README.md").write_text(
+        _model_card(spec, caption_len, resolutions, meta, weights, buckets)
+    )
     log.info("export done: %s", ", ".join(weight_files))
     return out

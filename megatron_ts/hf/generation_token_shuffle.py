@@ -40,22 +40,42 @@ DEFAULT_CFG_SCHEDULE = "half-linear"
 # The window order and the prompt format below are the export's copies of megatron_ts.sequence
 # (this file cannot import megatron_ts); tests/unit/test_sequence_layout.py checks they agree.
 def grid_to_windows(x: torch.Tensor, s: int) -> torch.Tensor:
-    """(B, G, G, *rest) raster grid -> (B, (G/s)^2, s^2, *rest) windows in raster order."""
+    """(B, H, W, *rest) raster grid -> (B, (H/s)(W/s), s^2, *rest) windows in raster order."""
     b, gh, gw = x.shape[:3]
     rest = x.shape[3:]
-    x = x.reshape(b, gh // s, s, gw // s, s, *rest)  # (B, G/s, s, G/s, s, ...)
-    x = x.transpose(2, 3)  # (B, G/s, G/s, s, s, ...)
+    x = x.reshape(b, gh // s, s, gw // s, s, *rest)  # (B, H/s, s, W/s, s, ...)
+    x = x.transpose(2, 3)  # (B, H/s, W/s, s, s, ...)
     return x.reshape(b, (gh // s) * (gw // s), s * s, *rest)
 
 
-def windows_to_grid(x: torch.Tensor, s: int, grid: int) -> torch.Tensor:
-    """Inverse of `grid_to_windows`: (B, N, s^2, *rest) -> (B, G, G, *rest)."""
+def windows_to_grid(x: torch.Tensor, s: int, grid: int | tuple[int, int]) -> torch.Tensor:
+    """Inverse of `grid_to_windows`: (B, N, s^2, *rest) -> (B, H, W, *rest); `grid` is (H, W)
+    codes down and across, an int G the square G x G."""
+    gh, gw = (grid, grid) if isinstance(grid, int) else grid
     b = x.shape[0]
     rest = x.shape[3:]
-    g = grid // s
-    x = x.reshape(b, g, g, s, s, *rest)  # (B, G/s, G/s, s, s, ...)
-    x = x.transpose(2, 3)  # (B, G/s, s, G/s, s, ...)
-    return x.reshape(b, grid, grid, *rest)
+    x = x.reshape(b, gh // s, gw // s, s, s, *rest)  # (B, H/s, W/s, s, s, ...)
+    x = x.transpose(2, 3)  # (B, H/s, s, W/s, s, ...)
+    return x.reshape(b, gh, gw, *rest)
+
+
+# The export's copy of megatron_ts.buckets.find's refusal (see the note on grid_to_windows).
+def find_size(sizes: Sequence[tuple[str, int, int]], size: str) -> tuple[int, int]:
+    """(width, height) of the trained size given as "WxH" pixels or by its "W:H" ratio name.
+
+    Args:
+        sizes: (name, width, height) of every trained size (`config.trained_sizes()`).
+        size: "WxH", for example "96x48", or a ratio name such as "2:1".
+
+    Raises:
+        ValueError: no trained size matches; the message lists the ones there are.
+    """
+    text = str(size).strip().lower()
+    for name, width, height in sizes:
+        if text in (f"{width}x{height}", name):
+            return width, height
+    listed = ", ".join(f"{w}x{h} ({name})" for name, w, h in sizes)
+    raise ValueError(f"size {size!r} is not one this model trained on; use one of: {listed}")
 
 
 def scheduled_guidance(schedule: str, target: float, step: int, steps: int) -> float:
@@ -97,7 +117,11 @@ class SamplingConfig:
     seed: int = 0
     """Image i of a call is sampled with seed + i."""
     resolution: int | None = None
-    """Image side in pixels; None = the model's first trained resolution."""
+    """Image side in pixels of a square image; None = `size`, else the model's default."""
+    size: str | None = None
+    """Image size "WxH" in pixels (width first, "96x48" is landscape) or a trained bucket's
+    ratio "W:H"; None = `resolution`, else the model's default. Set in a call, either of the two
+    replaces the other from generation_config.json."""
     use_kv_cache: bool = True
     """Decode with the KV cache; False recomputes the whole prefix every step (slow, a check)."""
 
@@ -153,6 +177,9 @@ class SamplingConfig:
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise TypeError(f"unknown sampling argument {unknown[0]!r}; known: {sorted(names)}")
+        if overrides.get("size") is not None or overrides.get("resolution") is not None:
+            values.pop("size", None)  # an image size asked for in the call replaces the file's
+            values.pop("resolution", None)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if do_sample is False:
             values["temperature"] = 0.0
@@ -181,7 +208,7 @@ def unconditional_ids(config, batch: int, length: int, device=None) -> torch.Ten
 
 
 def resolve_resolution(config, resolution: int | None) -> int:
-    """Checks a requested resolution against what the model was trained at."""
+    """Checks a requested square resolution against what the model was trained at."""
     trained = list(config.resolutions)
     if resolution is None:
         return trained[0]
@@ -195,6 +222,48 @@ def resolve_resolution(config, resolution: int | None) -> int:
             f"resolution {resolution} is not a multiple of downsample x window = {step}"
         )
     return resolution
+
+
+def resolve_size(config, size: str | None = None, resolution: int | None = None) -> tuple[int, int]:
+    """(width, height) in pixels of the image asked for, checked against the trained sizes.
+
+    A model without buckets takes `resolution` as before (default its first); a bucketed model
+    takes `size` ("WxH" or a ratio "W:H") or `resolution` R as the size "RxR" (default: its first
+    square bucket, else its first bucket).
+
+    Args:
+        config: a `TokenShuffleConfig`.
+        size: "WxH" pixels or a trained ratio name; None for `resolution` or the default.
+        resolution: side of a square image in pixels.
+
+    Raises:
+        ValueError: both given and disagreeing, or a size the model never trained on (the message
+            lists the trained sizes).
+    """
+    if size is not None and resolution is not None:
+        if str(size).strip().lower() != f"{resolution}x{resolution}":
+            raise ValueError(
+                f"size {size!r} and resolution {resolution}: pass one of them (size for a "
+                "non-square image)"
+            )
+        resolution = None
+    if not config.buckets and size is None:
+        side = resolve_resolution(config, resolution)
+        return side, side
+    sizes = config.trained_sizes()
+    if size is None and resolution is not None:
+        size = f"{resolution}x{resolution}"
+    if size is None:
+        square = [(w, h) for _, w, h in sizes if w == h]
+        width, height = square[0] if square else sizes[0][1:]
+    else:
+        width, height = find_size(sizes, size)
+    step = config.vq_downsample * config.shuffle_window
+    if width % step or height % step:
+        raise ValueError(
+            f"size {width}x{height}: both sides must be multiples of downsample x window = {step}"
+        )
+    return width, height
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -268,7 +337,7 @@ def sample_step(
 def sample_codes(
     model,
     text_ids: torch.Tensor,
-    grid: int,
+    grid: int | tuple[int, int],
     sampling: SamplingConfig,
     generators: Sequence[torch.Generator],
     uncond_ids: torch.Tensor | None = None,
@@ -279,20 +348,23 @@ def sample_codes(
     Args:
         model: a `TokenShuffleForCausalLM` (any device/dtype).
         text_ids: (B, T) prompts in the model's sequence format, ending with `<boi>`.
-        grid: codes per image side.
+        grid: (H, W) codes down and across the image (`config.code_grid(size)`); an int G
+            means G x G.
         sampling: settings.
         generators: one per image.
         uncond_ids: (B, T) unconditional prompts; None disables guidance.
         progress: an object with `update(n)` (a tqdm bar) or None.
 
     Returns:
-        (B, G, G) codebook-local codes.
+        (B, H, W) codebook-local codes.
     """
     cfg = model.config
     s = cfg.shuffle_window
-    if grid % s:
-        raise ValueError(f"code grid {grid} is not divisible by the shuffle window {s}")
-    steps = (grid // s) ** 2
+    gh, gw = (grid, grid) if isinstance(grid, int) else tuple(grid)
+    if gh % s or gw % s:
+        raise ValueError(f"code grid {gh}x{gw} is not divisible by the shuffle window {s}")
+    window_grid = (gh // s, gw // s)  # decoding steps down and across, in raster order
+    steps = window_grid[0] * window_grid[1]
     lo, hi = cfg.code_offset, cfg.code_offset + cfg.codebook_size
     guided = uncond_ids is not None
     prompt = torch.cat([text_ids, uncond_ids]) if guided else text_ids  # (R, T)
@@ -302,7 +374,13 @@ def sample_codes(
         return torch.cat([w, w]) if guided else w  # the same codes feed both streams
 
     cache = model.new_cache(prompt.shape[1] + steps) if sampling.use_kv_cache else None
-    out = model(input_ids=prompt, past_key_values=cache, text_logits=False, image_logits=True)
+    out = model(
+        input_ids=prompt,
+        past_key_values=cache,
+        text_logits=False,
+        image_logits=True,
+        window_grid=window_grid,
+    )
     logits = out.image_logits[:, -1]  # (R, s^2, V)
     for step in range(steps):
         scale = None
@@ -314,7 +392,7 @@ def sample_codes(
             progress.update(1)
         if step == steps - 1:
             break
-        if cache is not None:
+        if cache is not None:  # the cache knows the window grid and the prompt length
             out = model(image_windows=rows(window)[:, None], past_key_values=cache)
         else:
             so_far = torch.stack(windows, dim=1)  # (B, k, s^2)
@@ -323,10 +401,11 @@ def sample_codes(
                 image_windows=rows(so_far),
                 text_logits=False,
                 image_logits_to_keep=1,
+                window_grid=window_grid,
             )
         logits = out.image_logits[:, -1]
     codes = torch.stack(windows, dim=1)  # (B, N, s^2)
-    return windows_to_grid(codes, s, grid)  # (B, G, G)
+    return windows_to_grid(codes, s, (gh, gw))  # (B, H, W)
 
 
 def seeded_generators(

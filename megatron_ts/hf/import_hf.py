@@ -170,10 +170,15 @@ def _from_export(src: Path, config: dict, out: Path) -> Path:
         info = json.loads(vq_info.read_text())
         tok["vq_format"] = info.get("format", "native")
         tok["vq_checkpoint"] = str(src / "vq" / info["checkpoint"])
-    stage = {
-        "caption_len": config.get("caption_len", 64),
-        "resolution": (config.get("resolutions") or [256])[0],
-    }
+    resolution = (config.get("resolutions") or [256])[0]
+    stage = {"caption_len": config.get("caption_len", 64), "resolution": resolution}
+    buckets = [
+        {k: b[k] for k in ("name", "width", "height")}
+        for b in config.get("buckets") or []
+        if b.get("resolution") in (None, 0, resolution)
+    ]
+    if buckets:  # sized as exported, so exporting the import again lists the same sizes
+        stage["buckets"] = buckets
     return _write_checkpoint(
         out,
         spec,
@@ -190,7 +195,7 @@ def _hf_sort_key(name: str) -> tuple:
     """Orders HF names so layers arrive as InputLayer, blocks 0..L-1, OutputLayer."""
     if name.startswith("model.layers."):
         return (1, int(name.split(".")[2]), name)
-    if name.startswith(("model.embed_tokens", "model.shuffle")):
+    if name.startswith(("model.embed_tokens", "model.shuffle", "model.window_positions")):
         return (0, 0, name)
     return (2, 0, name)
 

@@ -41,13 +41,17 @@ __all__ = [
 class KVCache:
     """Keys and values of every layer, preallocated and grown by doubling.
 
-    Shapes per layer: (B, kv_heads, capacity, head_dim); `length` positions are filled.
+    Shapes per layer: (B, kv_heads, capacity, head_dim); `length` positions are filled. The
+    first call's prompt length and window grid are kept too, so a decoding step that feeds only
+    a window still knows which window it predicts (`WindowPositions`).
     """
 
     def __init__(self, num_layers: int, capacity: int = 0):
         self.num_layers = num_layers
         self.capacity = capacity
         self.length = 0
+        self.text_len: int | None = None
+        self.window_grid: tuple[int, int] | None = None
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
 
@@ -219,6 +223,40 @@ class TokenUnshuffle(nn.Module):
         return self.expand(h.reshape(b, n, self.window2, d // self.window2))
 
 
+class WindowPositions(nn.Module):
+    """Where the window a position predicts lies, and the image's shape: megatron_ts's
+    `WindowPositions`, applied to any run of new positions (a whole sequence or a cached step).
+
+    The position predicting window k of an R x C window grid (`<boi>` at T-1 predicts window 0,
+    the position of window k-1 predicts window k) gets row[k // C] + col[k % C] + rows[R - 1]
+    + cols[C - 1] added to its input, after token-shuffle; every other position gets nothing.
+    """
+
+    def __init__(self, config: TokenShuffleConfig):
+        super().__init__()
+        n, d = config.max_windows_per_side, config.hidden_size
+        self.max_side = n
+        self.row = nn.Parameter(torch.zeros(n, d))
+        self.col = nn.Parameter(torch.zeros(n, d))
+        self.rows = nn.Parameter(torch.zeros(n, d))
+        self.cols = nn.Parameter(torch.zeros(n, d))
+
+    def forward(self, window_grid: tuple[int, int], first: int, count: int) -> torch.Tensor:
+        """(count, d) additions for positions predicting windows first .. first + count - 1
+        (negative or >= R x C: a text position or the last window, which get zeros)."""
+        r, c = window_grid
+        if max(r, c) > self.max_side:
+            raise ValueError(
+                f"an image of {r} x {c} windows exceeds max_windows_per_side = "
+                f"{self.max_side} in config.json; this model cannot draw that size"
+            )
+        k = torch.arange(first, first + count, device=self.row.device)
+        valid = (k >= 0) & (k < r * c)
+        k = k.clamp(0, r * c - 1)
+        pos = self.row[k // c] + self.col[k % c] + self.rows[r - 1] + self.cols[c - 1]  # (n, d)
+        return pos * valid[:, None].to(pos.dtype)
+
+
 @dataclass
 class TokenShuffleOutput(ModelOutput):
     """Outputs of `TokenShuffleForCausalLM.forward`.
@@ -244,6 +282,13 @@ class TokenShufflePreTrainedModel(PreTrainedModel):
     _no_split_modules = ["TokenShuffleDecoderLayer"]
     _supports_sdpa = True
 
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, WindowPositions):  # zero: a model gaining them computes as before
+            for table in (module.row, module.col, module.rows, module.cols):
+                nn.init.zeros_(table)
+            return
+        super()._init_weights(module)
+
 
 class TokenShuffleModel(TokenShufflePreTrainedModel):
     """Embedding, token-shuffle, decoder blocks and final norm."""
@@ -252,6 +297,9 @@ class TokenShuffleModel(TokenShufflePreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.shuffle = TokenShuffle(config) if config.shuffle_window > 1 else None
+        self.window_positions = None
+        if config.max_windows_per_side > 0:
+            self.window_positions = WindowPositions(config)
         self.layers = nn.ModuleList(
             TokenShuffleDecoderLayer(config) for _ in range(config.num_hidden_layers)
         )
@@ -263,6 +311,29 @@ class TokenShuffleModel(TokenShufflePreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
+
+    def _add_window_positions(self, x, input_ids, past, cache, window_grid, need_windows):
+        """x (B, L, d) of the new positions at past .. past + L - 1, plus their window
+        positions; records the prompt length and grid in the cache for later steps."""
+        text_len = input_ids.shape[1] if (past == 0 and input_ids is not None) else None
+        if cache is not None:
+            if text_len is not None:
+                cache.text_len, cache.window_grid = text_len, window_grid
+            text_len = cache.text_len if text_len is None else text_len
+            window_grid = cache.window_grid if window_grid is None else window_grid
+        if window_grid is None or text_len is None:
+            if not need_windows:
+                return x
+            raise ValueError(
+                "window_grid: this model has window-position tables (max_windows_per_side = "
+                f"{self.config.max_windows_per_side}), so its image predictions depend on the "
+                "image shape; pass window_grid=(rows, cols) of shuffle windows "
+                "(config.window_grid((width, height))) with the prompt, and feed the prompt "
+                "(input_ids) first"
+            )
+        # position p predicts window p - (T - 1): <boi> at T - 1 predicts window 0
+        pos = self.window_positions(tuple(window_grid), past - (text_len - 1), x.shape[1])
+        return x + pos.to(x.dtype)  # (B, L, d)
 
     def embed_windows(self, windows: torch.Tensor) -> torch.Tensor:
         """(B, n, s^2) codebook-local codes -> (B, n, d) window positions."""
@@ -276,8 +347,20 @@ class TokenShuffleModel(TokenShufflePreTrainedModel):
         input_ids: torch.Tensor | None = None,
         image_windows: torch.Tensor | None = None,
         past_key_values: KVCache | None = None,
+        window_grid: tuple[int, int] | None = None,
+        need_windows: bool = True,
     ) -> torch.Tensor:
-        """Returns final-normed hidden states (B, L, d) of the new positions."""
+        """Returns final-normed hidden states (B, L, d) of the new positions.
+
+        Args:
+            input_ids: (B, T) text/special ids (first, at the start of the sequence).
+            image_windows: (B, n, s^2) codebook-local codes of whole windows.
+            past_key_values: a `KVCache` (it keeps the prompt length and `window_grid`).
+            window_grid: (R, C) windows down and across the image being predicted; a model
+                with window-position tables needs it (from here or the cache).
+            need_windows: False when no image window is fed or predicted (a text-only pass):
+                a model with tables then runs without `window_grid`.
+        """
         parts = []
         if input_ids is not None:
             parts.append(self.embed_tokens(input_ids))  # (B, T, d)
@@ -287,6 +370,12 @@ class TokenShuffleModel(TokenShufflePreTrainedModel):
             raise ValueError("pass input_ids, image_windows or both")
         x = torch.cat(parts, dim=1)  # (B, L, d)
         past = 0 if past_key_values is None else past_key_values.get_seq_length()
+        if self.window_positions is not None:
+            x = self._add_window_positions(
+                x, input_ids, past, past_key_values, window_grid, need_windows
+            )
+        elif past_key_values is not None and past == 0 and input_ids is not None:
+            past_key_values.text_len = input_ids.shape[1]
         positions = torch.arange(past, past + x.shape[1], device=x.device)
         cos, sin = _rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
@@ -333,6 +422,7 @@ class TokenShuffleForCausalLM(TokenShufflePreTrainedModel, GenerationMixin):
         text_logits: bool = True,
         image_logits: bool | None = None,
         image_logits_to_keep: int = 0,
+        window_grid: tuple[int, int] | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> TokenShuffleOutput:
@@ -349,6 +439,10 @@ class TokenShuffleForCausalLM(TokenShufflePreTrainedModel, GenerationMixin):
                 text id is `<boi>`.
             image_logits_to_keep: compute image logits for the last k positions only (0: all);
                 decoding without a cache needs only the last.
+            window_grid: (R, C) shuffle windows down and across the image
+                (`config.window_grid((width, height))`). Required by a model with
+                window-position tables (`config.max_windows_per_side` > 0) whenever windows
+                are fed or predicted; a `KVCache` keeps the one given with the prompt.
             return_dict: accepted for API compatibility; the output is always a ModelOutput.
 
         Returns:
@@ -356,13 +450,19 @@ class TokenShuffleForCausalLM(TokenShufflePreTrainedModel, GenerationMixin):
         """
         if past_key_values is None and use_cache:
             past_key_values = self.new_cache()
-        hidden = self.model(input_ids, image_windows, past_key_values)  # (B, L, d)
         t = 0 if input_ids is None else input_ids.shape[1]
-        logits = self.lm_head(hidden[:, :t]) if (text_logits and t) else None
         if image_logits is None:
             image_logits = image_windows is not None or (
                 t > 0 and bool((input_ids[:, -1] == self.config.boi_token_id).all())
             )
+        hidden = self.model(
+            input_ids,
+            image_windows,
+            past_key_values,
+            window_grid=window_grid,
+            need_windows=image_windows is not None or bool(image_logits),
+        )  # (B, L, d)
+        logits = self.lm_head(hidden[:, :t]) if (text_logits and t) else None
         img = None
         if image_logits:
             start = t - 1 if t > 0 else 0  # the <boi> position predicts the first window
@@ -384,6 +484,7 @@ class TokenShuffleForCausalLM(TokenShufflePreTrainedModel, GenerationMixin):
         *,
         negative_input_ids: torch.Tensor | None = None,
         resolution: int | None = None,
+        size: str | None = None,
         guidance_scale: float | None = None,
         cfg_schedule: str | None = None,
         temperature: float | None = None,
@@ -408,7 +509,9 @@ class TokenShuffleForCausalLM(TokenShufflePreTrainedModel, GenerationMixin):
             generation_config: a GenerationConfig or dict overriding the model's.
             negative_input_ids: (B, T) prompts of the unconditional stream (default: the empty
                 caption, as caption dropout trained it).
-            resolution: image side in pixels, one the model was trained at.
+            resolution: side in pixels of a square image, one the model was trained at.
+            size: "WxH" pixels (width first: "96x48" is landscape) or a ratio "W:H", one of
+                the sizes the model was trained at (`config.trained_sizes()`).
             guidance_scale: classifier-free guidance target (>= 1; 1 = none).
             cfg_schedule: constant, linear or half-linear.
             temperature: softmax temperature (0 = greedy); `do_sample=False` also means greedy.
@@ -420,13 +523,14 @@ class TokenShuffleForCausalLM(TokenShufflePreTrainedModel, GenerationMixin):
             progress: True for a tqdm bar, or an object with `update(n)`.
 
         Returns:
-            (B, G, G) long tensor of codebook-local codes (add `config.code_offset` for
-            vocabulary ids); decode them to pixels with the export's VQ (`pipeline().vq`).
+            (B, H, W) long tensor of codebook-local codes, H = height / vq_downsample and W
+            likewise (add `config.code_offset` for vocabulary ids); decode them to pixels with
+            the export's VQ (`pipeline().vq`).
         """
         from .generation_token_shuffle import (
             SamplingConfig,
             check_prompt_ids,
-            resolve_resolution,
+            resolve_size,
             sample_codes,
             seeded_generators,
             unconditional_ids,
@@ -447,11 +551,12 @@ class TokenShuffleForCausalLM(TokenShufflePreTrainedModel, GenerationMixin):
             do_sample=do_sample,
             seed=seed if isinstance(seed, int) else None,
             resolution=resolution,
+            size=size,
             use_kv_cache=use_cache,
         )
         check_prompt_ids(self.config, input_ids)
         input_ids = input_ids.to(self.device)
-        grid = self.config.grid(resolve_resolution(self.config, sampling.resolution))
+        grid = self.config.code_grid(resolve_size(self.config, sampling.size, sampling.resolution))
         uncond = None
         if sampling.cfg_scale != 1:
             if negative_input_ids is None:
@@ -470,7 +575,8 @@ class TokenShuffleForCausalLM(TokenShufflePreTrainedModel, GenerationMixin):
         if progress is True:
             from tqdm.auto import tqdm
 
-            steps = (grid // self.config.shuffle_window) ** 2
+            s = self.config.shuffle_window
+            steps = (grid[0] // s) * (grid[1] // s)
             bar = tqdm(total=steps, unit="step", desc="decoding")
         elif progress is False:
             bar = None

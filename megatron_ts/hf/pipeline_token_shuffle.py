@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import GenerationConfig
 
 from .configuration_token_shuffle import TokenShuffleConfig
-from .generation_token_shuffle import SamplingConfig, caption_ids, resolve_resolution
+from .generation_token_shuffle import SamplingConfig, caption_ids, resolve_size
 from .tokenization_token_shuffle import load_text_tokenizer
 from .vq_token_shuffle import VQCheckpointError, load_vq
 
@@ -237,13 +237,13 @@ class TokenShufflePipelineOutput:
     images: list | None
     """PIL images (None for output_type='codes')."""
     codes: torch.Tensor
-    """(n, G, G) codebook-local codes."""
+    """(n, H, W) codebook-local codes (H = image height / vq_downsample, W likewise)."""
     prompts: list[str]
     seeds: list[int]
     settings: dict
-    """The sampling settings used (resolution and num_images included)."""
+    """The sampling settings used (size "WxH", resolution of a square image, num_images)."""
     steps: int = 0
-    """Decoding steps per image ((G/s)^2)."""
+    """Decoding steps per image ((H/s)(W/s))."""
     timings: dict = field(default_factory=dict)
     """decode_s (the transformer) and vq_s (the VQ decoder), summed over batches."""
 
@@ -254,7 +254,7 @@ class TokenShufflePipeline:
     Args:
         model: a `TokenShuffleForCausalLM`.
         text_tokenizer: object with `encode(str) -> list[int]` (the export's text tokenizer).
-        vq: VQ tokenizer with `decode(codes (B, G, G)) -> (B, 3, H, W)` in [-1, 1]; None
+        vq: VQ tokenizer with `decode(codes (B, h, w)) -> (B, 3, H, W)` in [-1, 1]; None
             samples codes only.
         model_dir: the export directory, when loaded from one (for messages).
     """
@@ -357,6 +357,7 @@ class TokenShufflePipeline:
         num_images_per_prompt: int = 1,
         *,
         resolution: int | None = None,
+        size: str | None = None,
         guidance_scale: float | None = None,
         cfg_schedule: str | None = None,
         temperature: float | None = None,
@@ -379,7 +380,10 @@ class TokenShufflePipeline:
         Args:
             prompt: one caption or a list.
             num_images_per_prompt: images per caption.
-            resolution: image side in pixels, one the model was trained at (default the first).
+            resolution: side in pixels of a square image, one the model was trained at.
+            size: "WxH" pixels (width first: "96x48" is landscape) or a bucket's ratio "W:H",
+                one the model was trained at (`config.trained_sizes()`); default: the export's
+                generation_config.json, else the first trained square.
             guidance_scale: classifier-free guidance target (1 = none).
             cfg_schedule: constant, linear or half-linear.
             temperature: 0 = greedy.
@@ -419,14 +423,18 @@ class TokenShufflePipeline:
             top_p=top_p,
             seed=seed,
             resolution=resolution,
+            size=size,
             use_kv_cache=use_cache,
         )
         cfg = self.config
-        sampling.resolution = resolve_resolution(cfg, sampling.resolution)
-        grid = cfg.grid(sampling.resolution)
+        width, height = resolve_size(cfg, sampling.size, sampling.resolution)
+        # settings name the image exactly: "WxH", and the side of a square one as before
+        sampling.size = f"{width}x{height}"
+        sampling.resolution = width if width == height else None
+        rows, cols = cfg.window_grid((width, height))
         jobs = [p for p in prompts for _ in range(num_images_per_prompt)]
         batch_size = int(batch_size or len(jobs))
-        steps = (grid // cfg.shuffle_window) ** 2
+        steps = rows * cols
         bar = None
         if self.progress_bar if progress is None else progress:
             from tqdm.auto import tqdm
@@ -442,7 +450,7 @@ class TokenShufflePipeline:
                 generation_config=asdict(sampling),  # the settings merged above, complete
                 seed=sampling.seed + start,
                 progress=False if bar is None else bar,
-            )  # (B, G, G)
+            )  # (B, H, W)
             t1 = time.perf_counter()
             codes.append(grids.cpu())
             if output_type == "pil":

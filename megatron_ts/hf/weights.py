@@ -75,6 +75,7 @@ class Rule:
 RULES: tuple[Rule, ...] = (
     Rule(r"input_stage\.embedding\.weight", ("model.embed_tokens.weight",)),
     Rule(r"input_stage\.shuffle\.(.+)", ("model.shuffle.{0}",)),
+    Rule(r"input_stage\.window_positions\.(row|col|rows|cols)", ("model.window_positions.{0}",)),
     Rule(
         r"blocks\.(\d+)\.layer\.input_layernorm\.weight",
         ("model.layers.{0}.input_layernorm.weight",),

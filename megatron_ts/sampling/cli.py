@@ -6,6 +6,9 @@ runs, so its images are the pipeline's images.
     ts-generate --model exports/demo --prompt "a red circle" --out samples/ \
         --cfg 7.5 --cfg-schedule half-linear --top-k 0 --seed 0 --num-images 4
 
+A model trained on aspect-ratio buckets draws any of its trained sizes: `--size 96x48` (width x
+height in pixels, or the bucket's ratio `--size 2:1`); `--resolution 64` asks for a square.
+
 Defaults for cfg, schedule, temperature, top-k and top-p come from the export's
 generation_config.json; flags override them.
 """
@@ -39,7 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=4, help="images decoded together")
-    p.add_argument("--resolution", type=int, help="image side in pixels (a trained one)")
+    p.add_argument(
+        "--resolution", type=int, help="side in pixels of a square image (a trained one)"
+    )
+    p.add_argument(
+        "--size",
+        help="image size WxH in pixels, width first (96x48 is landscape), or a bucket ratio W:H; "
+        "one the model trained on (an unknown size lists them)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, else float32"
@@ -80,6 +90,7 @@ def sampling_flags(args: argparse.Namespace) -> dict:
         "top_p": args.top_p,
         "seed": args.seed,
         "resolution": args.resolution,
+        "size": getattr(args, "size", None),  # ts-eval has no --size
     }
 
 

@@ -35,10 +35,18 @@ def make_vq(path: Path, codebook: int = 64, seed: int = 0) -> Path:
     return path
 
 
-def export(root: Path, vq_checkpoint: str | None = None, vq_identity: str = "native") -> Path:
-    """A randomised debug model (s = 2, 64 px at 16x -> 4x4 codes) exported to root/hf."""
+def export(
+    root: Path,
+    vq_checkpoint: str | None = None,
+    vq_identity: str = "native",
+    data: dict | None = None,
+    max_windows_per_side: int = 0,
+) -> Path:
+    """A randomised debug model (s = 2, 64 px at 16x -> 4x4 codes) exported to root/hf; `data`
+    is the run's [data] section (buckets), its window tables random too."""
     vocab = VocabLayout(256, 64, vq_tokenizer=vq_identity)
-    spec = ModelSpec.from_config(ModelConfig(flavor="debug"), vocab, 2)
+    model_config = ModelConfig(flavor="debug", max_windows_per_side=max_windows_per_side)
+    spec = ModelSpec.from_config(model_config, vocab, 2)
     model = TokenShuffleLM(spec, seed=3)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -53,8 +61,8 @@ def export(root: Path, vq_checkpoint: str | None = None, vq_identity: str = "nat
         {
             "step": 1,
             "model_spec": spec.to_dict(),
-            "stage": {"caption_len": 8, "resolution": 64},
-            "config": {"tokenizer": tok},
+            "stage": {"caption_len": 8, "resolution": (data or {}).get("resolution", 64)},
+            "config": {"tokenizer": tok, **({"data": data} if data else {})},
         },
     )
     mark_complete(ckpt)
@@ -312,3 +320,69 @@ def test_training_previews_are_ts_generate_images(tmp_path: Path):
     assert len(paths) == len(generated) == 2
     for preview, png in zip(paths, generated, strict=True):
         assert Image.open(preview).tobytes() == Image.open(png).tobytes()
+
+
+def test_generate_non_square_sizes_of_a_bucketed_export(tmp_path: Path, capsys):
+    """A model trained on buckets draws its trained sizes: PNGs of the asked width and height,
+    the pipeline's codes decoded by the VQ, untrained sizes refused with the trained listed."""
+    import numpy as np
+    from PIL import Image
+
+    from megatron_ts.hf.pipeline_token_shuffle import TokenShufflePipeline, to_pil
+    from megatron_ts.hf.vq_token_shuffle import vq_identity
+
+    vq_path = make_vq(tmp_path / "vq.safetensors")
+    data = {"resolution": 128, "buckets": ["1:1", "2:1", "1:2"], "grid_multiple": 2}
+    model_dir = export(
+        tmp_path, str(vq_path), vq_identity("native", vq_path), data, max_windows_per_side=6
+    )
+    sizes = json.loads((model_dir / "generation_config.json").read_text())["sizes"]
+    assert sizes == ["128x128", "192x96", "96x192"]  # about 128^2 pixels, sides of 32 px
+    base = ["--model", str(model_dir), "--prompt", "a red square", "--no-progress"]
+    assert main([*base, "--size", "192x96", "--num-images", "2", "--out", str(tmp_path / "w")]) == 0
+    assert main([*base, "--size", "1:2", "--out", str(tmp_path / "t")]) == 0
+    assert main([*base, "--out", str(tmp_path / "d")]) == 0
+    wide = [Image.open(p) for p in sorted((tmp_path / "w").glob("*.png"))]
+    assert [im.size for im in wide] == [(192, 96)] * 2
+    assert json.loads(wide[0].text["settings"])["size"] == "192x96"
+    assert Image.open(next((tmp_path / "t").glob("*.png"))).size == (96, 192)
+    assert Image.open(next((tmp_path / "d").glob("*.png"))).size == (128, 128)
+    capsys.readouterr()
+    assert main([*base, "--size", "96x48", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "size '96x48' is not one this model trained on; use one of: 128x128 (1:1), " in err
+    assert "192x96 (2:1), 96x192 (1:2)" in err and not (tmp_path / "x").exists()
+
+    pipe = TokenShufflePipeline.from_pretrained(model_dir, device="cpu")
+    out = pipe(["a red square"], 2, size="192x96", seed=0, temperature=0.0, progress=False)
+    assert out.codes.shape == (2, 6, 12) and out.steps == 18  # (96/16/2) x (192/16/2) windows
+    decoded = to_pil(pipe.vq.decode(out.codes))  # rows are the height: the image is not turned
+    assert [np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(decoded, out.images)] == [
+        True,
+        True,
+    ]
+    no_cache = pipe(["a red square"], 2, size="2:1", temperature=0.0, use_cache=False)
+    assert torch.equal(no_cache.codes, out.codes)  # the KV cache keeps the window grid
+
+
+def test_old_square_export_without_bucket_fields_still_samples(tmp_path: Path):
+    """An export written before buckets (no buckets, no max_windows_per_side in config.json)
+    loads and samples the codes it did; a size there is checked against its squares."""
+    from megatron_ts.hf.pipeline_token_shuffle import TokenShufflePipeline
+
+    model_dir = export(tmp_path)
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["buckets"] == [] and config["max_windows_per_side"] == 0
+    old = tmp_path / "old"
+    shutil.copytree(model_dir, old)
+    del config["buckets"], config["max_windows_per_side"]
+    (old / "config.json").write_text(json.dumps(config))
+    runs = {}
+    for name, path in (("new", model_dir), ("old", old)):
+        pipe = TokenShufflePipeline.from_pretrained(path, device="cpu", need_vq=False)
+        runs[name] = pipe(["a cat", "blue"], seed=2, output_type="codes", progress=False)
+    assert runs["old"].codes.shape == (2, 4, 4)
+    assert torch.equal(runs["old"].codes, runs["new"].codes)
+    assert runs["old"].settings["resolution"] == 64 and runs["old"].settings["size"] == "64x64"
+    with pytest.raises(ValueError, match=r"'64x32' is not one .* use one of: 64x64 \(1:1\)$"):
+        pipe(["a cat"], size="64x32", output_type="codes")

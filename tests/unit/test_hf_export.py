@@ -300,4 +300,104 @@ def test_config_sampling_defaults_are_the_export_samplers_defaults():
     defaults = dataclasses.asdict(SamplingDefaults())
     call = dataclasses.asdict(SamplingConfig())
     assert defaults == {k: call[k] for k in defaults}
-    assert set(call) - set(defaults) == {"seed", "resolution", "use_kv_cache"}
+    assert set(call) - set(defaults) == {"seed", "resolution", "size", "use_kv_cache"}
+
+
+# -- window positions and non-square images (issue 21) -----------------------------------------
+
+BUCKET_CONFIG = {  # a run without a curriculum trained on three buckets at 128 px (16x VQ)
+    "tokenizer": {"downsample": 16},
+    "data": {"resolution": 128, "buckets": ["1:1", "2:1", "1:2"], "grid_multiple": 2},
+}
+
+
+def make_bucketed_checkpoint(run: Path, seed: int = 11) -> TokenShuffleLM:
+    """A randomised s = 2 debug model with window tables, its tables random too (not zero)."""
+    spec = ModelSpec.from_config(ModelConfig(flavor="debug", max_windows_per_side=6), VOCAB, 2)
+    model = TokenShuffleLM(spec, seed=seed).eval()
+    randomize_weights(model, seed)
+    assert model.input_stage.window_positions.row.abs().min() > 0
+    ckpt = run / "checkpoints" / "step_00000005"
+    write_model_files(model, ckpt, 0, spec.shape.num_layers)
+    stage = {"caption_len": 6, "resolution": 128, "shuffle_window": 2}
+    meta = {"step": 5, "model_spec": spec.to_dict(), "stage": stage, "config": BUCKET_CONFIG}
+    write_meta(ckpt, meta)
+    mark_complete(ckpt)
+    return model
+
+
+def test_window_positions_logits_match_full_and_cached_on_a_non_square_sample(tmp_path: Path):
+    """4 x 8 codes at s = 2 (2 x 4 windows): the export adds the window tables where the
+    training model does, in one forward and in KV-cached decoding one window at a time."""
+    model = make_bucketed_checkpoint(tmp_path / "run")
+    export_to_hf(tmp_path / "run", tmp_path / "hf")
+    hf = TokenShuffleForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert hf.config.max_windows_per_side == 6
+    assert torch.equal(
+        hf.model.window_positions.cols, model.input_stage.window_positions.cols.detach()
+    )
+    gen = torch.Generator().manual_seed(3)
+    text = torch.randint(0, VOCAB.size, (2, 8), generator=gen)
+    text[:, 0], text[:, -1] = VOCAB.bos_id, VOCAB.boi_id
+    codes = torch.randint(0, VOCAB.codebook_size, (2, 4, 8), generator=gen)
+    windows = grid_to_windows(codes, 2)  # (B, 8, 4)
+    with torch.no_grad():
+        text_ref, img_ref = model(text, codes)  # (T-1, B, V), (8, B, 4, V)
+        full = hf(input_ids=text, image_windows=windows, window_grid=(2, 4))
+        cache = hf.new_cache()
+        steps = [hf(input_ids=text, past_key_values=cache, window_grid=(2, 4)).image_logits]
+        for i in range(7):
+            out = hf(image_windows=windows[:, i : i + 1], past_key_values=cache)
+            steps.append(out.image_logits)
+        transposed = hf(input_ids=text, image_windows=windows, window_grid=(4, 2))
+    ref = img_ref.transpose(0, 1)  # (B, 8, 4, V)
+    assert (full.logits[:, :7] - text_ref.transpose(0, 1)).abs().max().item() < TOL
+    assert (full.image_logits[:, :8] - ref).abs().max().item() < TOL
+    cached = torch.cat(steps, dim=1)
+    assert cached.shape == ref.shape == (2, 8, 4, 384)
+    assert (cached - ref).abs().max().item() < TOL
+    assert (cached - full.image_logits[:, :8]).abs().max().item() < 1e-5
+    # negative control: the same codes read as 4 x 2 windows are another image
+    assert (transposed.image_logits[:, :8] - ref).abs().max().item() > 1e-2
+    with pytest.raises(ValueError, match=r"pass window_grid=\(rows, cols\)"):
+        hf(input_ids=text, image_windows=windows)
+    with pytest.raises(ValueError, match="exceeds max_windows_per_side = 6"):
+        hf(input_ids=text, image_windows=windows, window_grid=(1, 8))
+    assert hf(input_ids=text[:, :-1]).image_logits is None  # text only: no grid needed
+
+
+def test_bucketed_export_lists_its_sizes_and_round_trips(tmp_path: Path):
+    model = make_bucketed_checkpoint(tmp_path / "run")
+    out = export_to_hf(tmp_path / "run", tmp_path / "hf", max_shard_size="200KB")
+    config = json.loads((out / "config.json").read_text())
+    assert config["resolutions"] == [128] and config["max_windows_per_side"] == 6
+    assert config["buckets"] == [
+        {"name": "1:1", "width": 128, "height": 128, "resolution": 128},
+        {"name": "2:1", "width": 192, "height": 96, "resolution": 128},
+        {"name": "1:2", "width": 96, "height": 192, "resolution": 128},
+    ]
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["size"] == "128x128" and gen["sizes"] == ["128x128", "192x96", "96x192"]
+    assert "resolution" not in gen
+    card = (out / "README.md").read_text()
+    assert "192x96 (2:1), 96x192 (1:2)" in card and "--size 192x96" in card
+    ckpt = import_from_hf(out, tmp_path / "back")
+    back = load_full_state_dict(ckpt)
+    for name, tensor in model.state_dict().items():
+        if isinstance(tensor, torch.Tensor):
+            assert torch.equal(back[name], tensor), name
+    assert "input_stage.window_positions.rows" in back
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["model_spec"]["max_windows_per_side"] == 6
+    again = export_to_hf(ckpt, tmp_path / "hf2")
+    assert json.loads((again / "config.json").read_text())["buckets"] == config["buckets"]
+
+
+def test_old_square_config_without_bucket_fields_loads():
+    """config.json files written before buckets have neither field: square, no tables."""
+    from megatron_ts.hf.configuration_token_shuffle import TokenShuffleConfig
+
+    old = TokenShuffleConfig.from_dict({"resolutions": [64], "vq_downsample": 16})
+    assert old.max_windows_per_side == 0 and old.buckets == []
+    assert old.trained_sizes() == [("1:1", 64, 64)]
+    assert TokenShuffleForCausalLM(old).model.window_positions is None

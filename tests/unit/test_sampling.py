@@ -150,6 +150,40 @@ def test_resolution_must_be_trained():
         codes(plain_model(2), ["x"], resolution=256)
 
 
+def test_sizes_must_be_trained_and_the_refusal_lists_them():
+    from megatron_ts.hf.configuration_token_shuffle import TokenShuffleConfig
+    from megatron_ts.hf.generation_token_shuffle import resolve_size
+
+    square = TokenShuffleConfig(resolutions=[128, 64], vq_downsample=16, shuffle_window=2)
+    assert resolve_size(square) == (128, 128) and resolve_size(square, "64x64") == (64, 64)
+    with pytest.raises(ValueError) as err:
+        resolve_size(square, "96x48")
+    assert str(err.value) == (
+        "size '96x48' is not one this model trained on; use one of: 128x128 (1:1), 64x64 (1:1)"
+    )
+    buckets = [
+        {"name": "2:1", "width": 192, "height": 96, "resolution": 128},
+        {"name": "1:1", "width": 128, "height": 128, "resolution": 128},
+    ]
+    bucketed = TokenShuffleConfig(
+        resolutions=[128], buckets=buckets, vq_downsample=16, shuffle_window=2
+    )
+    assert resolve_size(bucketed) == (128, 128)  # the first square bucket
+    assert resolve_size(bucketed, "192x96") == resolve_size(bucketed, "2:1") == (192, 96)
+    assert resolve_size(bucketed, resolution=128) == (128, 128)
+    with pytest.raises(ValueError, match=r"use one of: 192x96 \(2:1\), 128x128 \(1:1\)$"):
+        resolve_size(bucketed, "96x192")
+    with pytest.raises(ValueError, match="'128x128' is not one"):
+        resolve_size(TokenShuffleConfig(resolutions=[128], buckets=buckets[:1]), resolution=128)
+    with pytest.raises(ValueError, match="pass one of them"):
+        resolve_size(bucketed, "192x96", 128)
+    # a size or resolution in the call replaces either from generation_config.json
+    file = {"size": "192x96", "resolution": None}
+    assert SamplingConfig.from_generation_config(file, resolution=128).size is None
+    assert SamplingConfig.from_generation_config({"resolution": 64}, size="2:1").resolution is None
+    assert SamplingConfig.from_generation_config(file).size == "192x96"
+
+
 def test_settings_prefer_arguments_then_the_export():
     gen = {"cfg_scale": 2.0, "temperature": 0.0, "top_k": 5, "caption_len": 16}
     s = SamplingConfig.from_generation_config(gen, guidance_scale=None, temperature=0.7, seed=3)

@@ -255,3 +255,39 @@ def test_export_config_positions_agree(s: int):
     # the longest trained sequence: 18 text + (256 / 8 / s)^2 image positions
     assert config.max_position_embeddings == max(layout.seq_len for layout in layouts)
     assert config.max_position_embeddings == {1: 1042, 2: 274, 4: 82}[s]
+
+
+@pytest.mark.parametrize("s", [1, 2, 4])
+def test_export_copies_agree_on_non_square_buckets(s: int):
+    """The export's window order, grid arithmetic and size refusal are buckets'/the layout's."""
+    from megatron_ts.buckets import find, make_buckets
+    from megatron_ts.hf.build import hf_config_from_spec
+    from megatron_ts.hf.generation_token_shuffle import find_size
+    from megatron_ts.hf.generation_token_shuffle import windows_to_grid as export_windows_to_grid
+    from megatron_ts.models.model import ModelSpec
+
+    buckets = make_buckets(["1:1", "16:9", "9:16", "2:1"], 256, 8 * 4)
+    spec = ModelSpec.from_config(ModelConfig(flavor="debug"), VOCAB, s)
+    listed = [{**b.to_dict(), "resolution": 256} for b in buckets]
+    config = hf_config_from_spec(spec, 16, [256], 8, listed)
+    layouts = [
+        SequenceLayout.from_resolution((b.height, b.width), 8, caption_len=16, shuffle_window=s)
+        for b in buckets
+    ]
+    for b, layout in zip(buckets, layouts):
+        assert config.code_grid((b.width, b.height)) == layout.grid == b.grid(8)
+        assert config.window_grid((b.width, b.height)) == layout.window_grid
+        assert config.image_positions((b.width, b.height)) == layout.image_positions
+        x = torch.arange(2 * layout.image_codes).reshape(2, *layout.grid)
+        windows = layout.grid_to_windows(x)
+        assert torch.equal(export_grid_to_windows(x, s), windows)
+        assert torch.equal(export_windows_to_grid(windows, s, layout.grid), x)
+        assert find_size(config.trained_sizes(), b.size) == (b.width, b.height)
+        assert find_size(config.trained_sizes(), b.name) == (b.width, b.height)
+    assert config.max_position_embeddings == max(layout.seq_len for layout in layouts)
+    for bad in ("100x50", "3:1"):
+        with pytest.raises(ValueError) as ours:
+            find(buckets, bad)
+        with pytest.raises(ValueError) as export:
+            find_size(config.trained_sizes(), bad)
+        assert str(export.value) == str(ours.value)
