@@ -185,3 +185,45 @@ def test_a_pipeline_of_two_trains_the_same_bucketed_steps(runs, tmp_path):
     one, two = _metrics(runs["bucketed"]), _metrics(run_dir)
     for step in (1, 2, 3):
         assert two[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-4), step
+
+
+def test_the_export_of_a_bucketed_run_lists_its_sizes_and_matches_its_logits(runs, tmp_path):
+    """ts-convert to-hf of the trained bucketed run: the config lists the trained sizes, and the
+    HF model gives the training model's logits on a 2:1 sample, trained window tables included."""
+    import torch
+
+    from megatron_ts.checkpoint.model_files import load_into_model
+    from megatron_ts.convert.cli import main as convert
+    from megatron_ts.distributed.init import init_distributed, init_model_parallel
+    from megatron_ts.hf.modeling_token_shuffle import TokenShuffleForCausalLM, grid_to_windows
+    from megatron_ts.models.model import ModelSpec, TokenShuffleLM
+
+    out = tmp_path / "hf"
+    assert convert(["to-hf", str(runs["bucketed"]), str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["max_windows_per_side"] == 8
+    sizes = [(b["name"], b["width"], b["height"]) for b in config["buckets"]]
+    assert sizes == [("1:1", 64, 64), ("2:1", 96, 48), ("1:2", 48, 96)]
+
+    init_distributed("gloo")
+    init_model_parallel(1, 1)
+    meta = json.loads((runs["bucketed"] / "checkpoints/step_00000006/meta.json").read_text())
+    spec = ModelSpec.from_dict(meta["model_spec"])
+    model = TokenShuffleLM(spec).eval()
+    load_into_model(model, runs["bucketed"], 0, 1)
+    assert model.input_stage.window_positions.row.abs().sum() > 0
+    hf = TokenShuffleForCausalLM.from_pretrained(str(out)).eval()
+    gen = torch.Generator().manual_seed(0)
+    text = torch.randint(0, spec.vocab.text_size, (1, config["caption_len"] + 2), generator=gen)
+    text[:, 0], text[:, -1] = spec.vocab.bos_id, spec.vocab.boi_id
+    codes = torch.randint(0, spec.vocab.codebook_size, (1, 3, 6), generator=gen)  # 96 x 48 px
+    with torch.no_grad():
+        _, ours = model(text, codes)  # (18, 1, 1, V)
+        theirs = hf(input_ids=text, image_windows=grid_to_windows(codes, 1), window_grid=(3, 6))
+    diff = (theirs.image_logits[:, :18] - ours.transpose(0, 1)).abs().max().item()
+    assert diff < 1e-4, diff
+    with torch.no_grad():  # not vacuous: without its trained tables the export differs
+        for table in (hf.model.window_positions.row, hf.model.window_positions.cols):
+            table.zero_()
+        blind = hf(input_ids=text, image_windows=grid_to_windows(codes, 1), window_grid=(3, 6))
+    assert (blind.image_logits[:, :18] - ours.transpose(0, 1)).abs().max().item() > 1e-3
