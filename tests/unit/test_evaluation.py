@@ -344,3 +344,25 @@ def test_ts_eval_shapes_refuses_2_to_1_on_a_square_only_pipeline(tmp_path, monke
     argv = ["shapes", "--model", str(tmp_path), "--out", str(tmp_path / "e"), "--limit", "1"]
     assert ts_eval([*argv, "--aspect", "2:1"]) == 2
     assert "takes no size=(width, height)" in capsys.readouterr().err
+
+
+def test_vq_round_trip_keeps_a_wide_image_wide(monkeypatch):
+
+    from megatron_ts.evaluation import cli
+    from megatron_ts.hf import vq_token_shuffle
+
+    seen = []
+
+    class IdentityVQ:
+        def encode(self, x):
+            seen.append(tuple(x.shape))
+            return x
+
+        def decode(self, z):
+            return z
+
+    monkeypatch.setattr(vq_token_shuffle, "load_vq", lambda *a, **k: IdentityVQ())
+    round_trip = cli._vq_round_trip("native", "unused", 32)
+    wide = render([DemoObject("red", "circle", "left")], "gray", 64, width=128)
+    assert round_trip(wide).size == (64, 32) and seen[-1] == (1, 3, 32, 64)
+    assert round_trip(render([], "gray", 64)).size == (32, 32)
