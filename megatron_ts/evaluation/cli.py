@@ -53,7 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     shapes.add_argument("--batch-size", type=int, default=8, help="images decoded together")
     shapes.add_argument(
-        "--resolution", type=int, help="image side, the height of a 2:1 image (a trained one)"
+        "--resolution",
+        type=int,
+        help="image side (a trained one); 2:1 images are its 2:1 bucket (about as many pixels)",
+    )
+    shapes.add_argument(
+        "--wide-size",
+        type=_wide_size,
+        help="WxH of the 2:1 images instead of the 2:1 bucket at --resolution, e.g. 192x96",
     )
     shapes.add_argument("--device", default="auto", help="auto, cpu, cuda")
     check = sub.add_parser("analyse", help="score ground-truth demo shards (analyser check)")
@@ -71,6 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="resize to this side (the height of a wide image, keeping its aspect) before the VQ",
     )
     return parser
+
+
+def _wide_size(text: str) -> tuple[int, int]:
+    """'192x96' -> (192, 96), wide enough for the analyser's wide grammar."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WxH, e.g. 192x96") from None
+    if height < 1 or positions_for(width, height) is not WIDE_POSITIONS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a wide image: the width must be at least 1.5 x the height"
+        )
+    return width, height
 
 
 def _prompt_set(args: argparse.Namespace) -> list:
@@ -96,34 +116,41 @@ def generation_kwargs(args: argparse.Namespace, aspect: str, pipe, first_image: 
     """The pipeline call's keyword arguments for the images of one aspect.
 
     The one place that says how ts-eval asks for an image's size: a square image by
-    `resolution` (None: the model's first), any other aspect by `size=(width, height)` with the
-    height the resolution and the width ASPECTS' multiple of it. Image i of the whole run is
-    sampled with seed + i, so the second aspect's call starts at seed + first_image.
+    `resolution` (None: the model's first), any other aspect by `size=(width, height)`: the
+    `--wide-size` given, else the aspect's bucket at the resolution as training makes it
+    (megatron_ts.buckets, unit = VQ downsample x DEFAULT_GRID_MULTIPLE: 192 x 96 at 128 px).
+    Image i of the whole run is sampled with seed + i, so the second aspect's call starts at
+    seed + first_image.
 
     Args:
         args: the parsed `ts-eval shapes` flags.
-        aspect: a key of ASPECTS.
+        aspect: one of ASPECTS.
         pipe: the TokenShufflePipeline (its config names the trained resolutions).
         first_image: the index of the call's first image in the run.
 
     Raises:
         ValueError: when the aspect is not square and the pipeline takes no `size`.
     """
+    from megatron_ts.buckets import DEFAULT_GRID_MULTIPLE, bucket_size
     from megatron_ts.hf.generation_token_shuffle import resolve_resolution
     from megatron_ts.sampling.cli import sampling_flags
 
     kwargs = {**sampling_flags(args), "batch_size": args.batch_size, "progress": False}
     kwargs["seed"] = args.seed + first_image
-    w, h = ASPECTS[aspect]
-    if (w, h) != (1, 1):
+    if aspect != "1:1":
         if "size" not in inspect.signature(pipe.__call__).parameters:
             raise ValueError(
                 f"--aspect {aspect}: this TokenShufflePipeline takes no size=(width, height), so "
                 "it draws square images only; use --aspect 1:1, or a pipeline with buckets "
                 "(issue 21)"
             )
-        height = resolve_resolution(pipe.config, kwargs.pop("resolution"))
-        kwargs["size"] = (height * w // h, height)
+        resolution = resolve_resolution(pipe.config, kwargs.pop("resolution"))
+        if args.wide_size:
+            kwargs["size"] = args.wide_size
+        else:
+            unit = pipe.config.vq_downsample * DEFAULT_GRID_MULTIPLE
+            bucket = bucket_size(aspect, resolution, unit)
+            kwargs["size"] = (bucket.width, bucket.height)
     return kwargs
 
 

@@ -31,9 +31,8 @@ from megatron_ts.evaluation.analyser import analyse, score
 
 ATTRS = ("color", "shape", "position", "count", "all")
 
-ASPECTS: dict[str, tuple[int, int]] = {"1:1": (1, 1), "2:1": (2, 1)}
-"""Image shapes ts-eval asks for, as (width, height) in units of the height: the image is
-(w x H, h x H) for a model resolution H."""
+ASPECTS: tuple[str, ...] = ("1:1", "2:1")
+"""Image shapes ts-eval asks for, as aspect-ratio bucket names (megatron_ts.buckets)."""
 
 GRAMMARS: dict[str, dict[str, tuple[float, float]]] = {"1:1": POSITIONS, "2:1": WIDE_POSITIONS}
 """The position grammar of each aspect's prompts and images (what the analyser names)."""
@@ -46,7 +45,7 @@ class EvalPrompt:
     text: str
     objects: tuple[DemoObject, ...]
     split: str  # "seen" or "held_out"
-    aspect: str = "1:1"  # a key of ASPECTS: the image shape to generate
+    aspect: str = "1:1"  # one of ASPECTS: the image shape to generate
 
 
 _PHRASE = re.compile(
@@ -107,10 +106,10 @@ def default_prompts(
     centre), held-out pairs at the three positions (12).
 
     Raises:
-        ValueError: for an aspect that is not a key of ASPECTS.
+        ValueError: for an aspect that is not one of ASPECTS.
     """
     if aspect not in ASPECTS:
-        raise ValueError(f"aspect {aspect!r}: use one of {list(ASPECTS)}")
+        raise ValueError(f"aspect {aspect!r}: use one of {ASPECTS}")
     positions = list(GRAMMARS[aspect])
     held = set(held_out)
     seen_pairs = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in held]

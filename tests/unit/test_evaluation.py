@@ -313,21 +313,28 @@ def test_ts_eval_shapes_asks_for_2_to_1_images_and_groups_them(tmp_path, monkeyp
     _GroundTruthPipe.calls.clear()
     out = tmp_path / "eval"
     argv = ["shapes", "--model", str(tmp_path), "--out", str(out), "--limit", "4", "--seed", "10"]
-    assert ts_eval([*argv, "--aspect", "both", "--resolution", "64"]) == 0
+    assert ts_eval([*argv, "--aspect", "both", "--resolution", "128"]) == 0
+    # 2:1 is the bucket training makes at 128 px (about 128^2 pixels, sides in 32 px units)
     assert _GroundTruthPipe.calls == [
-        {"n": 4, "resolution": 64, "size": None, "seed": 10},
-        {"n": 4, "resolution": None, "size": (128, 64), "seed": 14},
+        {"n": 4, "resolution": 128, "size": None, "seed": 10},
+        {"n": 4, "resolution": None, "size": (192, 96), "seed": 14},
     ]
     report = json.loads((out / "report.json").read_text())
     assert [r["aspect"] for r in report["prompts"]] == ["1:1"] * 4 + ["2:1"] * 4
-    assert Image.open(out / report["prompts"][-1]["image"]).size == (128, 64)
+    assert Image.open(out / report["prompts"][-1]["image"]).size == (192, 96)
     for aspect in ("1:1", "2:1"):
         assert report["summary"]["by_aspect"][aspect]["seen"]["all"] == 1.0
     assert set(report["settings"]) == {"1:1", "2:1"}
-    # without --resolution the height is the model's first resolution
+    # without --resolution the model's first resolution (64: the 2:1 bucket is 64 x 32)
     _GroundTruthPipe.calls.clear()
     assert ts_eval([*argv, "--aspect", "2:1"]) == 0
-    assert _GroundTruthPipe.calls[0]["size"] == (128, 64)
+    assert _GroundTruthPipe.calls[0]["size"] == (64, 32)
+    _GroundTruthPipe.calls.clear()
+    assert ts_eval([*argv, "--aspect", "2:1", "--wide-size", "256x128"]) == 0
+    assert _GroundTruthPipe.calls[0]["size"] == (256, 128)
+    with pytest.raises(SystemExit):  # argparse: not wide enough for the wide grammar
+        ts_eval([*argv, "--aspect", "2:1", "--wide-size", "80x64"])
+    assert "at least 1.5 x the height" in capsys.readouterr().err
     # a prompts file is one grammar
     assert ts_eval([*argv, "--aspect", "both", "--prompts-file", str(tmp_path / "p.txt")]) == 2
     assert "--prompts-file is read in one grammar" in capsys.readouterr().err
