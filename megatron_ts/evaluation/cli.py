@@ -162,14 +162,16 @@ def _shapes(args: argparse.Namespace) -> int:
     prompts = _prompt_set(args)
     try:
         pipe = TokenShufflePipeline.from_pretrained(args.model, device=args.device, dtype="float32")
+        calls = []  # every call's arguments first: a refused size fails before any image
+        for aspect in ASPECTS:
+            chosen = [p.text for p in prompts if p.aspect == aspect]
+            if chosen:
+                first = sum(len(c) for _, c, _ in calls)
+                calls.append((aspect, chosen, generation_kwargs(args, aspect, pipe, first)))
         start = time.perf_counter()
         images, settings = [], {}
-        for aspect in ASPECTS:
-            chosen = [p for p in prompts if p.aspect == aspect]
-            if not chosen:
-                continue
-            kwargs = generation_kwargs(args, aspect, pipe, first_image=len(images))
-            result = pipe([p.text for p in chosen], **kwargs)
+        for aspect, chosen, kwargs in calls:
+            result = pipe(chosen, **kwargs)
             images += [(image, result.settings) for image in result.images]
             settings[aspect] = result.settings
     except ValueError as err:  # ModelDirError and bad settings

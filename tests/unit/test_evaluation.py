@@ -349,8 +349,10 @@ def test_ts_eval_shapes_refuses_2_to_1_on_a_square_only_pipeline(tmp_path, monke
 
     monkeypatch.setattr(pipeline_token_shuffle, "TokenShufflePipeline", SquarePipe)
     argv = ["shapes", "--model", str(tmp_path), "--out", str(tmp_path / "e"), "--limit", "1"]
-    assert ts_eval([*argv, "--aspect", "2:1"]) == 2
+    SquarePipe.calls.clear()
+    assert ts_eval([*argv, "--aspect", "both"]) == 2
     assert "takes no size=(width, height)" in capsys.readouterr().err
+    assert SquarePipe.calls == []  # refused before the square images were drawn
 
 
 def test_vq_round_trip_keeps_a_wide_image_wide(monkeypatch):
