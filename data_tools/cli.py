@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--two-object-prob", type=float, default=0.3, help="share of 2-object images")
     demo.add_argument("--image-format", default="png", choices=["png", "jpg", "webp"])
+    demo.add_argument(
+        "--wide-fraction",
+        type=float,
+        default=0.0,
+        help="share of 2:1 images (2 x resolution wide; 'on the left' / 'on the right')",
+    )
 
     vq = sub.add_parser("train-vq", help="train the small native VQ tokenizer")
     vq.add_argument("inputs", nargs="+", help="image shards: dirs, tars, brace patterns, s3://")
@@ -153,6 +159,7 @@ def _run(args: argparse.Namespace) -> int:
             args.two_object_prob,
             args.only_holdout,
             args.image_format,
+            args.wide_fraction,
         )
         print(f"wrote {args.num} samples in {len(paths)} shards to {args.out}")
         return 0

@@ -1,12 +1,15 @@
 """The bundled synthetic dataset: coloured shapes on plain backgrounds with captions.
 
 Each image holds one or two objects (a shape in a colour at a named position) on a grey
-background; the caption states them ("a red circle in the top left"). The attribute labels go into
+background; the caption states them ("a red circle in the top left"). With `wide_fraction` > 0
+that share of the images is 2:1 (twice as wide as high) and uses the wide grammar
+(`WIDE_POSITIONS`: "a red circle on the left and a blue square on the right"). The attribute labels go into
 `KEY.json` so that generated images can be scored by a pixel analyser later. Images are written
 in the img2dataset layout (`NNNNN.tar` with `KEY.png`, `KEY.txt`, `KEY.json`), deterministically
 per (seed, sample index).
 
-The grammar (COLORS, SHAPES, POSITIONS, BACKGROUNDS, `caption`, `ATTRIBUTES`) is module-level data
+The grammar (COLORS, SHAPES, POSITIONS, WIDE_POSITIONS, PREPOSITIONS, BACKGROUNDS, `caption`,
+`ATTRIBUTES`) is module-level data
 so evaluation code can build prompts and score images. `HELD_OUT` colour-shape combinations are
 left out of the training split by default to measure compositional generalisation.
 """
@@ -53,8 +56,22 @@ POSITIONS: dict[str, tuple[float, float]] = {
 }
 """Named positions: object centre as a fraction of (width, height)."""
 
+WIDE_POSITIONS: dict[str, tuple[float, float]] = {
+    "left": (0.25, 0.5),
+    "center": (0.5, 0.5),
+    "right": (0.75, 0.5),
+}
+"""Named positions of 2:1 images, as fractions of (width, height). Objects are sized by the
+height, so neighbours are half a height apart and 0.18 of the height clear of each other."""
+
+WIDE_ASPECT = 1.5
+"""Images with width / height at least this use WIDE_POSITIONS (`positions_for`)."""
+
+PREPOSITIONS: dict[str, str] = {"left": "on", "right": "on"}
+"""The word before 'the <position>' where it is not 'in' ("on the left", "in the center")."""
+
 OBJECT_SIZE = 0.16
-"""Object half-extent as a fraction of the image side. Objects at a corner and the centre can
+"""Object half-extent as a fraction of the image height (the side of a square image). Objects at a corner and the centre can
 touch: two squares there overlap by 0.02 of the side (36 pixels of 4900 at 256 px)."""
 
 HELD_OUT: tuple[tuple[str, str], ...] = (
@@ -79,9 +96,15 @@ class DemoObject:
         return {"color": self.color, "shape": self.shape, "position": self.position}
 
 
+def positions_for(width: int, height: int) -> dict[str, tuple[float, float]]:
+    """The position grammar of a width x height image: WIDE_POSITIONS when it is at least
+    WIDE_ASPECT times as wide as high, else POSITIONS."""
+    return WIDE_POSITIONS if width >= WIDE_ASPECT * height else POSITIONS
+
+
 def object_phrase(obj: DemoObject) -> str:
-    """'a red circle in the top left' (or '... in the center')."""
-    return f"a {obj.color} {obj.shape} in the {obj.position}"
+    """'a red circle in the top left' (or '... in the center', '... on the left')."""
+    return f"a {obj.color} {obj.shape} {PREPOSITIONS.get(obj.position, 'in')} the {obj.position}"
 
 
 def caption(objects: list[DemoObject], background: str | None = None) -> str:
@@ -124,6 +147,7 @@ def sample_attributes(
     holdout: tuple[tuple[str, str], ...] = HELD_OUT,
     two_object_prob: float = 0.3,
     only_holdout: bool = False,
+    positions: dict[str, tuple[float, float]] = POSITIONS,
 ) -> tuple[list[DemoObject], str]:
     """Draws the objects and background of one image.
 
@@ -132,6 +156,7 @@ def sample_attributes(
         holdout: colour-shape pairs never drawn (or the only ones drawn with only_holdout).
         two_object_prob: probability of a second object.
         only_holdout: draw only held-out pairs (an evaluation split).
+        positions: the position grammar (POSITIONS, or WIDE_POSITIONS for a 2:1 image).
     """
     pairs = [(c, s) for c in COLORS for s in SHAPES]
     if only_holdout:
@@ -141,7 +166,7 @@ def sample_attributes(
     else:
         pairs = [p for p in pairs if p not in set(holdout)]
     n = 2 if rng.random() < two_object_prob else 1
-    positions = list(POSITIONS)
+    positions = list(positions)
     chosen_pos = rng.choice(len(positions), size=n, replace=False)
     objects = []
     for k in range(n):
@@ -151,16 +176,32 @@ def sample_attributes(
     return objects, background
 
 
-def render(objects: list[DemoObject], background: str, resolution: int) -> Image.Image:
-    """Draws the objects on the background (2x supersampled, then downscaled: soft edges)."""
+def render(
+    objects: list[DemoObject], background: str, resolution: int, width: int | None = None
+) -> Image.Image:
+    """Draws the objects on the background (2x supersampled, then downscaled: soft edges).
+
+    Args:
+        objects: the objects, with positions of the image's grammar (`positions_for`).
+        background: a BACKGROUNDS name.
+        resolution: image height in pixels (and width, unless given).
+        width: image width in pixels; 2 x resolution draws a 2:1 image in WIDE_POSITIONS.
+    """
     ss = 2
-    size = resolution * ss
-    img = Image.new("RGB", (size, size), BACKGROUNDS[background])
+    width = resolution if width is None else width
+    w, h = width * ss, resolution * ss
+    positions = positions_for(width, resolution)
+    img = Image.new("RGB", (w, h), BACKGROUNDS[background])
     draw = ImageDraw.Draw(img)
-    r = OBJECT_SIZE * size
+    r = OBJECT_SIZE * h  # by the height: an object of a 2:1 image looks like one of a square
     for obj in objects:
-        fx, fy = POSITIONS[obj.position]
-        cx, cy = fx * size, fy * size
+        if obj.position not in positions:
+            raise ValueError(
+                f"position {obj.position!r} is not one of a {width}x{resolution} image's "
+                f"{list(positions)}; use those (WIDE_POSITIONS for 2:1, POSITIONS otherwise)"
+            )
+        fx, fy = positions[obj.position]
+        cx, cy = fx * w, fy * h
         fill = COLORS[obj.color]
         if obj.shape == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
@@ -175,7 +216,7 @@ def render(objects: list[DemoObject], background: str, resolution: int) -> Image
             draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
         else:
             raise ValueError(f"unknown shape {obj.shape!r}; known: {SHAPES}")
-    return img.resize((resolution, resolution), Image.Resampling.BOX)
+    return img.resize((width, resolution), Image.Resampling.BOX)
 
 
 def make_sample(
@@ -185,20 +226,52 @@ def make_sample(
     holdout: tuple[tuple[str, str], ...] = HELD_OUT,
     two_object_prob: float = 0.3,
     only_holdout: bool = False,
+    wide_fraction: float = 0.0,
 ) -> tuple[Image.Image, str, dict]:
-    """Image, caption and metadata of sample `index` (depends only on seed and index)."""
+    """Image, caption and metadata of sample `index` (depends only on seed and index).
+
+    Args:
+        index: sample index.
+        seed: dataset seed.
+        resolution: image height (and the width of a square image) in pixels.
+        holdout: colour-shape pairs excluded (see HELD_OUT).
+        two_object_prob: probability of a second object.
+        only_holdout: draw only held-out pairs.
+        wide_fraction: probability that the sample is 2:1 (`is_wide`).
+    """
+    wide = is_wide(index, seed, wide_fraction)
+    width = 2 * resolution if wide else resolution
     rng = np.random.default_rng([seed, index])
-    objects, background = sample_attributes(rng, holdout, two_object_prob, only_holdout)
+    objects, background = sample_attributes(
+        rng, holdout, two_object_prob, only_holdout, positions_for(width, resolution)
+    )
     text = caption(objects)
     meta = {
         "caption": text,
         "objects": [o.to_dict() for o in objects],
         "background": background,
-        "width": resolution,
+        "width": width,
         "height": resolution,
         "status": "success",
     }
-    return render(objects, background, resolution), text, meta
+    return render(objects, background, resolution, width), text, meta
+
+
+_WIDE_STREAM = 21  # a stream of its own: the square samples' draws stay as they were
+
+
+def is_wide(index: int, seed: int, wide_fraction: float) -> bool:
+    """Whether sample `index` is 2:1: a draw from its own (seed, index) stream below
+    `wide_fraction`, so a larger fraction keeps every wide sample of a smaller one.
+
+    Raises:
+        ValueError: when wide_fraction is outside [0, 1].
+    """
+    if not 0.0 <= wide_fraction <= 1.0:
+        raise ValueError(f"--wide-fraction {wide_fraction}: use a share in [0, 1]")
+    if wide_fraction == 0.0:
+        return False
+    return bool(np.random.default_rng([seed, index, _WIDE_STREAM]).random() < wide_fraction)
 
 
 def _encode_image(img: Image.Image, fmt: str) -> bytes:
@@ -230,25 +303,29 @@ def make_demo(
     two_object_prob: float = 0.3,
     only_holdout: bool = False,
     image_format: str = "png",
+    wide_fraction: float = 0.0,
 ) -> list[Path]:
     """Writes the demo dataset in img2dataset layout.
 
     Args:
         out: output directory (created).
         num: number of samples.
-        resolution: image side in pixels.
+        resolution: image side in pixels (the height of a 2:1 image).
         seed: dataset seed; the same seed gives byte-identical shards.
         per_shard: samples per tar shard.
         holdout: colour-shape pairs excluded (see HELD_OUT).
         two_object_prob: fraction of images with two objects.
         only_holdout: write only held-out combinations (an evaluation split).
         image_format: png, jpg or webp.
+        wide_fraction: share of 2:1 images (width 2 x resolution), drawn per (seed, index); 0
+            writes the same bytes as before wide images existed.
 
     Returns:
         The shard paths.
     """
     if image_format not in ("png", "jpg", "webp"):
         raise ValueError(f"--image-format {image_format!r}: use png, jpg or webp")
+    is_wide(0, seed, wide_fraction)  # checks the fraction before any file is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -258,7 +335,7 @@ def make_demo(
         with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
             for index in range(shard * per_shard, min(num, (shard + 1) * per_shard)):
                 img, text, meta = make_sample(
-                    index, seed, resolution, holdout, two_object_prob, only_holdout
+                    index, seed, resolution, holdout, two_object_prob, only_holdout, wide_fraction
                 )
                 key = f"{index:09d}"
                 meta["key"] = key

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_tools.demo import BACKGROUNDS, COLORS, POSITIONS, SHAPES
+from data_tools.demo import BACKGROUNDS, COLORS, POSITIONS, PREPOSITIONS, SHAPES, WIDE_POSITIONS
 
 UNKNOWN = "[UNK]"
 
@@ -18,7 +18,16 @@ UNKNOWN = "[UNK]"
 def demo_words() -> list[str]:
     """Every word the demo captions (and prompts) can contain, in a fixed order."""
     words = ["a", "an", "in", "the", "and", "on", "background"]
-    for phrase in [*COLORS, *SHAPES, *POSITIONS, *BACKGROUNDS]:
+    # the wide grammar adds no word today ("on the left"); listed last, so a word it adds
+    # later extends the vocabulary without renumbering the others
+    for phrase in [
+        *COLORS,
+        *SHAPES,
+        *POSITIONS,
+        *BACKGROUNDS,
+        *WIDE_POSITIONS,
+        *PREPOSITIONS.values(),
+    ]:
         for word in phrase.split():
             if word not in words:
                 words.append(word)

@@ -4,7 +4,9 @@ No model is involved: the background is the median of the image border, foregrou
 those far from it, connected components are the objects, and each object is described by
 
 - colour: the nearest demo colour to the component's median pixel;
-- position: the nearest named position to its centroid;
+- position: the nearest named position to its centroid, in the image's grammar: WIDE_POSITIONS
+  ("left", "center", "right") when it is at least 1.5 times as wide as high, else POSITIONS
+  (`data_tools.demo.positions_for`);
 - shape: from three scale-free measures of its mask: the ratio of mass in the upper and lower
   halves of its bounding box (a triangle pointing up has ~1/3, the symmetric shapes ~1); the
   corner coverage, the share of the box's four corner regions (outside the ellipse inscribed in
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_tools.demo import COLORS, OBJECT_SIZE, POSITIONS
+from data_tools.demo import COLORS, OBJECT_SIZE, POSITIONS, positions_for
 
 # A pixel is foreground when its RGB distance to the background exceeds this.
 FOREGROUND_DISTANCE = 40.0
@@ -117,14 +119,20 @@ def nearest_color(rgb: np.ndarray) -> str:
     return _NAMES[int(np.argmin(((_PALETTE - rgb) ** 2).sum(axis=1)))]
 
 
-def nearest_position(cx: float, cy: float) -> str:
-    names = list(POSITIONS)
-    centres = np.array([POSITIONS[n] for n in names])
+def nearest_position(
+    cx: float, cy: float, positions: dict[str, tuple[float, float]] = POSITIONS
+) -> str:
+    """The name in `positions` nearest to (cx, cy), fractions of (width, height)."""
+    names = list(positions)
+    centres = np.array([positions[n] for n in names])
     return names[int(np.argmin(((centres - (cx, cy)) ** 2).sum(axis=1)))]
 
 
 def analyse(image) -> list[DetectedObject]:
     """Objects in a demo-style image, largest first.
+
+    Positions are named in the image's grammar: WIDE_POSITIONS for a 2:1 image (width at least
+    1.5 x height), POSITIONS otherwise.
 
     Args:
         image: a PIL image or an (H, W, 3) uint8 array.
@@ -139,7 +147,9 @@ def analyse(image) -> list[DetectedObject]:
     # each foreground pixel labelled with its nearest palette colour, background -1
     dist = ((pixels[:, :, None, :] - _PALETTE[None, None]) ** 2).sum(axis=3)  # (H, W, colours)
     labels = np.where(mask, dist.argmin(axis=2), -1)
-    full_area = (2 * OBJECT_SIZE * h) * (2 * OBJECT_SIZE * w)
+    positions = positions_for(w, h)
+    side = 2 * OBJECT_SIZE * min(h, w)  # objects are sized by the short side (the height)
+    full_area = side * side
     objects = []
     for comp in _components(labels):
         if len(comp) < MIN_OBJECT_FRACTION * full_area:
@@ -153,7 +163,7 @@ def analyse(image) -> list[DetectedObject]:
         fill = len(comp) / box_area
         top_bottom = top / max(bottom, 1.0)
         color = nearest_color(np.median(pixels[ys, xs], axis=0))
-        position = nearest_position(xs.mean() / w, ys.mean() / h)
+        position = nearest_position(xs.mean() / w, ys.mean() / h, positions)
         corners = corner_coverage(ys, xs)
         shape = classify_shape(fill, top_bottom, corners)
         objects.append(DetectedObject(color, shape, position, len(comp), fill, top_bottom, corners))
