@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job on the bundled synthetic data, on CPU: install, then
-#   ts-data make-demo -> ts-data train-vq -> ts-data tokenize (32, 64, 128 px)
+#   ts-data make-demo (a quarter of the images 2:1) -> ts-data train-vq
+#   -> ts-data tokenize (32, 64, 128 px; 1:1 and 2:1 aspect-ratio buckets)
 #   -> ts-train (pretrain/configs/demo.toml: 32 px s=1 -> 64 px s=2 -> 128 px s=2)
-#   -> ts-convert to-hf -> ts-generate -> ts-eval shapes
+#   -> ts-convert to-hf -> ts-generate (square and 2:1) -> ts-eval shapes (both aspects)
 # and prints where the images, the TensorBoard logs and the report are. docs/demo.md explains
 # each step and its output.
 #
@@ -10,6 +11,7 @@
 #   DEMO_OUT=demo_out        data, tokenizers, export, images and report
 #   DEMO_RUN=runs/demo       training run directory (checkpoints, TensorBoard, metrics.jsonl)
 #   DEMO_IMAGES=4000         make-demo samples
+#   DEMO_WIDE=0.25           fraction of them drawn 2:1 ("a red circle on the left")
 #   DEMO_VQ_STEPS=800        train-vq steps
 #   DEMO_EVAL_LIMIT=         score only the first N prompts of ts-eval's default set
 #   DEMO_SKIP_INSTALL=1      use the ts-* commands on PATH as they are (no install, no venv)
@@ -25,6 +27,7 @@ cd "$(dirname "$0")/.."
 OUT=${DEMO_OUT:-demo_out}
 RUN=${DEMO_RUN:-runs/demo}
 IMAGES=${DEMO_IMAGES:-4000}
+WIDE=${DEMO_WIDE:-0.25}
 VQ_STEPS=${DEMO_VQ_STEPS:-800}
 EVAL_LIMIT=${DEMO_EVAL_LIMIT:-}
 read -r -a TRAIN_ARGS <<< "${DEMO_TRAIN_ARGS:-}"
@@ -47,9 +50,10 @@ step() {  # step NAME: prints a banner and the time since the previous one
     echo "=== [$(( SECONDS - start ))s] $1"
 }
 
-step "make-demo: $IMAGES coloured-shape images with captions (img2dataset layout)"
+step "make-demo: $IMAGES coloured-shape images with captions (img2dataset layout), $WIDE of them 2:1"
 if [ ! -f "$OUT/raw/.complete" ]; then
-    ts-data make-demo "$OUT/raw" --num "$IMAGES" --resolution 128 --seed 0 --per-shard 500
+    ts-data make-demo "$OUT/raw" --num "$IMAGES" --resolution 128 --seed 0 --per-shard 500 \
+        --wide-fraction "$WIDE"
     touch "$OUT/raw/.complete"
 fi
 "${PYTHON:-python}" -m data_tools.demo_tokenizer "$OUT/demo_tokenizer.json" >/dev/null
@@ -62,8 +66,9 @@ if [ ! -f "$VQ" ]; then
 fi
 
 for R in 32 64 128; do
-    step "tokenize at $R px"
+    step "tokenize at $R px (buckets 1:1 and 2:1)"
     ts-data tokenize --input "$OUT/raw" --output "$OUT/tokens/$R" --resolution "$R" \
+        --buckets 1:1,2:1 --grid-multiple 2 \
         --vq-format native --vq-checkpoint "$VQ" --text "$OUT/demo_tokenizer.json" >/dev/null
 done
 
@@ -87,9 +92,12 @@ ts-generate --model "$OUT/export" --out "$OUT/images" --no-progress \
     --prompt "a blue square in the center" \
     --prompt "a green triangle in the bottom right" \
     --prompt "a yellow cross in the top right"
+ts-generate --model "$OUT/export" --out "$OUT/images" --no-progress --size 2:1 \
+    --prompt "a red circle on the left and a blue square on the right"
 
 step "ts-eval shapes: colour, shape, position and count of generated images"
-ts-eval shapes --model "$OUT/export" --out "$OUT/eval" ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"}
+ts-eval shapes --model "$OUT/export" --out "$OUT/eval" --aspect both \
+    ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"}
 
 step "done"
 cat <<EOF

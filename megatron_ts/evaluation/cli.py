@@ -7,7 +7,6 @@ ts-eval analyse --data DEMO_SHARDS_DIR [--limit N]     # the analyser on ground-
 from __future__ import annotations
 
 import argparse
-import inspect
 import io
 import json
 import sys
@@ -116,41 +115,33 @@ def generation_kwargs(args: argparse.Namespace, aspect: str, pipe, first_image: 
     """The pipeline call's keyword arguments for the images of one aspect.
 
     The one place that says how ts-eval asks for an image's size: a square image by
-    `resolution` (None: the model's first), any other aspect by `size=(width, height)`: the
-    `--wide-size` given, else the aspect's bucket at the resolution as training makes it
-    (megatron_ts.buckets, unit = VQ downsample x DEFAULT_GRID_MULTIPLE: 192 x 96 at 128 px).
-    Image i of the whole run is sampled with seed + i, so the second aspect's call starts at
-    seed + first_image.
+    `resolution` (None: the model's first), any other aspect by `size`: the `--wide-size` given
+    ("WxH"), else the ratio itself, which the export resolves to the trained bucket of that
+    ratio (its config's `buckets`, the current stage's first). Image i of the whole run is
+    sampled with seed + i, so the second aspect's call starts at seed + first_image.
 
     Args:
         args: the parsed `ts-eval shapes` flags.
         aspect: one of ASPECTS.
-        pipe: the TokenShufflePipeline (its config names the trained resolutions).
+        pipe: the TokenShufflePipeline (its config names the trained sizes).
         first_image: the index of the call's first image in the run.
 
     Raises:
-        ValueError: when the aspect is not square and the pipeline takes no `size`.
+        ValueError: a non-square aspect for a model trained on square images only.
     """
-    from megatron_ts.buckets import DEFAULT_GRID_MULTIPLE, bucket_size
-    from megatron_ts.hf.generation_token_shuffle import resolve_resolution
     from megatron_ts.sampling.cli import sampling_flags
 
     kwargs = {**sampling_flags(args), "batch_size": args.batch_size, "progress": False}
     kwargs["seed"] = args.seed + first_image
     if aspect != "1:1":
-        if "size" not in inspect.signature(pipe.__call__).parameters:
+        if not getattr(pipe.config, "buckets", None):
             raise ValueError(
-                f"--aspect {aspect}: this TokenShufflePipeline takes no size=(width, height), so "
-                "it draws square images only; use --aspect 1:1, or a pipeline with buckets "
-                "(issue 21)"
+                f"--aspect {aspect}: this export was trained on square images only (its "
+                "config.json lists no buckets); use --aspect 1:1, or train with aspect-ratio "
+                "buckets (docs/model.md)"
             )
-        resolution = resolve_resolution(pipe.config, kwargs.pop("resolution"))
-        if args.wide_size:
-            kwargs["size"] = args.wide_size
-        else:
-            unit = pipe.config.vq_downsample * DEFAULT_GRID_MULTIPLE
-            bucket = bucket_size(aspect, resolution, unit)
-            kwargs["size"] = (bucket.width, bucket.height)
+        kwargs.pop("resolution", None)
+        kwargs["size"] = "{}x{}".format(*args.wide_size) if args.wide_size else aspect
     return kwargs
 
 

@@ -267,14 +267,24 @@ def test_ts_eval_analyse_groups_wide_ground_truth(tmp_path, capsys):
     assert by["2:1"]["position"] == 1.0 and by["2:1"]["color"] == 1.0 and by["2:1"]["all"] >= 0.95
 
 
+def _config(buckets: bool):
+    from megatron_ts.hf.configuration_token_shuffle import TokenShuffleConfig
+
+    listed = []
+    if buckets:  # as an export of a run with 1:1 and 2:1 buckets at 128 and 64 px lists them
+        for r, (w, h) in ((128, (192, 96)), (64, (96, 48))):
+            listed += [{"name": "1:1", "width": r, "height": r, "resolution": r}]
+            listed += [{"name": "2:1", "width": w, "height": h, "resolution": r}]
+    return TokenShuffleConfig(
+        resolutions=[128, 64], buckets=listed, vq_downsample=8, shuffle_window=2
+    )
+
+
 class _GroundTruthPipe:
-    """Stands in for TokenShufflePipeline: draws what each prompt asks for, at the size asked."""
+    """Stands in for TokenShufflePipeline: resolves the size as the export's pipeline does
+    (`resolve_size` on an export config) and draws what each prompt asks for at that size."""
 
-    class config:  # noqa: N801 - the attributes resolve_resolution reads
-        resolutions = [64, 128]
-        vq_downsample = 8
-        shuffle_window = 1
-
+    config = _config(buckets=True)
     calls: list[dict] = []
 
     @classmethod
@@ -299,9 +309,11 @@ class _GroundTruthPipe:
     ):
         from types import SimpleNamespace
 
+        from megatron_ts.hf.generation_token_shuffle import resolve_size
+
         self.calls.append({"n": len(prompt), "resolution": resolution, "size": size, "seed": seed})
-        width, height = size or (resolution or 64, resolution or 64)
-        aspect = "2:1" if size else "1:1"
+        width, height = resolve_size(self.config, size, resolution)
+        aspect = "2:1" if width >= 1.5 * height else "1:1"
         images = [render(list(parse_caption(t, aspect)), "gray", height, width) for t in prompt]
         return SimpleNamespace(images=images, settings={"size": [width, height]})
 
@@ -314,10 +326,10 @@ def test_ts_eval_shapes_asks_for_2_to_1_images_and_groups_them(tmp_path, monkeyp
     out = tmp_path / "eval"
     argv = ["shapes", "--model", str(tmp_path), "--out", str(out), "--limit", "4", "--seed", "10"]
     assert ts_eval([*argv, "--aspect", "both", "--resolution", "128"]) == 0
-    # 2:1 is the bucket training makes at 128 px (about 128^2 pixels, sides in 32 px units)
+    # 2:1 asks for the ratio: the export picks its trained 2:1 bucket (the first listed)
     assert _GroundTruthPipe.calls == [
         {"n": 4, "resolution": 128, "size": None, "seed": 10},
-        {"n": 4, "resolution": None, "size": (192, 96), "seed": 14},
+        {"n": 4, "resolution": None, "size": "2:1", "seed": 14},
     ]
     report = json.loads((out / "report.json").read_text())
     assert [r["aspect"] for r in report["prompts"]] == ["1:1"] * 4 + ["2:1"] * 4
@@ -325,13 +337,11 @@ def test_ts_eval_shapes_asks_for_2_to_1_images_and_groups_them(tmp_path, monkeyp
     for aspect in ("1:1", "2:1"):
         assert report["summary"]["by_aspect"][aspect]["seen"]["all"] == 1.0
     assert set(report["settings"]) == {"1:1", "2:1"}
-    # without --resolution the model's first resolution (64: the 2:1 bucket is 64 x 32)
-    _GroundTruthPipe.calls.clear()
-    assert ts_eval([*argv, "--aspect", "2:1"]) == 0
-    assert _GroundTruthPipe.calls[0]["size"] == (64, 32)
-    _GroundTruthPipe.calls.clear()
-    assert ts_eval([*argv, "--aspect", "2:1", "--wide-size", "256x128"]) == 0
-    assert _GroundTruthPipe.calls[0]["size"] == (256, 128)
+    _GroundTruthPipe.calls.clear()  # another trained 2:1 size, by pixels
+    assert ts_eval([*argv, "--aspect", "2:1", "--wide-size", "96x48"]) == 0
+    assert _GroundTruthPipe.calls[0]["size"] == "96x48"
+    report = json.loads((out / "report.json").read_text())
+    assert Image.open(out / report["prompts"][-1]["image"]).size == (96, 48)
     with pytest.raises(SystemExit):  # argparse: not wide enough for the wide grammar
         ts_eval([*argv, "--aspect", "2:1", "--wide-size", "80x64"])
     assert "at least 1.5 x the height" in capsys.readouterr().err
@@ -340,18 +350,17 @@ def test_ts_eval_shapes_asks_for_2_to_1_images_and_groups_them(tmp_path, monkeyp
     assert "--prompts-file is read in one grammar" in capsys.readouterr().err
 
 
-def test_ts_eval_shapes_refuses_2_to_1_on_a_square_only_pipeline(tmp_path, monkeypatch, capsys):
+def test_ts_eval_shapes_refuses_2_to_1_on_a_square_only_model(tmp_path, monkeypatch, capsys):
     from megatron_ts.hf import pipeline_token_shuffle
 
     class SquarePipe(_GroundTruthPipe):
-        def __call__(self, prompt, *, resolution=None, seed=0, **kwargs):
-            return super().__call__(prompt, resolution=resolution, seed=seed)
+        config = _config(buckets=False)
 
     monkeypatch.setattr(pipeline_token_shuffle, "TokenShufflePipeline", SquarePipe)
     argv = ["shapes", "--model", str(tmp_path), "--out", str(tmp_path / "e"), "--limit", "1"]
     SquarePipe.calls.clear()
     assert ts_eval([*argv, "--aspect", "both"]) == 2
-    assert "takes no size=(width, height)" in capsys.readouterr().err
+    assert "trained on square images only" in capsys.readouterr().err
     assert SquarePipe.calls == []  # refused before the square images were drawn
 
 
