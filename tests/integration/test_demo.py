@@ -1,7 +1,8 @@
 """The README's first command, scripts/demo.sh, end to end with tiny sizes.
 
 The same script a user runs: make-demo -> train-vq -> tokenize x3 -> ts-train (3 stages) ->
-ts-convert to-hf -> ts-generate -> ts-eval shapes, with 64 images and a couple of steps per stage.
+ts-convert to-hf -> ts-generate -> ts-eval shapes, with 64 images (a quarter 2:1, trained in
+aspect-ratio buckets) and a couple of steps per stage.
 """
 
 from __future__ import annotations
@@ -59,16 +60,21 @@ def test_demo_script_end_to_end(tmp_path):
     assert (run / "checkpoints" / "latest").read_text().strip().endswith("00000006")
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
-    # the export and four generated 128 px PNGs
-    assert (out / "export" / "config.json").is_file()
+    # the export lists both buckets; four generated 128 px PNGs and one 2:1 of 192 x 96
+    config = json.loads((out / "export" / "config.json").read_text())
+    assert {(b["name"], b["width"], b["height"]) for b in config["buckets"]} >= {
+        ("1:1", 128, 128),
+        ("2:1", 192, 96),
+    }
     pngs = sorted((out / "images").glob("*.png"))
-    assert len(pngs) == 4
-    assert all(Image.open(p).size == (128, 128) for p in pngs)
+    sizes = sorted(Image.open(p).size for p in pngs)
+    assert sizes == [(128, 128)] * 4 + [(192, 96)], sizes
 
-    # the report scored the first three prompts of the default set
+    # the report scored the first three prompts of each aspect's default set
     report = json.loads((out / "eval" / "report.json").read_text())
-    assert len(report["prompts"]) == 3
+    assert [r["aspect"] for r in report["prompts"]] == ["1:1"] * 3 + ["2:1"] * 3
     assert set(report["summary"]["seen"]) >= {"color", "shape", "position"}
+    assert set(report["summary"]["by_aspect"]["2:1"]["seen"]) >= {"color", "position"}
     assert (out / "eval" / "report.html").is_file()
     assert f"report:       {out}/eval/report.json" in proc.stdout
 
