@@ -419,7 +419,7 @@ def test_second_trainer_on_the_same_run_directory_stops(tmp_path):
     run_dir = tmp_path / "run"
     env = {**ENV, "MEGATRON_TS_STEP_DELAY": "0.5"}
     first = subprocess.Popen(
-        train_cmd(run_dir, "--train.steps", "40", "--checkpoint.interval_steps", "2"),
+        train_cmd(run_dir, "--train.steps", "100000", "--checkpoint.interval_steps", "2"),
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
