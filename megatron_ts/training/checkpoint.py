@@ -428,6 +428,7 @@ def load_checkpoint(
     allow_missing: tuple[str, ...] = (),
     load_average: bool = False,
     load_rng: bool = True,
+    verified: bool = False,
 ) -> tuple[list[dict], str]:
     """Restores weights, and the optimizer when asked, into `stage_engine` on any layout.
 
@@ -443,8 +444,13 @@ def load_checkpoint(
         mode): mode is "exact" (same layout: weights, optimizer, RNG), "resharded" (another
         layout: weights and optimizer) or "weights". The train state is the caller's to read
         from meta.json (`Trainer.run` does, before building the engine).
+
+    `verified`: the caller has just run `verify_checkpoint(ckpt_dir)` (the trainer does at
+    start, before it builds anything, so a damaged checkpoint fails in seconds); the files are
+    not hashed again.
     """
-    verify_checkpoint(ckpt_dir)
+    if not verified:
+        verify_checkpoint(ckpt_dir)
     meta = read_meta(ckpt_dir)
     same_layout = _rank_layout(meta["layout"]) == _rank_layout(layout_of(stage_engine)) and (
         meta["model_spec"] == stage_engine.spec.to_dict()

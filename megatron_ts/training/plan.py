@@ -6,6 +6,7 @@ from pathlib import Path
 
 from megatron_ts.config import Config, ConfigError, ResolvedStage, TokenizerConfig
 from megatron_ts.models.flops import param_counts, sample_flops
+from megatron_ts.sequence import SequenceLayout
 from megatron_ts.vocab import VocabLayout
 
 
@@ -92,15 +93,7 @@ def dry_run_report(cfg: Config, stages: list[ResolvedStage]) -> dict:
     }
     for st in stages:
         layout = st.layout(downsample)
-        flops = sample_flops(
-            shape,
-            padded,
-            layout.caption_len,
-            layout.grid,
-            layout.shuffle_window,
-            cfg.model.shuffle_mlp_blocks,
-            image_head_rows=vocab.codebook_size,  # image positions score codes only
-        )
+        flops = layout_flops(cfg, padded, vocab.codebook_size, layout)
         seq = layout.seq_len
         report["stages"].append(
             {
@@ -128,11 +121,25 @@ def dry_run_report(cfg: Config, stages: list[ResolvedStage]) -> dict:
             }
         )
         if st.buckets:
-            report["stages"][-1]["buckets"] = _bucket_rows(cfg, st, shape, padded, vocab)
+            report["stages"][-1]["buckets"] = _bucket_rows(cfg, st, padded, vocab)
     return report
 
 
-def _bucket_rows(cfg: Config, st: ResolvedStage, shape, padded: int, vocab) -> list[dict]:
+def layout_flops(cfg: Config, padded_vocab: int, codebook_size: int, layout: SequenceLayout):
+    """The FLOPs of one training sample of `layout` (`models.flops.sample_flops`): image
+    positions score the codebook rows only, as the training model's head does."""
+    return sample_flops(
+        cfg.model.shape(),
+        padded_vocab,
+        layout.caption_len,
+        layout.grid,
+        layout.shuffle_window,
+        cfg.model.shuffle_mlp_blocks,
+        image_head_rows=codebook_size,
+    )
+
+
+def _bucket_rows(cfg: Config, st: ResolvedStage, padded: int, vocab) -> list[dict]:
     """Per aspect-ratio bucket: pixel size, code grid, positions and FLOPs of one sample. The
     stage's own numbers are the square image of its resolution (the pixel budget)."""
     downsample = cfg.tokenizer.downsample
@@ -140,15 +147,7 @@ def _bucket_rows(cfg: Config, st: ResolvedStage, shape, padded: int, vocab) -> l
     rows = []
     for bucket in st.bucket_sizes(downsample):
         layout = layouts[bucket.name]
-        flops = sample_flops(
-            shape,
-            padded,
-            layout.caption_len,
-            layout.grid,
-            layout.shuffle_window,
-            cfg.model.shuffle_mlp_blocks,
-            image_head_rows=vocab.codebook_size,
-        )
+        flops = layout_flops(cfg, padded, vocab.codebook_size, layout)
         rows.append(
             {
                 "name": bucket.name,

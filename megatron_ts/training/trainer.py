@@ -34,7 +34,6 @@ from megatron_ts.distributed.init import (
 )
 from megatron_ts.errors import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE
 from megatron_ts.logging import get_logger, setup_logging
-from megatron_ts.models.flops import sample_flops
 from megatron_ts.models.model import ModelSpec
 from megatron_ts.training.checkpoint import (
     TrainState,
@@ -42,6 +41,7 @@ from megatron_ts.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    verify_checkpoint,
 )
 from megatron_ts.training.engine import StageEngine
 from megatron_ts.training.lr_schedule import learning_rate
@@ -51,7 +51,7 @@ from megatron_ts.training.metrics import (
     device_peak_tflops,
     peak_memory_gb,
 )
-from megatron_ts.training.plan import vocab_from_config
+from megatron_ts.training.plan import layout_flops, vocab_from_config
 from megatron_ts.training.run_lock import RunDirBusyError, RunLock
 from megatron_ts.training.step_watch import SaveSchedule, StepHealth
 
@@ -137,6 +137,7 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir, cfg.logging, enabled=self.rank == 0)
         self.signals = SignalFlag()
         self.peak = device_peak_tflops(cfg.logging)
+        self._verified: Path | None = None  # the checkpoint `run` checked against its checksums
 
     def _lock_run_dir(self) -> RunLock | None:
         """Rank 0 locks the run directory before anything touches it; every rank learns how."""
@@ -156,6 +157,8 @@ class Trainer:
         if latest is not None:
             from megatron_ts.checkpoint.model_files import read_meta
 
+            verify_checkpoint(latest)  # before anything is built: a damaged file fails at once
+            self._verified = latest
             meta = read_meta(latest)
             state = self._extend_finished(TrainState(**meta["train_state"]), meta, latest)
             self._check_same_stage(state, meta, latest)
@@ -301,7 +304,11 @@ class Trainer:
         cfg = self.cfg
         if latest is not None and state.stage_index == stage.index and state.stage_step > 0:
             loader_states, mode = load_checkpoint(
-                latest, engine, load_optimizer=True, load_average=True
+                latest,
+                engine,
+                load_optimizer=True,
+                load_average=True,
+                verified=latest == self._verified,
             )
             if loader is not None and loader_states:
                 loader.load_state_dict(loader_states)  # every DP rank's: any DP size resumes
@@ -313,6 +320,7 @@ class Trainer:
                 engine,
                 load_optimizer=stage.carry_over == "weights+optimizer",
                 allow_missing=NEW_AT_A_STAGE,
+                verified=latest == self._verified,
             )
             log.info("stage %s starts from %s (%s)", stage.name, latest, mode)
             return
@@ -565,18 +573,10 @@ class Trainer:
         flops = positions = 0.0
         for name, layout in layouts.items():
             share = shares.get(name, 0.0)
-            flops += (
-                share
-                * sample_flops(
-                    self.cfg.model.shape(),
-                    engine.spec.padded_vocab,
-                    layout.caption_len,
-                    layout.grid,
-                    layout.shuffle_window,
-                    self.cfg.model.shuffle_mlp_blocks,
-                    image_head_rows=self.vocab.codebook_size,  # image positions score codes only
-                ).training
+            cost = layout_flops(
+                self.cfg, engine.spec.padded_vocab, self.vocab.codebook_size, layout
             )
+            flops += share * cost.training
             positions += share * layout.seq_len
         return flops, positions
 

@@ -4,7 +4,6 @@ samples at any layout, exact resume, and clear errors when the stage and the sha
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -24,6 +23,7 @@ from tests.unit.test_loader_helpers import (
     make_data_cfg,
     make_stage,
     sample_members,
+    shard_entry,
     write_source,
     write_tar,
 )
@@ -54,15 +54,7 @@ def write_bucketed(root: Path, name: str, per_bucket: dict[str, tuple[int, int]]
                 index += 1
             shard = f"tokens-{b.width}x{b.height}-{s:03d}.tar"
             raw = write_tar(out / shard, samples)
-            entries.append(
-                {
-                    "name": shard,
-                    "samples": per_shard,
-                    "bytes": len(raw),
-                    "sha256": hashlib.sha256(raw).hexdigest(),
-                    "bucket": b.name,
-                }
-            )
+            entries.append(shard_entry(shard, raw, per_shard, bucket=b.name))
     manifest = {
         "format": "megatron_ts.tokens/2",
         "resolution": RESOLUTION,

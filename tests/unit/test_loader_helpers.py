@@ -59,6 +59,17 @@ def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
     return raw
 
 
+def shard_entry(name: str, raw: bytes, samples: int, **extra) -> dict:
+    """The manifest entry of a shard written as `raw` (name, samples, bytes, sha256, extra)."""
+    return {
+        "name": name,
+        "samples": samples,
+        "bytes": len(raw),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        **extra,
+    }
+
+
 def write_source(
     root: Path,
     *,
@@ -89,15 +100,7 @@ def write_source(
                 members = corrupt[key]
             samples.append((key, members))
         shard = f"shard-{s:05d}.tar"
-        raw = write_tar(out / shard, samples)
-        entries.append(
-            {
-                "name": shard,
-                "samples": per_shard,
-                "bytes": len(raw),
-                "sha256": hashlib.sha256(raw).hexdigest(),
-            }
-        )
+        entries.append(shard_entry(shard, write_tar(out / shard, samples), per_shard))
     manifest = {
         "format": "megatron_ts.tokens/1",
         "resolution": grid * DOWNSAMPLE,
