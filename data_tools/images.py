@@ -68,16 +68,7 @@ def resize_center_crop(img: Image.Image, resolution: int) -> np.ndarray:
     Returns:
         uint8 array (resolution, resolution, 3).
     """
-    img = to_rgb(img)
-    w, h = img.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    if (nw, nh) != (w, h):
-        # PIL's resize filters over the whole footprint on downscaling: antialiased
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
-    return np.asarray(img, dtype=np.uint8)
+    return resize_to_bucket(img, resolution, resolution)  # the square bucket: the same pixels
 
 
 def resize_to_bucket(img: Image.Image, width: int, height: int) -> np.ndarray:
