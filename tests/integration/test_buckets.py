@@ -173,14 +173,16 @@ def test_a_resume_that_changes_the_buckets_is_refused(runs, tmp_path):
     assert "data.buckets = ['1:1', '2:1'], but stage 'main' was checkpointed" in proc.stderr
 
 
-def test_a_pipeline_of_two_trains_the_same_bucketed_steps(runs, tmp_path):
-    """PP = 2 exchanges activation shapes per micro-batch (the grid changes between steps)."""
-    run_dir = tmp_path / "pp2"
+@pytest.mark.parametrize("axis", ["pipeline", "tensor"])
+def test_two_ranks_train_the_same_bucketed_steps(runs, tmp_path, axis):
+    """PP = 2 exchanges activation shapes per micro-batch (the grid changes between steps);
+    TP = 2 keeps the replicated window tables in step on both ranks."""
+    run_dir = tmp_path / axis
     config = _config(
         tmp_path, run_dir, runs["src"], buckets=("1:1", "2:1", "1:2"), max_windows=8, steps=3,
         load=runs["square"],
     )  # fmt: skip
-    proc = _train(config, 2, "--parallel.pipeline", "2")
+    proc = _train(config, 2, f"--parallel.{axis}", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = _metrics(runs["bucketed"]), _metrics(run_dir)
     for step in (1, 2, 3):
