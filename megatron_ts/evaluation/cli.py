@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--aspect",
         default="1:1",
         choices=[*ASPECTS, "both"],
-        help="image shape: 1:1, 2:1 (wide grammar, 'on the left'; width 2 x resolution) or both "
+        help="image shape: 1:1, 2:1 (wide grammar, 'on the left'; the export's trained 2:1 size) or both "
         "(the report groups the scores by aspect)",
     )
     shapes.add_argument(
@@ -54,12 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument(
         "--resolution",
         type=int,
-        help="image side (a trained one); 2:1 images are its 2:1 bucket (about as many pixels)",
+        help="side of the square images (a trained one; default the model's first)",
     )
     shapes.add_argument(
         "--wide-size",
         type=_wide_size,
-        help="WxH of the 2:1 images instead of the 2:1 bucket at --resolution, e.g. 192x96",
+        help="WxH of the 2:1 images (a trained size) instead of the export's trained 2:1 bucket, "
+        "e.g. 192x96",
     )
     shapes.add_argument("--device", default="auto", help="auto, cpu, cuda")
     check = sub.add_parser("analyse", help="score ground-truth demo shards (analyser check)")
@@ -79,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _wide_size(text: str) -> tuple[int, int]:
-    """'192x96' -> (192, 96), wide enough for the analyser's wide grammar."""
+def _wide_size(text: str) -> str:
+    """'192x96', checked wide enough for the analyser's wide grammar (the pipeline's size)."""
     try:
         width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -89,7 +90,7 @@ def _wide_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a wide image: the width must be at least 1.5 x the height"
         )
-    return width, height
+    return f"{width}x{height}"
 
 
 def _prompt_set(args: argparse.Namespace) -> list:
@@ -141,7 +142,7 @@ def generation_kwargs(args: argparse.Namespace, aspect: str, pipe, first_image: 
                 "buckets (docs/model.md)"
             )
         kwargs.pop("resolution", None)
-        kwargs["size"] = "{}x{}".format(*args.wide_size) if args.wide_size else aspect
+        kwargs["size"] = args.wide_size or aspect
     return kwargs
 
 
