@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--aspect",
         default="1:1",
         choices=[*ASPECTS, "both"],
-        help="image shape: 1:1, 2:1 (wide grammar, 'on the left'; the export's trained 2:1 size) or both "
-        "(the report groups the scores by aspect)",
+        help="image shape: 1:1, 2:1 (wide grammar, 'on the left'; the export's trained 2:1 "
+        "size) or both (the report groups the scores by aspect)",
     )
     shapes.add_argument(
         "--prompts-file", help="one demo-grammar caption per line (in the grammar of --aspect)"
