@@ -348,12 +348,7 @@ def export_to_hf(
     meta = read_meta(ckpt_dir)
     spec = ModelSpec.from_dict(meta["model_spec"])
     info = _stage_info(meta)
-    caption_len, resolutions, buckets, tok = (
-        info.caption_len,
-        info.resolutions,
-        info.buckets,
-        info.tokenizer,
-    )
+    tok, buckets = info.tokenizer, info.buckets
     downsample = int(tok.get("downsample") or 16)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}; choose one of {sorted(DTYPES)}")
@@ -365,7 +360,7 @@ def export_to_hf(
 
     weight_files = write_weights(ckpt_dir, spec, out, max_shard_size, DTYPES[dtype], weights)
 
-    config = hf_config_from_spec(spec, caption_len, resolutions, downsample, buckets)
+    config = hf_config_from_spec(spec, info.caption_len, info.resolutions, downsample, buckets)
     config.auto_map = dict(AUTO_MAP)
     config.architectures = ["TokenShuffleForCausalLM"]
     config.dtype = dtype
@@ -381,9 +376,9 @@ def export_to_hf(
 
     generation = {
         **generation_defaults(meta.get("config") or {}),
-        "caption_len": caption_len,
-        "resolution": resolutions[0],
-        "resolutions": resolutions,
+        "caption_len": info.caption_len,
+        "resolution": info.resolutions[0],
+        "resolutions": info.resolutions,
     }
     if buckets:  # the default image: the first square bucket, else the first bucket
         default = next((b for b in buckets if b["width"] == b["height"]), buckets[0])
@@ -413,7 +408,7 @@ def export_to_hf(
         out,
     )
     (out / "README.md").write_text(
-        _model_card(spec, caption_len, resolutions, meta, weights, buckets)
+        _model_card(spec, info.caption_len, info.resolutions, meta, weights, buckets)
     )
     log.info("export done: %s", ", ".join(weight_files))
     return out
