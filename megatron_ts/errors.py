@@ -93,12 +93,19 @@ def run_cli(tool: str, main: Callable[[], int]) -> int:
     try:
         return main()
     except KeyboardInterrupt:
-        print(f"{tool}: interrupted", file=sys.stderr)
+        _say(f"{tool}: interrupted")
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - unknown ones are re-raised below
         known = classify(exc)
         if known is None:
             raise
         code, line = known
-        print(f"{tool}: {line}", file=sys.stderr)
+        _say(f"{tool}: {line}")
         return code
+
+
+def _say(line: str) -> None:
+    """Writes `line` and its newline to stderr in one write: ranks sharing a stderr pipe
+    (torchrun, srun) then cannot splice their lines together, as print's two writes let them."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
