@@ -25,7 +25,13 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # flash-attn compiles CUDA for hours from source; it is optional and SDPA is the default.
     "gpu": ["flash-attn>=2.5"],
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "moto[server]>=5.0"],
+    "dev": [
+        "pytest>=8",
+        "pytest-timeout>=2.3",
+        "pytest-xdist>=3.5",
+        "ruff>=0.6",
+        "moto[server]>=5.0",
+    ],
 }
 
 setup(
