@@ -84,6 +84,22 @@ def effective_zero_stage(
     )
 
 
+def skip_lone_allreduce(engine) -> None:
+    """Turns off DeepSpeed's gradient all-reduce for an engine with one data-parallel rank.
+
+    At ZeRO stage 0 DeepSpeed reduces gradients after every optimizer step's backward whatever
+    the DP size: it concatenates all gradients into buckets, all-reduces them over the
+    one-member DP group and copies them back (`allreduce_bucket`), an identity that cost about
+    6% of a demo step at 32 px on CPU (a `cat` and a `copy_` over every gradient; issue 22).
+    With one DP rank there is nothing to reduce (TP and PP ranks hold different parameters, and
+    tied weights across pipeline stages are reduced by their own pass), so the step is
+    bit-identical without it (tests/distributed/test_zero_stage.py).
+    """
+    engine.enable_backward_allreduce = False  # DeepSpeedEngine.backward
+    if hasattr(engine, "pipeline_enable_backward_allreduce"):
+        engine.pipeline_enable_backward_allreduce = False  # PipelineEngine._exec_reduce_grads
+
+
 METRICS = ("loss", "image_loss", "text_loss", "z_loss", "grad_norm")
 """The fields of `StepResult.metrics`, in order."""
 
@@ -204,6 +220,8 @@ class StageEngine:
             self.local_layers = {
                 idx: getattr(pipe, str(idx)) for idx in range(pipe._local_start, pipe._local_stop)
             }
+        if dp == 1 and self.zero_stage == 0:
+            skip_lone_allreduce(self.engine)
         # ZeRO-0 fp32: our guard decides skips, and the loss's finiteness joins its verdict
         self.guarded = guard_plain_optimizer(self.engine, self.loss_fn.nonfinite)
         self.is_first_stage = 0 in self.local_layers

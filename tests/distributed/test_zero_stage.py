@@ -91,3 +91,55 @@ def test_resume_between_stage0_on_one_rank_and_zero1_on_two(tmp_path):
     last = json.loads((run / f"checkpoints/step_{STEPS:08d}/meta.json").read_text())
     assert last["layout"]["zero_stage"] == 0
     assert last["optimizer"]["step"] == STEPS  # Adam's step count carried across both switches
+
+
+def _with_and_without_allreduce_world(rank: int, world: int, layouts: list) -> dict:
+    """Per layout: (loss curve, weights) trained with DeepSpeed's DP all-reduce skipped, as the
+    engine runs at DP = 1, and with it turned back on (the behaviour before issue 22)."""
+    import torch
+    from megatron.core import parallel_state
+
+    from tests.distributed.test_engine import _engine, _micro_batches
+
+    out = {}
+    for tp, pp in layouts:
+        for allreduce in (False, True):
+            engine, vocab = _engine(tp, pp, 1)  # configured ZeRO-1: stage 0 in effect at DP = 1
+            ds = engine.engine
+            assert ds.enable_backward_allreduce is False
+            assert getattr(ds, "pipeline_enable_backward_allreduce", False) is False
+            ds.enable_backward_allreduce = allreduce
+            if pp > 1:
+                ds.pipeline_enable_backward_allreduce = allreduce
+            batches = _micro_batches(vocab, 0, parallel_state.get_data_parallel_world_size())
+            curve = []
+            for _ in range(3):
+                engine.set_lr(1e-3)
+                result = engine.train_step(batches)
+                curve.append((result.loss, result.grad_norm))
+            weights = [
+                p.detach().clone()
+                for _, layer in sorted(engine.local_layers.items())
+                for p in layer.parameters()
+            ]
+            out[(tp, pp, allreduce)] = (curve, weights)
+            del engine, ds
+            torch.distributed.barrier()
+    return out
+
+
+def test_one_dp_rank_skips_the_gradient_allreduce_bit_for_bit():
+    """At DP = 1 DeepSpeed's all-reduce only concatenates, reduces over one rank and copies back;
+    skipping it (TP = 2 and PP = 2 on 2 ranks) leaves losses, norms and weights bit-identical."""
+    results = run_distributed(_with_and_without_allreduce_world, 2, [(2, 1), (1, 2)])
+    for rank, per_rank in enumerate(results):
+        for tp, pp in [(2, 1), (1, 2)]:
+            (curve, weights), (ref_curve, ref_weights) = (
+                per_rank[(tp, pp, False)],
+                per_rank[(tp, pp, True)],
+            )
+            assert curve == ref_curve, f"rank {rank} TP={tp} PP={pp}: {curve} vs {ref_curve}"
+            assert len(weights) == len(ref_weights) > 0
+            assert all(bool((w == r).all()) for w, r in zip(weights, ref_weights)), (
+                f"rank {rank} TP={tp} PP={pp}: weights differ"
+            )
