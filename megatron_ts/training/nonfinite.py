@@ -20,16 +20,23 @@ from megatron_ts.distributed.init import any_rank
 from megatron_ts.errors import EXIT_DIVERGED
 
 
-def _local_nonfinite(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """1.0 when any local gradient holds inf or NaN (or its norm overflows), else 0.0."""
+def _grad_norms(params: list[torch.nn.Parameter]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(gradients, their fp32 L2 norms) of the parameters that have one: one fused pass."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    norms = [n.float() for n in torch._foreach_norm(grads)] if grads else []
+    return grads, norms
+
+
+def _nonfinite_flag(norms: list[torch.Tensor]) -> torch.Tensor:
+    """1.0 when any norm is inf or NaN (a gradient holds one, or its norm overflows), else 0.0."""
+    if not norms:
         return torch.zeros(())
-    norms = torch._foreach_norm(grads)  # one fused pass; inf/NaN anywhere gives inf/NaN
     return (~torch.isfinite(torch.stack(norms)).all()).float()
 
 
-def clip_by_global_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+def clip_by_global_norm(
+    params: list[torch.nn.Parameter], max_norm: float, norms: list[torch.Tensor] | None = None
+) -> torch.Tensor:
     """Scales the local gradients so that the global L2 norm is at most `max_norm`; returns the
     norm before clipping, as a 0-d tensor on the gradients' device (no host sync).
 
@@ -40,15 +47,24 @@ def clip_by_global_norm(params: list[torch.nn.Parameter], max_norm: float) -> to
     `mpu` and, under the pipeline engine, counted only the first pipeline stage's replicated
     parameters: the norm came out 1e-4 relative low at PP = 2 on the debug model. Same
     per-parameter arithmetic and clip coefficient as DeepSpeed's otherwise.
+
+    Args:
+        params: the local parameters.
+        max_norm: the largest global norm left unscaled.
+        norms: `_grad_norms(params)[1]` when the caller has them already (the finiteness check
+            reads the same norms), so the gradients are read once.
     """
     from megatron.core import parallel_state
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    grads = [p.grad for p in params if p.grad is not None]
+    with_grad = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in with_grad]
+    if norms is None:
+        norms = _grad_norms(with_grad)[1]
     counted = [
-        p.grad.detach().float().norm(2)
-        for p in params
-        if p.grad is not None and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))
+        n
+        for p, n in zip(with_grad, norms, strict=True)
+        if tp_rank == 0 or getattr(p, "tensor_model_parallel", False)
     ]
     device = grads[0].device if grads else torch.device("cpu")
     total = torch.stack(counted).pow(2).sum() if counted else torch.zeros((), device=device)
@@ -74,14 +90,15 @@ class _PlainOptimizerGuard:
         self.loss_flag = loss_flag
         self.optimizer = engine.optimizer
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.module_params = list(engine.module.parameters())
         self.verdict: bool | None = None
         self._step = self.optimizer.step
         engine.clip_fp32_gradients = self.clip
         self.optimizer.step = self.step
         self.optimizer.overflow = False
 
-    def _bad(self) -> bool:
-        flag = _local_nonfinite(self.params)
+    def _bad(self, norms: list[torch.Tensor]) -> bool:
+        flag = _nonfinite_flag(norms)
         if self.loss_flag is not None:
             flag = torch.maximum(flag, self.loss_flag().to(flag.device, flag.dtype))
         return any_rank(flag)
@@ -90,14 +107,17 @@ class _PlainOptimizerGuard:
         # Replaces the engine's clip_fp32_gradients, which drops the norm (ZeRO-0 fp32 runs
         # logged none) and miscounts it under the pipeline engine (`clip_by_global_norm`); the
         # norm stays the device tensor it is (the trainer reads it with the step's metrics).
-        self.verdict = self._bad()
+        # One pass over the gradients gives the norms for both the verdict and the clipping.
+        with_grad = [p for p in self.module_params if p.grad is not None]
+        norms = _grad_norms(with_grad)[1]
+        self.verdict = self._bad(norms)
         if not self.verdict:
             self.optimizer._global_grad_norm = clip_by_global_norm(
-                list(self.engine.module.parameters()), self.engine.gradient_clipping()
+                with_grad, self.engine.gradient_clipping(), norms
             )
 
     def step(self, *args, **kwargs):
-        bad = self._bad() if self.verdict is None else self.verdict
+        bad = self._bad(_grad_norms(self.params)[1]) if self.verdict is None else self.verdict
         self.verdict = None
         self.optimizer.overflow = bad
         if bad:
