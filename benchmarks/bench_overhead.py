@@ -5,18 +5,20 @@
 
 In one process, one thread, fp32 on CPU, for each resolution (the demo curriculum's shapes:
 s = 1 at 32 px, s = 2 at 64 and 128 px, micro batch 16, 16-token captions, 8x VQ, 1024 codes)
-three variants take one optimizer step each in turn, round after round (the order rotating):
+four variants take one optimizer step each in turn, round after round (the order rotating):
 
     ts-train   the real StageEngine (megatron-core layers in DeepSpeed, as bench_train builds
                it) with parallel.zero_stage = 1, so ZeRO stage 0 in effect at DP = 1
     zero1      the same engine with ZeRO-1 forced (the behaviour before issue 22)
+    allreduce  ts-train with DeepSpeed's gradient all-reduce over the one DP rank turned back
+               on (`engine.skip_lone_allreduce` undone: a cat and a copy of every gradient)
     plain      the exported Hugging Face modeling file's model, built from the same weights,
                its head scored as ts-train scores it (text rows for text positions, codebook
                rows for image positions), the same loss written out in PyTorch,
                torch.nn.utils.clip_grad_norm_ and torch.optim.AdamW with the same
                hyper-parameters and weight-decay groups
 
-It prints the three first-step losses (same weights, same batch: they must agree), the median
+It prints the first-step losses (same weights, same batch: they must agree), the median
 wall-clock and CPU time per step of each variant, and the ratios ts-train / plain and
 zero1 / plain. CPU time (this process's user + system) is the steadier number on a shared box.
 """
@@ -76,7 +78,7 @@ def fixed_batch(vocab, resolution: int) -> dict:
 class TsTrain:
     """One ts-train step: StageEngine.train_step, as the trainer calls it."""
 
-    def __init__(self, cfg, stage, spec, batch: dict, force_zero1: bool):
+    def __init__(self, cfg, stage, spec, batch: dict, force_zero1: bool, allreduce: bool = False):
         from megatron_ts.training import engine as engine_mod
 
         effective = engine_mod.effective_zero_stage
@@ -90,6 +92,9 @@ class TsTrain:
         finally:
             engine_mod.effective_zero_stage = effective
         self.name = f"ts-train (ZeRO {self.engine.engine.zero_optimization_stage()})"
+        if allreduce:
+            self.engine.engine.enable_backward_allreduce = True
+            self.name += " + DP all-reduce"
         self.batch = batch
 
     def step(self) -> float:
@@ -186,11 +191,12 @@ def measure(resolution: int, rounds: int, warmup: int) -> dict:
     variants = [
         TsTrain(cfg, stage, spec, batch, force_zero1=False),
         TsTrain(cfg, stage, spec, batch, force_zero1=True),
+        TsTrain(cfg, stage, spec, batch, force_zero1=False, allreduce=True),
         Plain(cfg, stage, spec, batch, Path(tmp.name)),
     ]
     ours = variants[0].engine.engine.module
     decayed = sum(p.numel() for n, p in ours.named_parameters() if not no_decay(n, p))
-    assert decayed == variants[2].decayed, (decayed, variants[2].decayed)
+    assert decayed == variants[-1].decayed, (decayed, variants[-1].decayed)
     first = {v.name: v.step() for v in variants}  # same weights, same batch: the same loss
     for _ in range(warmup - 1):
         for v in variants:
@@ -198,7 +204,8 @@ def measure(resolution: int, rounds: int, warmup: int) -> dict:
     wall: dict[str, list[float]] = {v.name: [] for v in variants}
     cpu: dict[str, list[float]] = {v.name: [] for v in variants}
     for r in range(rounds):
-        for v in variants[r % 3 :] + variants[: r % 3]:  # rotate who goes first
+        k = r % len(variants)
+        for v in variants[k:] + variants[:k]:  # rotate who goes first
             w0, c0 = time.perf_counter(), time.process_time()
             v.step()
             cpu[v.name].append(time.process_time() - c0)
@@ -236,16 +243,17 @@ def main() -> None:
     print(
         f"\nmedians of {args.rounds} alternating steps each, 1 thread, fp32\n"
         "| px | s | ts-train ms | ZeRO-1 forced ms | plain ms | ts-train / plain "
-        "| ZeRO-1 forced / plain | CPU ts-train / plain | CPU ZeRO-1 forced / plain |"
+        "| ZeRO-1 forced / plain | + all-reduce / plain | CPU ts-train / plain "
+        "| CPU ZeRO-1 forced / plain | CPU + all-reduce / plain |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        ours, old, plain = (row["wall_ms"][n] for n in row["names"])
-        c_ours, c_old, c_plain = (row["cpu_ms"][n] for n in row["names"])
+        ours, old, reduce, plain = (row["wall_ms"][n] for n in row["names"])
+        c_ours, c_old, c_reduce, c_plain = (row["cpu_ms"][n] for n in row["names"])
         print(
             f"| {row['resolution']} | {row['window']} | {ours:.1f} | {old:.1f} | {plain:.1f} "
-            f"| {ours / plain:.3f} | {old / plain:.3f} | {c_ours / c_plain:.3f} "
-            f"| {c_old / c_plain:.3f} |"
+            f"| {ours / plain:.3f} | {old / plain:.3f} | {reduce / plain:.3f} "
+            f"| {c_ours / c_plain:.3f} | {c_old / c_plain:.3f} | {c_reduce / c_plain:.3f} |"
         )
 
 
