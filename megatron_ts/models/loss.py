@@ -39,19 +39,21 @@ def vocab_parallel_ce(
         (ce, log_z), each shaped like `targets`, in fp32.
     """
     tp_world = parallel_state.get_tensor_model_parallel_world_size()
+    # named explicitly: megatron-core warns on every call without it (and will require it)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
     width = logits.shape[-1]
     logits = logits.float()
     log_z = torch.logsumexp(logits, dim=-1)  # (...), -inf for an empty slice
     if tp_world > 1:
         # log Z = M + log sum_r exp(lse_r - M); M is detached (log Z does not depend on it)
         shift = log_z.detach().clone()
-        dist.all_reduce(
-            shift, op=dist.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group()
-        )
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=tp_group)
         # megatron's all-reduce sums its input in place (exp's backward would then read the sum:
         # hand it a copy) and works on input.contiguous() (a non-contiguous view would be left
         # unreduced: hand it contiguous tensors).
-        sum_exp = reduce_from_tensor_model_parallel_region(torch.exp(log_z - shift).clone())
+        sum_exp = reduce_from_tensor_model_parallel_region(
+            torch.exp(log_z - shift).clone(), tp_group
+        )
         log_z = shift + torch.log(sum_exp)
 
     local_target = targets - first_id
@@ -62,7 +64,7 @@ def vocab_parallel_ce(
         picked = torch.where(in_slice, picked, torch.zeros_like(picked))
     else:
         picked = torch.zeros(targets.shape, dtype=logits.dtype, device=logits.device)
-    target_logit = reduce_from_tensor_model_parallel_region(picked.contiguous())
+    target_logit = reduce_from_tensor_model_parallel_region(picked.contiguous(), tp_group)
     return log_z - target_logit, log_z
 
 

@@ -305,7 +305,7 @@ class OutputHead(ColumnParallelLinear):
             return super().forward(input_, weight, runtime_gather_output)
         # identity forward; backward all-reduces the input gradient over TP, as the full head
         # does (a rank with a == b contributes zeros but still joins the all-reduce)
-        x = copy_to_tensor_model_parallel_region(input_)
+        x = copy_to_tensor_model_parallel_region(input_, self.tp_group)  # group named: no warning
         return F.linear(x, self.weight[rows[0] : rows[1]]), None  # (..., b - a)
 
 
