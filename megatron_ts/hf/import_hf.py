@@ -148,6 +148,36 @@ def _write_checkpoint(out: Path, spec: ModelSpec, items, meta_extra: dict) -> Pa
     return out
 
 
+def _trained_stages(config: dict, window: int) -> tuple[dict, list[dict]]:
+    """(meta stage, curriculum stages) that make an export of the import list what `config`
+    lists: its resolutions (current first) and each one's buckets, sized as exported.
+
+    One resolution is one stage and no curriculum. With several (the export of a curriculum
+    whose earlier stages had the same shuffle window), each becomes a curriculum stage, oldest
+    first, and the meta stage is the last of them, as the trainer writes a run's meta.
+    """
+    resolutions = [int(r) for r in config.get("resolutions") or [256]]
+    caption_len = config.get("caption_len", 64)
+    listed = config.get("buckets") or []
+    stages = []
+    for i, res in enumerate(resolutions):
+        # exports before per-bucket resolutions named none: those are the current stage's
+        unsized = (None, 0) if i == 0 else ()
+        buckets = [
+            {k: b[k] for k in ("name", "width", "height")}
+            for b in listed
+            if b.get("resolution") in (*unsized, res)
+        ]
+        stage = {"caption_len": caption_len, "resolution": res, "shuffle_window": window}
+        if buckets:
+            stage["buckets"] = buckets
+        stages.append(stage)
+    if len(stages) == 1:
+        return stages[0], []
+    stages.reverse()  # the current stage trained last
+    return {**stages[-1], "index": len(stages) - 1}, stages
+
+
 def _from_export(src: Path, config: dict, out: Path) -> Path:
     if not config.get("model_spec"):
         raise HFImportError(
@@ -170,22 +200,14 @@ def _from_export(src: Path, config: dict, out: Path) -> Path:
         info = json.loads(vq_info.read_text())
         tok["vq_format"] = info.get("format", "native")
         tok["vq_checkpoint"] = str(src / "vq" / info["checkpoint"])
-    resolution = (config.get("resolutions") or [256])[0]
-    stage = {"caption_len": config.get("caption_len", 64), "resolution": resolution}
-    buckets = [
-        {k: b[k] for k in ("name", "width", "height")}
-        for b in config.get("buckets") or []
-        if b.get("resolution") in (None, 0, resolution)
-    ]
-    if buckets:  # sized as exported, so exporting the import again lists the same sizes
-        stage["buckets"] = buckets
+    stage, stages = _trained_stages(config, spec.shuffle_window)
     return _write_checkpoint(
         out,
         spec,
         items,
         {
             "stage": stage,
-            "config": {"tokenizer": tok},
+            "config": {"tokenizer": tok, **({"curriculum": {"stages": stages}} if stages else {})},
             "source": {"hf": str(src), "kind": "export"},
         },
     )

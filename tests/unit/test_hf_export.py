@@ -401,3 +401,38 @@ def test_old_square_config_without_bucket_fields_loads():
     assert old.max_windows_per_side == 0 and old.buckets == []
     assert old.trained_sizes() == [("1:1", 64, 64)]
     assert TokenShuffleForCausalLM(old).model.window_positions is None
+
+
+def test_import_of_a_curriculum_export_keeps_every_stage_size(tmp_path: Path):
+    """An export of a two-stage curriculum (64 px then 128 px, both s = 2 with buckets) lists
+    both stages' sizes; importing it and exporting again lists the same resolutions and sizes."""
+    spec = ModelSpec.from_config(ModelConfig(flavor="debug", max_windows_per_side=6), VOCAB, 2)
+    model = TokenShuffleLM(spec, seed=5).eval()
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000009"
+    write_model_files(model, ckpt, 0, spec.shape.num_layers)
+    stages = [
+        {"resolution": 64, "shuffle_window": 2, "caption_len": 6, "buckets": ["1:1", "2:1"]},
+        {"resolution": 128, "shuffle_window": 2, "caption_len": 6, "buckets": ["1:1", "1:2"]},
+    ]
+    config = {
+        "tokenizer": {"downsample": 16},
+        "data": {"grid_multiple": 2},
+        "curriculum": {"stages": stages},
+    }
+    stage = {"index": 1, "caption_len": 6, "resolution": 128}
+    write_meta(ckpt, {"step": 9, "model_spec": spec.to_dict(), "stage": stage, "config": config})
+    mark_complete(ckpt)
+    first = json.loads(
+        (export_to_hf(tmp_path / "run", tmp_path / "hf") / "config.json").read_text()
+    )
+    assert first["resolutions"] == [128, 64]
+    assert [(b["name"], b["resolution"]) for b in first["buckets"]] == [
+        ("1:1", 128),
+        ("1:2", 128),
+        ("1:1", 64),
+        ("2:1", 64),
+    ]
+    back = import_from_hf(tmp_path / "hf", tmp_path / "back")
+    again = json.loads((export_to_hf(back, tmp_path / "hf2") / "config.json").read_text())
+    assert again["resolutions"] == first["resolutions"]
+    assert again["buckets"] == first["buckets"]
