@@ -296,11 +296,22 @@ def test_generation_config_json_gives_the_defaults(tmp_path: Path):
     assert torch.equal(codes.codes, expected) and codes.settings["cfg_scale"] == 2.0
 
 
+def preview_stage(resolution: int, buckets: tuple[str, ...] = ()):
+    """The ResolvedStage of a one-stage s = 2 run at `resolution` px, 8-byte captions, 16x VQ."""
+    from megatron_ts.config import Config, validate
+
+    cfg = Config()
+    cfg.model.flavor, cfg.model.shuffle_window = "debug", 2
+    cfg.tokenizer.codebook_size, cfg.tokenizer.downsample = 64, 16
+    cfg.data.resolution, cfg.data.caption_len = resolution, 8
+    cfg.data.buckets, cfg.data.grid_multiple = list(buckets), 2
+    cfg.model.max_windows_per_side = 6 if buckets else 0
+    return validate(cfg, 1)[0]
+
+
 def test_training_previews_are_ts_generate_images(tmp_path: Path):
     """The trainer's previews (a model built from the checkpoint in process) and ts-generate
     (the export) sample through one pipeline: the same seed gives the same pixels."""
-    from types import SimpleNamespace
-
     from PIL import Image
 
     from megatron_ts.config import SamplingDefaults, TokenizerConfig
@@ -311,7 +322,7 @@ def test_training_previews_are_ts_generate_images(tmp_path: Path):
     model_dir = export(tmp_path, str(vq_path), vq_identity("native", vq_path))
     prompts = ["a red square", "blue sky"]
     tokenizer = TokenizerConfig(text="byte", vq_checkpoint=str(vq_path), codebook_size=64)
-    stage = SimpleNamespace(caption_len=8, resolution=64)
+    stage = preview_stage(64)
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
     paths = write_previews(ckpt, tokenizer, SamplingDefaults(), prompts, stage, tmp_path / "p", 1)
     args = ["--model", str(model_dir), "--prompt", prompts[0], "--prompt", prompts[1]]
@@ -320,6 +331,35 @@ def test_training_previews_are_ts_generate_images(tmp_path: Path):
     assert len(paths) == len(generated) == 2
     for preview, png in zip(paths, generated, strict=True):
         assert Image.open(preview).tobytes() == Image.open(png).tobytes()
+
+
+def test_previews_of_a_bucketed_stage_draw_every_bucket(tmp_path: Path):
+    """A stage with buckets previews each prompt in each of its sizes, the same pixels as
+    ts-generate --size of the export."""
+    from PIL import Image
+
+    from megatron_ts.config import SamplingDefaults, TokenizerConfig
+    from megatron_ts.hf.vq_token_shuffle import vq_identity
+    from megatron_ts.training.preview import write_previews
+
+    vq_path = make_vq(tmp_path / "vq.safetensors")
+    buckets = ("1:1", "2:1", "1:2")
+    data = {"resolution": 128, "buckets": list(buckets), "grid_multiple": 2}
+    model_dir = export(
+        tmp_path, str(vq_path), vq_identity("native", vq_path), data, max_windows_per_side=6
+    )
+    tokenizer = TokenizerConfig(text="byte", vq_checkpoint=str(vq_path), codebook_size=64)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
+    stage = preview_stage(128, buckets)
+    paths = write_previews(
+        ckpt, tokenizer, SamplingDefaults(), ["a red square"], stage, tmp_path / "p", 1
+    )
+    assert [p.name for p in paths] == ["00-128x128.png", "00-192x96.png", "00-96x192.png"]
+    assert [Image.open(p).size for p in paths] == [(128, 128), (192, 96), (96, 192)]
+    base = ["--model", str(model_dir), "--prompt", "a red square", "--seed", "1", "--no-progress"]
+    assert main([*base, "--size", "192x96", "--out", str(tmp_path / "g")]) == 0
+    generated = next((tmp_path / "g").glob("*.png"))
+    assert Image.open(paths[1]).tobytes() == Image.open(generated).tobytes()
 
 
 def test_generate_non_square_sizes_of_a_bucketed_export(tmp_path: Path, capsys):
