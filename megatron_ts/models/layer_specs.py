@@ -2,7 +2,8 @@
 
 RMSNorm -> SelfAttention (fused QKV column-parallel, our core attention, row-parallel proj)
 -> residual -> RMSNorm -> SwiGLU MLP (megatron's MLP: column-parallel fc1 holding [gate; up],
-row-parallel fc2; the activation is one autograd function, swiglu.py) -> residual. Backend
+row-parallel fc2; the activation is one autograd function, swiglu.py) -> residual. The linear
+layers are megatron-core's, with torch's linear at TP = 1 (linear.py). Backend
 choices (SDPA vs flash-attn, torch vs NVIDIA Apex norms and RoPE) live here and nowhere else.
 RoPE is applied by the core attention (see attention.py for why), so the block is called
 without megatron's `rotary_pos_emb`.
@@ -11,7 +12,6 @@ without megatron's `rotary_pos_emb`.
 from __future__ import annotations
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -22,6 +22,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from megatron_ts.models.attention import make_core_attention
 from megatron_ts.models.kernels import ApexRMSNorm, Kernels
+from megatron_ts.models.linear import ColumnLinear, RowLinear
 from megatron_ts.models.swiglu import SwiGLUMLP
 
 
@@ -49,9 +50,9 @@ def llama_layer_spec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
+                    linear_qkv=ColumnLinear,
                     core_attention=make_core_attention(attention_backend, rope_theta, kernels.rope),
-                    linear_proj=RowParallelLinear,
+                    linear_proj=RowLinear,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
                 ),
@@ -60,9 +61,7 @@ def llama_layer_spec(
             pre_mlp_layernorm=norm,
             mlp=ModuleSpec(
                 module=SwiGLUMLP,
-                submodules=MLPSubmodules(
-                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
-                ),
+                submodules=MLPSubmodules(linear_fc1=ColumnLinear, linear_fc2=RowLinear),
             ),
             mlp_bda=get_bias_dropout_add,
         ),

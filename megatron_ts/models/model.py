@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -40,6 +40,7 @@ from megatron_ts.models.attention import resolve_backend
 from megatron_ts.models.flavors import ModelShape
 from megatron_ts.models.kernels import select_kernels
 from megatron_ts.models.layer_specs import llama_layer_spec
+from megatron_ts.models.linear import ColumnLinear
 from megatron_ts.models.token_shuffle import TokenShuffle, TokenUnshuffle
 from megatron_ts.sequence import grid_to_windows
 from megatron_ts.vocab import VocabLayout
@@ -286,7 +287,7 @@ def code_columns(vocab: VocabLayout, width: int) -> tuple[int, int]:
     return vocab_columns(first, width, vocab.code_offset, vocab.code_offset + vocab.codebook_size)
 
 
-class OutputHead(ColumnParallelLinear):
+class OutputHead(ColumnLinear):
     """The vocabulary-parallel output head; can score against a range of this shard's rows only.
 
     A subclass rather than a bare `F.linear` on `weight[a:b]`, so the call goes through the

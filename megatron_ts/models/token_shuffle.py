@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
+from megatron_ts.models.linear import ColumnLinear, RowLinear
 from megatron_ts.sequence import grid_to_windows, windows_to_grid
 
 __all__ = ["ResidualMLP", "TokenShuffle", "TokenUnshuffle", "grid_to_windows", "windows_to_grid"]
@@ -33,7 +33,7 @@ class ResidualMLP(nn.Module):
 
     def __init__(self, width: int, config: TransformerConfig):
         super().__init__()
-        self.fc1 = ColumnParallelLinear(
+        self.fc1 = ColumnLinear(
             width,
             width,
             config=config,
@@ -41,7 +41,7 @@ class ResidualMLP(nn.Module):
             bias=False,
             gather_output=False,
         )
-        self.fc2 = RowParallelLinear(
+        self.fc2 = RowLinear(
             width,
             width,
             config=config,
