@@ -5,13 +5,15 @@
 
 In one process, one thread, fp32 on CPU, for each resolution (the demo curriculum's shapes:
 s = 1 at 32 px, s = 2 at 64 and 128 px, micro batch 16, 16-token captions, 8x VQ, 1024 codes)
-four variants take one optimizer step each in turn, round after round (the order rotating):
+five variants take one optimizer step each in turn, round after round (the order rotating):
 
     ts-train   the real StageEngine (megatron-core layers in DeepSpeed, as bench_train builds
                it) with parallel.zero_stage = 1, so ZeRO stage 0 in effect at DP = 1
     zero1      the same engine with ZeRO-1 forced (the behaviour before issue 22)
     allreduce  ts-train with DeepSpeed's gradient all-reduce over the one DP rank turned back
                on (`engine.skip_lone_allreduce` undone: a cat and a copy of every gradient)
+    mlinear    ts-train with megatron-core's own linear function at TP = 1 instead of torch's
+               (`models/linear.py` undone)
     plain      the exported Hugging Face modeling file's model, built from the same weights,
                its head scored as ts-train scores it (text rows for text positions, codebook
                rows for image positions), the same loss written out in PyTorch,
@@ -31,6 +33,7 @@ import os
 import statistics
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -78,7 +81,18 @@ def fixed_batch(vocab, resolution: int) -> dict:
 class TsTrain:
     """One ts-train step: StageEngine.train_step, as the trainer calls it."""
 
-    def __init__(self, cfg, stage, spec, batch: dict, force_zero1: bool, allreduce: bool = False):
+    def __init__(
+        self,
+        cfg,
+        stage,
+        spec,
+        batch: dict,
+        force_zero1: bool,
+        allreduce: bool = False,
+        megatron_linear: bool = False,
+    ):
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
         from megatron_ts.training import engine as engine_mod
 
         effective = engine_mod.effective_zero_stage
@@ -95,6 +109,12 @@ class TsTrain:
         if allreduce:
             self.engine.engine.enable_backward_allreduce = True
             self.name += " + DP all-reduce"
+        if megatron_linear:  # megatron-core's autograd linear, as before models/linear.py
+            for module in self.engine.engine.module.modules():
+                for cls in (ColumnParallelLinear, RowParallelLinear):
+                    if isinstance(module, cls):
+                        module._forward_impl = types.MethodType(cls._forward_impl, module)
+            self.name += " + megatron linear"
         self.batch = batch
 
     def step(self) -> float:
@@ -192,6 +212,7 @@ def measure(resolution: int, rounds: int, warmup: int) -> dict:
         TsTrain(cfg, stage, spec, batch, force_zero1=False),
         TsTrain(cfg, stage, spec, batch, force_zero1=True),
         TsTrain(cfg, stage, spec, batch, force_zero1=False, allreduce=True),
+        TsTrain(cfg, stage, spec, batch, force_zero1=False, megatron_linear=True),
         Plain(cfg, stage, spec, batch, Path(tmp.name)),
     ]
     ours = variants[0].engine.engine.module
@@ -243,17 +264,19 @@ def main() -> None:
     print(
         f"\nmedians of {args.rounds} alternating steps each, 1 thread, fp32\n"
         "| px | s | ts-train ms | ZeRO-1 forced ms | plain ms | ts-train / plain "
-        "| ZeRO-1 forced / plain | + all-reduce / plain | CPU ts-train / plain "
-        "| CPU ZeRO-1 forced / plain | CPU + all-reduce / plain |"
+        "| ZeRO-1 forced / plain | + all-reduce / plain | + megatron linear / plain "
+        "| CPU ts-train / plain | CPU ZeRO-1 forced / plain | CPU + all-reduce / plain "
+        "| CPU + megatron linear / plain |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        ours, old, reduce, plain = (row["wall_ms"][n] for n in row["names"])
-        c_ours, c_old, c_reduce, c_plain = (row["cpu_ms"][n] for n in row["names"])
+        ours, old, reduce, mlin, plain = (row["wall_ms"][n] for n in row["names"])
+        c_ours, c_old, c_reduce, c_mlin, c_plain = (row["cpu_ms"][n] for n in row["names"])
         print(
             f"| {row['resolution']} | {row['window']} | {ours:.1f} | {old:.1f} | {plain:.1f} "
             f"| {ours / plain:.3f} | {old / plain:.3f} | {reduce / plain:.3f} "
-            f"| {c_ours / c_plain:.3f} | {c_old / c_plain:.3f} | {c_reduce / c_plain:.3f} |"
+            f"| {mlin / plain:.3f} | {c_ours / c_plain:.3f} | {c_old / c_plain:.3f} "
+            f"| {c_reduce / c_plain:.3f} | {c_mlin / c_plain:.3f} |"
         )
 
 
