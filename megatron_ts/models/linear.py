@@ -7,10 +7,11 @@ gradient, and `prepare_input_tensors_for_wgrad_compute` (a `contiguous` copy and
 before the weight gradient. With one TP rank none of it does anything but the matmuls: there is
 no all-reduce of the input gradient, no sequence-parallel gather, and (fused) gradient
 accumulation into `main_grad` is off in our models. There `torch.nn.functional.linear` computes
-the same product and gradients: bit-identical weights after 5 demo training steps on CPU, and
-the step 5.5% faster at 32 px (issue 22; `benchmarks/bench_overhead.py`). Anything else (TP > 1,
-sequence parallel, gradient accumulation fusion) stays on megatron-core's path unchanged, and the
-parameters, their attributes and the state dict are megatron-core's.
+the same product and gradients: bit-identical weights after 5 demo training steps on CPU and a
+demo step 1-4% faster at 32 px (issue 22; docs/benchmarks.md, "ts-train overhead vs plain
+PyTorch", run 5). Anything else (TP > 1, sequence parallel, gradient accumulation fusion) stays
+on megatron-core's path unchanged, and the parameters, their attributes and the state dict are
+megatron-core's.
 """
 
 from __future__ import annotations
