@@ -20,11 +20,10 @@ from megatron_ts.distributed.init import any_rank
 from megatron_ts.errors import EXIT_DIVERGED
 
 
-def _grad_norms(params: list[torch.nn.Parameter]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(gradients, their fp32 L2 norms) of the parameters that have one: one fused pass."""
+def _grad_norms(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """fp32 L2 norms of the gradients of the parameters that have one: one fused pass."""
     grads = [p.grad for p in params if p.grad is not None]
-    norms = [n.float() for n in torch._foreach_norm(grads)] if grads else []
-    return grads, norms
+    return [n.float() for n in torch._foreach_norm(grads)] if grads else []
 
 
 def _nonfinite_flag(norms: list[torch.Tensor]) -> torch.Tensor:
@@ -51,7 +50,7 @@ def clip_by_global_norm(
     Args:
         params: the local parameters.
         max_norm: the largest global norm left unscaled.
-        norms: `_grad_norms(params)[1]` when the caller has them already (the finiteness check
+        norms: `_grad_norms(params)` when the caller has them already (the finiteness check
             reads the same norms), so the gradients are read once.
     """
     from megatron.core import parallel_state
@@ -60,7 +59,7 @@ def clip_by_global_norm(
     with_grad = [p for p in params if p.grad is not None]
     grads = [p.grad for p in with_grad]
     if norms is None:
-        norms = _grad_norms(with_grad)[1]
+        norms = _grad_norms(with_grad)
     counted = [
         n
         for p, n in zip(with_grad, norms, strict=True)
@@ -109,7 +108,7 @@ class _PlainOptimizerGuard:
         # norm stays the device tensor it is (the trainer reads it with the step's metrics).
         # One pass over the gradients gives the norms for both the verdict and the clipping.
         with_grad = [p for p in self.module_params if p.grad is not None]
-        norms = _grad_norms(with_grad)[1]
+        norms = _grad_norms(with_grad)
         self.verdict = self._bad(norms)
         if not self.verdict:
             self.optimizer._global_grad_norm = clip_by_global_norm(
@@ -117,7 +116,7 @@ class _PlainOptimizerGuard:
             )
 
     def step(self, *args, **kwargs):
-        bad = self._bad(_grad_norms(self.params)[1]) if self.verdict is None else self.verdict
+        bad = self._bad(_grad_norms(self.params)) if self.verdict is None else self.verdict
         self.verdict = None
         self.optimizer.overflow = bad
         if bad:
