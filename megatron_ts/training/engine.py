@@ -89,8 +89,9 @@ def skip_lone_allreduce(engine) -> None:
 
     At ZeRO stage 0 DeepSpeed reduces gradients after every optimizer step's backward whatever
     the DP size: it concatenates all gradients into buckets, all-reduces them over the
-    one-member DP group and copies them back (`allreduce_bucket`), an identity that cost about
-    6% of a demo step at 32 px on CPU (a `cat` and a `copy_` over every gradient; issue 22).
+    one-member DP group and copies them back (`allreduce_bucket`): an identity, a `cat` and a
+    `copy_` over every gradient, 0-3% of a demo step at 32 px on CPU (issue 22;
+    docs/benchmarks.md, "ts-train overhead vs plain PyTorch", runs 4 and 5).
     With one DP rank there is nothing to reduce (TP and PP ranks hold different parameters, and
     tied weights across pipeline stages are reduced by their own pass), so the step is
     bit-identical without it (tests/distributed/test_zero_stage.py).
