@@ -88,8 +88,8 @@ class _PlainOptimizerGuard:
         self.engine = engine
         self.loss_flag = loss_flag
         self.optimizer = engine.optimizer
-        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.module_params = list(engine.module.parameters())
+        # the module's parameters: every one the optimizer steps, and the ones the clip reads
+        self.params = list(engine.module.parameters())
         self.verdict: bool | None = None
         self._step = self.optimizer.step
         engine.clip_fp32_gradients = self.clip
@@ -107,7 +107,7 @@ class _PlainOptimizerGuard:
         # logged none) and miscounts it under the pipeline engine (`clip_by_global_norm`); the
         # norm stays the device tensor it is (the trainer reads it with the step's metrics).
         # One pass over the gradients gives the norms for both the verdict and the clipping.
-        with_grad = [p for p in self.module_params if p.grad is not None]
+        with_grad = [p for p in self.params if p.grad is not None]
         norms = _grad_norms(with_grad)
         self.verdict = self._bad(norms)
         if not self.verdict:

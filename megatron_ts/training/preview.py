@@ -77,8 +77,8 @@ def write_previews(
             progress=False,
         )
         suffix = f"-{size}" if size else ""
+        settings = {**result.settings, "step": step}
         for i, (image, prompt) in enumerate(zip(result.images, result.prompts)):
-            settings = {**result.settings, "step": step}
             paths.append(save_png(image, out_dir / f"{i:02d}{suffix}.png", prompt, settings))
             if metrics is not None:
                 tag = f"preview/{i:02d}" + (f"/{size}" if size else "")
